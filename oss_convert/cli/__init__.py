@@ -1,0 +1,1 @@
+"""The ``oss-convert`` command line (click)."""

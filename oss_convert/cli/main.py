@@ -1,0 +1,155 @@
+"""``oss-convert``: entry point and the commands that only route to library code.
+
+Exit codes: 0 success, 1 a verification failed, 2 bad input or usage (the message names the
+file and tensor), 130 interrupted. Messages go to stderr; ``--json`` output to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from .. import __version__, artifacts, synth
+from ..errors import OssConvertError
+
+EXIT_FAIL = 1
+EXIT_ERROR = 2
+
+
+def progress_bar(total: int, desc: str, enabled: bool = True):
+    """A byte-counting tqdm bar on stderr; returns (bar, update) where update(nbytes) advances it."""
+    bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled,
+               file=sys.stderr, dynamic_ncols=True)
+    return bar, bar.update
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="oss-convert")
+def cli() -> None:
+    """Convert, quantize and verify OpenAI gpt-oss checkpoints."""
+
+
+@cli.command("synth")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--preset", type=click.Choice(sorted(synth.PRESETS)), default="tiny", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--shards", type=int, default=1, show_default=True, help="Number of safetensors files.")
+@click.option("--tokenizer/--no-tokenizer", default=True, show_default=True,
+              help="Also write tokenizer files in OUT beside original/.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def synth_cmd(out: Path, preset: str, seed: int, shards: int, tokenizer: bool, force: bool, quiet: bool) -> None:
+    """Write a synthetic checkpoint in the exact original/ layout to OUT/original/."""
+    from ..formats.original import expected_tensors
+
+    total = sum(s.nbytes for s in expected_tensors(synth.PRESETS[preset]))
+    bar, update = progress_bar(total, f"synth {preset}", not quiet)
+    with bar:
+        synth.generate(out, preset, seed=seed, shards=shards, force=force, progress=update,
+                       tokenizer=tokenizer)
+    click.echo(str(out))
+
+
+@cli.command("inspect")
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object for scripts and CI.")
+@click.option("--scan", is_flag=True, help="Also read every byte (NaN/Inf, invalid scales).")
+def inspect_cmd(path: str, as_json: bool, scan: bool) -> None:
+    """Describe and validate an artifact: original/, MLX folder, Metal model.bin or GGUF."""
+    kind = artifacts.detect(path)
+    module = artifacts._module(kind)
+    info = {"kind": kind, **(module.describe(path, scan=scan) if scan else module.describe(path))}
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{kind}: {info.get('path', path)}")
+    for key, value in info.items():
+        if key in ("kind", "path"):
+            continue
+        if isinstance(value, dict):
+            click.echo(f"  {key}:")
+            for k, v in value.items():
+                click.echo(f"    {k}: {_human(v) if 'bytes' in key else v}")
+        elif isinstance(value, list):
+            click.echo(f"  {key}: {', '.join(map(str, value)) if value else '-'}")
+        else:
+            click.echo(f"  {key}: {_human(value) if key.endswith('bytes') else value}")
+    if not info.get("valid", True):
+        sys.exit(EXIT_FAIL)
+
+
+def _human(n) -> str:
+    if not isinstance(n, int):
+        return str(n)
+    if n < 1024:
+        return f"{n} B"
+    value, unit = float(n), "B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024:
+            break
+    return f"{value:.2f} {unit} ({n:,} B)"
+
+
+@cli.command("convert")
+@click.argument("source")
+@click.option("--to", "target", required=True,
+              type=click.Choice(["mlx", "metal", "gguf", "hf-bf16", "original"]),
+              help="Output format.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Output folder or file.")
+@click.option("--force", is_flag=True, help="Replace the output if it exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--outtype", type=click.Choice(["bf16", "f16", "q8_0"]), default=None,
+              help="GGUF: type of the non-expert weights (experts stay MXFP4).")
+@click.option("--recipe", default=None, help="Quantization recipe for the non-expert weights (see README).")
+@click.option("--split-max-size", default=None, help="GGUF: split into shards of at most this size (e.g. 5G).")
+@click.option("--shard-size", default=None, help="MLX: max size of one safetensors shard (e.g. 5G).")
+@click.option("--vocab", type=click.Path(path_type=Path), default=None,
+              help="Metal: o200k_base.tiktoken vocabulary when there is no tokenizer.json.")
+def convert_cmd(source: str, target: str, output: Path, force: bool, quiet: bool, **options) -> None:
+    """Convert SOURCE (an original/ checkpoint, folder or cached repo id) to another format."""
+    from ..converters import converter
+    from ..formats.original import OriginalCheckpoint
+
+    options = {k: v for k, v in options.items() if v is not None}
+    with OriginalCheckpoint(source) as src:
+        result = converter(target)(src, output, force=force, progress=not quiet, **options)
+    click.echo(str(result))
+
+
+def _register_optional_commands() -> None:
+    """Commands owned by other packages (verify/), registered if present."""
+    try:
+        from ..verify.cli import register
+    except ImportError:
+        return
+    register(cli)
+
+
+_register_optional_commands()
+
+
+def main() -> None:
+    try:
+        code = cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        sys.exit(EXIT_ERROR if exc.exit_code == 1 else exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except OssConvertError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_ERROR)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""BF16 <-> float32 bit conversions on raw uint16 arrays.
+
+numpy has no bfloat16, so BF16 tensors travel through the project as their raw uint16 bit
+patterns; that keeps every copy byte-exact. These helpers are the only place that turns
+them into numbers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """Exact widening: a BF16 value is the top half of the float32 with the same bits."""
+    bits = np.asarray(bits)
+    if bits.dtype != np.uint16:
+        raise TypeError(f"expected raw BF16 as uint16, got {bits.dtype}")
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(values: np.ndarray) -> np.ndarray:
+    """Round float32 to BF16 with round-to-nearest-even, as torch's ``.to(bfloat16)`` does.
+
+    NaN stays NaN (quiet bit forced so the rounding add cannot turn it into inf).
+    """
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+    out = ((bits + rounding) >> 16).astype(np.uint16)
+    nan = np.isnan(values)
+    if nan.any():
+        out[nan] = ((bits[nan] >> 16) | 0x0040).astype(np.uint16)
+    return out

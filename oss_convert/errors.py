@@ -1,0 +1,33 @@
+"""Exceptions shared by every module.
+
+Every error about bad input names the file and, where there is one, the tensor, and says
+what was expected. The CLI maps ``InputError`` to exit code 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class OssConvertError(Exception):
+    """Base class for errors the CLI reports without a traceback."""
+
+
+class InputError(OssConvertError):
+    """The input is missing, malformed, truncated or inconsistent."""
+
+    def __init__(self, message: str, *, file: str | Path | None = None, tensor: str | None = None):
+        self.file = str(file) if file is not None else None
+        self.tensor = tensor
+        where = []
+        if file is not None:
+            where.append(f"file {self.file}")
+        if tensor is not None:
+            where.append(f"tensor {tensor!r}")
+        prefix = f"{', '.join(where)}: " if where else ""
+        super().__init__(prefix + message)
+        self.bare_message = message
+
+
+class OutputExistsError(OssConvertError):
+    """The destination exists and --force was not given."""

@@ -1,0 +1,1 @@
+"""One module per on-disk format: reading and writing it, nothing else."""

@@ -1,0 +1,106 @@
+"""MXFP4 as OpenAI's checkpoints store it: decode exactly like the reference, encode by OCP MX rules.
+
+Layout (``gpt_oss/torch/weights.py:_get_mxfp4_tensor``): ``blocks`` uint8 ``[*P, G, 16]`` and
+``scales`` uint8 ``[*P, G]`` describe ``[*P, G*32]`` values along the last (input) axis.
+Byte ``j`` of block ``g`` holds element ``32g+2j`` in its low nibble and ``32g+2j+1`` in its
+high nibble. A nibble is an E2M1 code (bit 3 sign, bits 2-1 exponent with bias 1, bit 0
+mantissa); the scale byte is E8M0, value ``2**(s-127)``.
+
+Encoding follows the OCP Microscaling spec v1.0, section 6.3:
+  shared exponent = floor(log2(max|x|)) - 2   (2 = emax of E2M1)
+  element         = x / 2**shared, rounded to nearest on the FP4 grid, ties to even code,
+                    magnitudes above 6 saturate to 6.
+The spec leaves the scale of an all-zero block open; we write 0 so a zero block has no
+information in its scale. A block whose largest code has magnitude 4 or 6 ("tight") decodes
+and re-encodes to the same bytes; that is the property the BF16 round trip relies on.
+Scale byte 255 is NaN in OCP; we never write it and report it when reading.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..dtypes import f32_to_bf16
+
+BLOCK = 32  # values per scale
+FP4_VALUES = np.array(
+    [+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+    dtype=np.float32,
+)
+SCALE_BIAS = 127
+SCALE_NAN = 255
+_EMAX_E2M1 = 2
+# Midpoints between neighbouring FP4 magnitudes, and whether a tie there rounds up
+# (the upper neighbour's code is even, i.e. its mantissa bit is 0).
+_MIDPOINTS = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=np.float32)
+_TIE_ROUNDS_UP = np.array([False, True, False, True, False, True, False])
+
+
+def decode(blocks: np.ndarray, scales: np.ndarray, dtype: str = "f32") -> np.ndarray:
+    """Dequantize to float32 (``dtype="f32"``) or raw BF16 bits (``dtype="bf16"``), exactly.
+
+    Every FP4 value times a power of two in 2**-127..2**127 is representable in float32 and
+    BF16 (subnormals included), so both results are exact; scale 255 gives +-inf like torch.
+    """
+    blocks = np.asarray(blocks)
+    scales = np.asarray(scales)
+    if blocks.dtype != np.uint8 or scales.dtype != np.uint8:
+        raise TypeError("blocks and scales must be uint8")
+    if blocks.shape[-1] != 16 or blocks.shape[:-1] != scales.shape:
+        raise ValueError(f"blocks {blocks.shape} and scales {scales.shape} do not describe the same blocks")
+    pairs = np.empty(blocks.shape + (2,), dtype=np.float32)
+    pairs[..., 0] = FP4_VALUES[blocks & 0x0F]
+    pairs[..., 1] = FP4_VALUES[blocks >> 4]
+    values = pairs.reshape(scales.shape + (BLOCK,))
+    exponents = scales.astype(np.int32) - SCALE_BIAS
+    out = np.ldexp(values, exponents[..., None]).reshape(scales.shape[:-1] + (scales.shape[-1] * BLOCK,))
+    return f32_to_bf16(out) if dtype == "bf16" else out
+
+
+def encode(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize float values ``[*P, N]`` (N a multiple of 32) to ``(blocks, scales)``.
+
+    OCP MX rules, documented in the module docstring. NaN input is rejected.
+    """
+    x = np.asarray(values, dtype=np.float32)
+    if x.shape[-1] % BLOCK:
+        raise ValueError(f"last dimension {x.shape[-1]} is not a multiple of {BLOCK}")
+    if np.isnan(x).any():
+        raise ValueError("cannot encode NaN to MXFP4")
+    x = x.reshape(x.shape[:-1] + (x.shape[-1] // BLOCK, BLOCK))
+    amax = np.abs(x).max(axis=-1)
+    _, exp = np.frexp(amax)  # amax = m * 2**exp, m in [0.5, 1) -> floor(log2 amax) = exp - 1
+    shared = np.where(amax > 0, exp.astype(np.int32) - 1 - _EMAX_E2M1, -SCALE_BIAS)
+    shared = np.clip(shared, -SCALE_BIAS, SCALE_NAN - 1 - SCALE_BIAS)
+    scaled = np.ldexp(x, -shared[..., None])
+    codes = _round_to_fp4(scaled)
+    blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    return blocks, (shared + SCALE_BIAS).astype(np.uint8)
+
+
+def _round_to_fp4(scaled: np.ndarray) -> np.ndarray:
+    """FP4 code of each value: nearest magnitude, ties to the even code, saturate at 6."""
+    magnitude = np.abs(scaled)
+    below = np.searchsorted(_MIDPOINTS, magnitude, side="left")  # midpoints strictly below
+    on_midpoint = np.searchsorted(_MIDPOINTS, magnitude, side="right") - below
+    tie_up = on_midpoint.astype(bool) & _TIE_ROUNDS_UP[np.minimum(below, len(_MIDPOINTS) - 1)]
+    code = (below + tie_up).astype(np.uint8)
+    return code | (np.signbit(scaled).astype(np.uint8) << 3)
+
+
+def tighten(blocks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Make every block "tight" (holding a code of magnitude 4 or 6), in place.
+
+    Used by the synthetic checkpoints so that, like a real quantizer's output, each block's
+    scale is the one OCP rules would choose, and decode -> encode reproduces the bytes.
+    Loose blocks are rare in random data ((3/4)**32), so we find them with byte-wide bit
+    tests and only touch those.
+    """
+    big = ((blocks & 0x06) == 0x06) | ((blocks & 0x60) == 0x60)  # a nibble with code & 7 in {6, 7}
+    loose = np.nonzero(~big.any(axis=-1))
+    count = loose[0].size
+    if count:
+        where = loose + (rng.integers(0, 16, size=count),)
+        code = (6 + rng.integers(0, 2, size=count)) | (rng.integers(0, 2, size=count) << 3)
+        blocks[where] = (blocks[where] & 0xF0) | code.astype(np.uint8)
+    return blocks

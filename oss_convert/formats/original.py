@@ -1,0 +1,363 @@
+"""OpenAI's ``original/`` checkpoint: ``config.json`` plus one or more ``*.safetensors``.
+
+Owns: the config schema, the expected tensor table (names, dtypes, shapes, in the order of
+``dtypes.json``), locating a checkpoint (folder, repo root, or a Hugging Face repo id / cached
+snapshot, offline), indexing tensors across shards and validating them. Like both reference
+loaders it opens every ``*.safetensors`` in the folder and ignores the index file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..dtypes import bf16_to_f32
+from ..errors import InputError
+from . import mxfp4
+from .safetensors import SafetensorsFile, TensorEntry, TensorSpec
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The 16 keys of ``original/config.json`` (``gpt_oss/torch/model.py:ModelConfig``), in file order."""
+
+    num_hidden_layers: int = 36
+    num_experts: int = 128
+    experts_per_token: int = 4
+    vocab_size: int = 201088
+    hidden_size: int = 2880
+    intermediate_size: int = 2880
+    swiglu_limit: float = 7.0
+    head_dim: int = 64
+    num_attention_heads: int = 64
+    num_key_value_heads: int = 8
+    sliding_window: int = 128
+    initial_context_length: int = 4096
+    rope_theta: float = 150000  # the real files write these three as JSON ints
+    rope_scaling_factor: float = 32.0
+    rope_ntk_alpha: float = 1
+    rope_ntk_beta: float = 32
+
+    @property
+    def qkv_dim(self) -> int:
+        return self.head_dim * (self.num_attention_heads + 2 * self.num_key_value_heads)
+
+    @classmethod
+    def from_dict(cls, raw: dict, *, file: Path | None = None) -> "ModelConfig":
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise InputError(f"unknown config keys {unknown}; the reference model accepts only {list(known)}", file=file)
+        missing = [name for name in known if name not in raw]
+        if missing:
+            raise InputError(f"config is missing keys {missing}", file=file)
+        values = {}
+        for name, f in known.items():
+            value = raw[name]
+            want = int if f.type in ("int", int) else float
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (want is int and not float(value).is_integer()):
+                raise InputError(f"config key {name!r} must be {want.__name__}, got {value!r}", file=file)
+            values[name] = value
+        config = cls(**values)
+        config.check(file)
+        return config
+
+    def check(self, file: Path | None = None) -> None:
+        """Relations between keys that every consumer relies on."""
+        problems = []
+        for name in ("num_hidden_layers", "num_experts", "experts_per_token", "vocab_size", "hidden_size",
+                     "intermediate_size", "head_dim", "num_attention_heads", "num_key_value_heads"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        if self.hidden_size % 32 or self.intermediate_size % 32:
+            problems.append("hidden_size and intermediate_size must be multiples of 32 (MXFP4 blocks)")
+        if self.num_attention_heads % max(self.num_key_value_heads, 1):
+            problems.append("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.head_dim % 2:
+            problems.append("head_dim must be even (RoPE pairs)")
+        if self.experts_per_token > self.num_experts:
+            problems.append("experts_per_token exceeds num_experts")
+        if problems:
+            raise InputError("invalid config: " + "; ".join(problems), file=file)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        """One line, ``json.dumps`` defaults, no newline: the form of the real 120b file (377 bytes)."""
+        return json.dumps(self.to_dict())
+
+
+# --------------------------------------------------------------------------------------
+# Expected tensors
+
+
+@dataclass(frozen=True)
+class Mxfp4Pair:
+    """The two safetensors entries of one MXFP4 weight."""
+
+    blocks: np.ndarray  # uint8 [E, rows, cols/32, 16]
+    scales: np.ndarray  # uint8 [E, rows, cols/32]
+
+
+def expected_tensors(config: ModelConfig) -> list[TensorSpec]:
+    """Every tensor of an ``original/`` checkpoint, in ``dtypes.json`` order."""
+    c = config
+    H, I, E, V = c.hidden_size, c.intermediate_size, c.num_experts, c.vocab_size
+    specs = [TensorSpec("embedding.weight", "BF16", (V, H))]
+    for n in range(c.num_hidden_layers):
+        p = f"block.{n}."
+        specs += [
+            TensorSpec(p + "attn.norm.scale", "BF16", (H,)),
+            TensorSpec(p + "attn.qkv.weight", "BF16", (c.qkv_dim, H)),
+            TensorSpec(p + "attn.qkv.bias", "BF16", (c.qkv_dim,)),
+            TensorSpec(p + "attn.sinks", "BF16", (c.num_attention_heads,)),
+            TensorSpec(p + "attn.out.weight", "BF16", (H, c.num_attention_heads * c.head_dim)),
+            TensorSpec(p + "attn.out.bias", "BF16", (H,)),
+            TensorSpec(p + "mlp.norm.scale", "BF16", (H,)),
+            TensorSpec(p + "mlp.gate.weight", "BF16", (E, H)),
+            TensorSpec(p + "mlp.gate.bias", "BF16", (E,)),
+            TensorSpec(p + "mlp.mlp1_weight.blocks", "U8", (E, 2 * I, H // 32, 16)),
+            TensorSpec(p + "mlp.mlp1_weight.scales", "U8", (E, 2 * I, H // 32)),
+            TensorSpec(p + "mlp.mlp1_bias", "BF16", (E, 2 * I)),
+            TensorSpec(p + "mlp.mlp2_weight.blocks", "U8", (E, H, I // 32, 16)),
+            TensorSpec(p + "mlp.mlp2_weight.scales", "U8", (E, H, I // 32)),
+            TensorSpec(p + "mlp.mlp2_bias", "BF16", (E, H)),
+        ]
+    specs += [TensorSpec("norm.scale", "BF16", (H,)), TensorSpec("unembedding.weight", "BF16", (V, H))]
+    return specs
+
+
+def dtypes_json(config: ModelConfig) -> str:
+    """The companion ``dtypes.json``: logical dtypes FP4 / UE8 / BF16 per tensor."""
+    logical = {}
+    for spec in expected_tensors(config):
+        logical[spec.name] = "FP4" if spec.name.endswith(".blocks") else "UE8" if spec.name.endswith(".scales") else spec.dtype
+    return json.dumps(logical)
+
+
+# --------------------------------------------------------------------------------------
+# Locating a checkpoint
+
+
+def resolve(source: str | Path) -> Path:
+    """Find the ``original/`` folder for a path or a Hugging Face repo id, without network.
+
+    Accepts the ``original/`` folder itself, a repo root that contains ``original/``, or a repo id
+    (``openai/gpt-oss-20b``) already in the local Hugging Face cache.
+    """
+    path = Path(source)
+    if path.exists():
+        if (path / "original" / "config.json").is_file():
+            return path / "original"
+        if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+            return path
+        raise InputError("no original/ checkpoint here (expected config.json and *.safetensors, or an original/ folder)", file=path)
+    if isinstance(source, str) and source.count("/") == 1 and not source.startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            snapshot = snapshot_download(source, allow_patterns=["original/*", "*.json", "*.jinja"], local_files_only=True)
+        except (LocalEntryNotFoundError, OSError, ValueError) as exc:
+            raise InputError(
+                f"{source!r} is neither a folder nor a repo id in the local Hugging Face cache "
+                f"(download it first: hf download {source} --include 'original/*')",
+            ) from exc
+        return resolve(snapshot)
+    raise InputError("path does not exist", file=path)
+
+
+# --------------------------------------------------------------------------------------
+# Reading
+
+
+def _expert_name(name: str) -> tuple[int, str]:
+    """``block.3.mlp.mlp1_weight`` -> ``(3, "mlp1")``."""
+    parts = name.split(".")
+    return int(parts[1]), parts[3].split("_")[0]
+
+
+class OriginalCheckpoint:
+    """A validated, memory-mapped ``original/`` checkpoint.
+
+    ``raw(name)`` gives zero-copy views (BF16 as uint16 bits, MXFP4 parts as uint8); nothing is
+    read from disk until a view is touched. Opening checks structure (every expected tensor
+    present once, shapes and dtypes as the config implies, files complete); ``scan()`` also
+    reads the data to find NaN/Inf and invalid scale bytes.
+    """
+
+    def __init__(self, source: str | Path):
+        self.path = resolve(source)
+        self.config_path = self.path / "config.json"
+        try:
+            raw_config = json.loads(self.config_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"cannot read config: {exc}", file=self.config_path) from exc
+        if not isinstance(raw_config, dict):
+            raise InputError("config must be a JSON object", file=self.config_path)
+        self.config = ModelConfig.from_dict(raw_config, file=self.config_path)
+        shard_paths = sorted(self.path.glob("*.safetensors"))
+        if not shard_paths:
+            raise InputError("no *.safetensors files", file=self.path)
+        self.files = [SafetensorsFile(p) for p in shard_paths]
+        self.entries = self._index()
+        self.specs = expected_tensors(self.config)
+        self._check_against_config()
+
+    @property
+    def repo_root(self) -> Path:
+        """The folder holding ``tokenizer.json`` and the chat template, beside ``original/``."""
+        return self.path.parent if self.path.name == "original" else self.path
+
+    def _index(self) -> dict[str, TensorEntry]:
+        entries: dict[str, TensorEntry] = {}
+        for f in self.files:
+            for name, entry in f.entries.items():
+                if name in entries:
+                    raise InputError(f"tensor is also in {entries[name].file.name}", file=f.path, tensor=name)
+                entries[name] = entry
+        return entries
+
+    def _check_against_config(self) -> None:
+        expected = {s.name: s for s in self.specs}
+        for name, spec in expected.items():
+            entry = self.entries.get(name)
+            if entry is None:
+                raise InputError(
+                    f"missing from every shard; config.json implies {spec.dtype}{list(spec.shape)}",
+                    file=self.path, tensor=name,
+                )
+            if entry.dtype != spec.dtype or entry.shape != spec.shape:
+                raise InputError(
+                    f"is {entry.dtype}{list(entry.shape)} but config.json implies {spec.dtype}{list(spec.shape)}",
+                    file=entry.file, tensor=name,
+                )
+        extra = sorted(set(self.entries) - set(expected))
+        if extra:
+            entry = self.entries[extra[0]]
+            raise InputError(
+                f"unexpected tensor ({len(extra)} unexpected in all: {extra[:5]}) for a model with this config.json",
+                file=entry.file, tensor=extra[0],
+            )
+
+    # -- access -------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[TensorSpec]:
+        return iter(self.specs)
+
+    def entry(self, name: str) -> TensorEntry:
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise InputError("no such tensor", file=self.path, tensor=name) from None
+
+    def raw(self, name: str) -> np.ndarray:
+        entry = self.entry(name)
+        return self._file(entry).array(name)
+
+    def f32(self, name: str) -> np.ndarray:
+        """A tensor as float32 (exact): BF16 widened, logical expert weights dequantized.
+
+        Expert weights (``block.N.mlp.mlp1_weight``) are decoded whole; callers that must stay
+        within bounded memory decode ``mxfp4(...)`` one expert at a time instead.
+        """
+        if name.endswith(("mlp1_weight", "mlp2_weight")):
+            layer, which = _expert_name(name)
+            pair = self.mxfp4(layer, which)
+            return mxfp4.decode(pair.blocks, pair.scales)
+        return bf16_to_f32(self.raw(name))
+
+    def mxfp4(self, layer: int, which: str) -> Mxfp4Pair:
+        """``which`` is ``"mlp1"`` or ``"mlp2"``."""
+        prefix = f"block.{layer}.mlp.{which}_weight"
+        return Mxfp4Pair(self.raw(prefix + ".blocks"), self.raw(prefix + ".scales"))
+
+    def storage(self, name: str) -> str:
+        return "MXFP4" if name.endswith(("mlp1_weight", "mlp2_weight")) else self.entry(name).dtype
+
+    def _file(self, entry: TensorEntry) -> SafetensorsFile:
+        for f in self.files:
+            if f.path == entry.file:
+                return f
+        raise AssertionError(entry.file)
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+    def bytes_by_dtype(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for e in self.entries.values():
+            totals[e.dtype] = totals.get(e.dtype, 0) + e.nbytes
+        return totals
+
+    def scan(self, progress=None) -> list[str]:
+        """Read every byte; return problems (NaN/Inf in BF16, scale byte 255) naming file and tensor."""
+        problems = []
+        for spec in self.specs:
+            entry = self.entries[spec.name]
+            chunks = iter_chunks(self.raw(spec.name))
+            if spec.dtype == "BF16":
+                # exponent bits all ones: inf or NaN
+                bad = sum(int(np.count_nonzero((c & 0x7F80) == 0x7F80)) for c in chunks)
+                if bad:
+                    problems.append(f"file {entry.file}, tensor {spec.name!r}: {bad} NaN/Inf values")
+            elif spec.name.endswith(".scales"):
+                bad = sum(int(np.count_nonzero(c == 255)) for c in chunks)
+                if bad:
+                    problems.append(f"file {entry.file}, tensor {spec.name!r}: {bad} scale bytes are 255 (NaN in E8M0)")
+            if progress is not None:
+                progress(entry.nbytes)
+        return problems
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+    def __enter__(self) -> "OriginalCheckpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def iter_chunks(array: np.ndarray, max_bytes: int = 64 << 20) -> Iterator[np.ndarray]:
+    """Split a (memory-mapped) array along its first axis into pieces of at most ``max_bytes``."""
+    if array.ndim == 0 or array.nbytes <= max_bytes:
+        yield array
+        return
+    row_bytes = max(array.nbytes // max(array.shape[0], 1), 1)
+    step = max(max_bytes // row_bytes, 1)
+    for start in range(0, array.shape[0], step):
+        yield array[start:start + step]
+
+
+# --------------------------------------------------------------------------------------
+# The artifact interface (see ``oss_convert/artifacts.py``)
+
+
+def open_canonical(path: str | Path) -> OriginalCheckpoint:
+    return OriginalCheckpoint(path)
+
+
+def describe(path: str | Path, *, scan: bool = False) -> dict:
+    """Summary for ``inspect``; raises ``InputError`` if the checkpoint does not validate."""
+    with OriginalCheckpoint(path) as ckpt:
+        info = {
+            "path": str(ckpt.path),
+            "config": ckpt.config.to_dict(),
+            "files": [f.path.name for f in ckpt.files],
+            "tensor_count": len(ckpt.entries),
+            "tensor_bytes": ckpt.tensor_bytes,
+            "bytes_by_dtype": ckpt.bytes_by_dtype(),
+            "tokenizer_files": sorted(p.name for p in ckpt.repo_root.glob("tokenizer*.json")),
+            "problems": ckpt.scan() if scan else [],
+            "valid": True,
+        }
+        info["valid"] = not info["problems"]
+        return info

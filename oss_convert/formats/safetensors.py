@@ -1,0 +1,232 @@
+"""The safetensors container: a validating memory-mapped reader and a streaming writer.
+
+Format (https://github.com/huggingface/safetensors): ``u64 LE header_len``, ``header_len``
+bytes of JSON ``{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}``,
+then the data buffer. Offsets are relative to the buffer, must not overlap, must cover it
+exactly and must match ``prod(shape) * itemsize``.
+
+Why not ``safetensors.numpy``: it has no bfloat16, copies every tensor into memory, and its
+``save_file`` needs the whole state dict at once. We need zero-copy views of 13-65 GB files
+and tensor-by-tensor writes, so this module implements the (short) spec itself and checks
+every rule with an error that names the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterable
+
+import numpy as np
+
+from ..errors import InputError
+
+# safetensors dtype -> numpy dtype of the raw bits we hand out (BF16 stays uint16 bits).
+DTYPES: dict[str, np.dtype] = {
+    "BF16": np.dtype("<u2"),
+    "F16": np.dtype("<f2"),
+    "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
+    "U8": np.dtype("u1"),
+    "I8": np.dtype("i1"),
+    "U16": np.dtype("<u2"),
+    "I16": np.dtype("<i2"),
+    "U32": np.dtype("<u4"),
+    "I32": np.dtype("<i4"),
+    "U64": np.dtype("<u8"),
+    "I64": np.dtype("<i8"),
+    "BOOL": np.dtype("?"),
+    "F8_E4M3": np.dtype("u1"),
+    "F8_E5M2": np.dtype("u1"),
+}
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own limit
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: ``file`` bytes ``[start, start + nbytes)``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    start: int  # absolute file offset of the first byte
+    nbytes: int
+
+
+class SafetensorsFile:
+    """One ``.safetensors`` file, header parsed and checked, data memory-mapped read-only."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self._fh = open(self.path, "rb")
+        except OSError as exc:
+            raise InputError(f"cannot open: {exc.strerror}", file=self.path) from exc
+        self.file_size = os.fstat(self._fh.fileno()).st_size
+        self.metadata, self.entries = self._parse_header()
+        self._mmap: mmap.mmap | None = None
+
+    # -- header -------------------------------------------------------------------------
+
+    def _fail(self, message: str, tensor: str | None = None) -> InputError:
+        return InputError(message, file=self.path, tensor=tensor)
+
+    def _parse_header(self) -> tuple[dict[str, str], dict[str, TensorEntry]]:
+        if self.file_size < 8:
+            raise self._fail(f"file is {self.file_size} bytes, too short for a safetensors header")
+        (header_len,) = struct.unpack("<Q", self._fh.read(8))
+        if header_len > MAX_HEADER_BYTES:
+            raise self._fail(f"header length {header_len} exceeds {MAX_HEADER_BYTES} bytes (not a safetensors file?)")
+        if 8 + header_len > self.file_size:
+            raise self._fail(
+                f"header claims {header_len} bytes but the file has only {self.file_size - 8} after the length "
+                "(file truncated?)"
+            )
+        raw = self._fh.read(header_len)
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise self._fail(f"header is not valid JSON: {exc}") from exc
+        if not isinstance(header, dict):
+            raise self._fail("header JSON must be an object")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise self._fail("__metadata__ must map strings to strings")
+        data_start = 8 + header_len
+        buffer_len = self.file_size - data_start
+        entries = {name: self._parse_entry(name, info, data_start) for name, info in header.items()}
+        self._check_coverage(entries, data_start, buffer_len)
+        return metadata, entries
+
+    def _parse_entry(self, name: str, info: object, data_start: int) -> TensorEntry:
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise self._fail("header entry needs dtype, shape and data_offsets", name)
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in DTYPES:
+            raise self._fail(f"unknown dtype {dtype!r}", name)
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise self._fail(f"shape must be a list of non-negative ints, got {shape!r}", name)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise self._fail(f"data_offsets must be [begin, end], got {offsets!r}", name)
+        begin, end = offsets
+        expected = math.prod(shape) * DTYPES[dtype].itemsize
+        if not 0 <= begin <= end or end - begin != expected:
+            raise self._fail(
+                f"data_offsets {offsets} span {end - begin} bytes but {dtype}{shape} needs {expected}", name
+            )
+        return TensorEntry(name, dtype, tuple(shape), self.path, data_start + begin, end - begin)
+
+    def _check_coverage(self, entries: dict[str, TensorEntry], data_start: int, buffer_len: int) -> None:
+        position = data_start
+        for entry in sorted(entries.values(), key=lambda e: (e.start, e.nbytes)):
+            if entry.start != position:
+                what = "overlaps the previous tensor" if entry.start < position else "leaves a gap before it"
+                raise self._fail(f"data starts at buffer offset {entry.start - data_start}, which {what}", entry.name)
+            if entry.start + entry.nbytes > self.file_size:
+                raise self._fail(
+                    f"data ends at byte {entry.start + entry.nbytes} but the file has {self.file_size} bytes "
+                    "(file truncated?)",
+                    entry.name,
+                )
+            position += entry.nbytes
+        if position != data_start + buffer_len:
+            raise self._fail(f"{data_start + buffer_len - position} bytes after the last tensor are not described")
+
+    # -- data ---------------------------------------------------------------------------
+
+    def array(self, name: str) -> np.ndarray:
+        """A read-only zero-copy view of the tensor's raw data (BF16 as uint16 bits)."""
+        entry = self.entries[name]
+        if self._mmap is None:
+            if self.file_size == 0:
+                raise self._fail("empty file")
+            self._mmap = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
+        return np.frombuffer(
+            self._mmap, dtype=DTYPES[entry.dtype], count=math.prod(entry.shape), offset=entry.start
+        ).reshape(entry.shape)
+
+    def close(self) -> None:
+        # Views handed out keep the mmap alive through their base; only drop our handle.
+        self._mmap = None
+        self._fh.close()
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor to be written: its name, safetensors dtype and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+
+
+def build_header(specs: Iterable[TensorSpec], metadata: dict[str, str] | None = None) -> bytes:
+    """Header bytes (length prefix included) for tensors laid out in the given order.
+
+    The JSON is padded with spaces so the data starts 8-byte aligned, as the reference
+    writer does; keys keep the given order so the same input gives the same bytes.
+    """
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for spec in specs:
+        header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class SafetensorsWriter:
+    """Streams tensors into an open binary file in the order declared up front.
+
+    Usage: ``w = SafetensorsWriter(fh, specs); w.write(name, array)`` for every spec in order
+    (``array`` may be written in several ``write`` calls for the same name, as chunks).
+    ``finish()`` checks that every byte promised by the header was written.
+    """
+
+    def __init__(self, fh: BinaryIO, specs: list[TensorSpec], metadata: dict[str, str] | None = None):
+        self._fh = fh
+        self._specs = list(specs)
+        self._index = 0
+        self._written = 0  # bytes of the current tensor written so far
+        fh.write(build_header(self._specs, metadata))
+
+    def write(self, name: str, data: np.ndarray) -> None:
+        spec = self._current(name)
+        dtype = DTYPES[spec.dtype]
+        if data.dtype.itemsize != dtype.itemsize or data.dtype.kind != dtype.kind:
+            raise TypeError(f"{name}: got {data.dtype}, header says {spec.dtype}")
+        if self._written == 0 and data.nbytes == spec.nbytes and tuple(data.shape) != spec.shape:
+            raise ValueError(f"{name}: got shape {data.shape}, header says {spec.shape}")
+        if self._written + data.nbytes > spec.nbytes:
+            raise ValueError(f"{name}: {self._written + data.nbytes} bytes written, header says {spec.nbytes}")
+        self._fh.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+        self._written += data.nbytes
+        if self._written == spec.nbytes:
+            self._index += 1
+            self._written = 0
+
+    def _current(self, name: str) -> TensorSpec:
+        if self._index >= len(self._specs):
+            raise ValueError(f"{name}: all declared tensors are already written")
+        spec = self._specs[self._index]
+        if spec.name != name:
+            raise ValueError(f"expected tensor {spec.name!r} next, got {name!r}")
+        return spec
+
+    def finish(self) -> None:
+        if self._index != len(self._specs):
+            raise ValueError(f"only {self._index} of {len(self._specs)} tensors were written")

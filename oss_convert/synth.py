@@ -1,0 +1,156 @@
+"""Synthetic checkpoints in the exact ``original/`` layout, for tests and benchmarks.
+
+Real weights cannot be downloaded here, so every test and benchmark runs on checkpoints made
+by this module: the real names, dtypes, config keys and file naming, random values with
+realistic magnitudes (weights ~ 1/sqrt(fan_in), MXFP4 scales 2**-9..2**-3 chosen per fan-in),
+and "tight" MXFP4 blocks like a real quantizer's (see ``mxfp4.tighten``). Data is generated and
+written chunk by chunk, so a 120b-shaped checkpoint needs well under 1 GB of memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .atomic import atomic_output
+from .dtypes import f32_to_bf16
+from .formats import mxfp4
+from .formats.original import ModelConfig, dtypes_json, expected_tensors
+from .formats.safetensors import SafetensorsWriter, TensorSpec
+from .tokenizer import write_tokenizer_files
+
+PRESETS: dict[str, ModelConfig] = {
+    # Small and fast; hidden != expert size so transposition mistakes show; 4 layers so both
+    # attention kinds appear twice; vocab small enough for quick tests.
+    "tiny": ModelConfig(
+        num_hidden_layers=4, num_experts=8, experts_per_token=4, vocab_size=1024, hidden_size=160,
+        intermediate_size=96, head_dim=64, num_attention_heads=8, num_key_value_heads=2,
+    ),
+    # What the Metal converter and runtime accept: full vocab, 64/8 heads, 32 experts, top-4.
+    "metal": ModelConfig(
+        num_hidden_layers=2, num_experts=32, experts_per_token=4, vocab_size=201088, hidden_size=192,
+        intermediate_size=96, head_dim=64, num_attention_heads=64, num_key_value_heads=8,
+    ),
+    "20b": ModelConfig(num_hidden_layers=24, num_experts=32),
+    "120b": ModelConfig(num_hidden_layers=36, num_experts=128),
+}
+
+CHUNK_BYTES = 32 << 20
+
+
+def _shard_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    # The 120b repo's own naming, double dash included.
+    return [f"model--{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def _split(specs: list[TensorSpec], count: int) -> list[list[TensorSpec]]:
+    """Consecutive groups of roughly equal bytes; never an empty shard."""
+    count = max(1, min(count, len(specs)))
+    total = sum(s.nbytes for s in specs)
+    groups: list[list[TensorSpec]] = [[] for _ in range(count)]
+    done = 0
+    for i, spec in enumerate(specs):
+        remaining_specs = len(specs) - i
+        target = min(int(done * count / max(total, 1)), count - 1)
+        # keep enough tensors for the shards still empty
+        empty_after = sum(1 for g in groups[target + 1:] if not g)
+        if remaining_specs <= empty_after and groups[target]:
+            target = next(j for j in range(target + 1, count) if not groups[j])
+        groups[target].append(spec)
+        done += spec.nbytes
+    return groups
+
+
+def _std(name: str, config: ModelConfig) -> tuple[float, float]:
+    """(mean, std) of a BF16 tensor's synthetic values."""
+    H = config.hidden_size
+    if name.endswith("norm.scale"):
+        return 1.0, 0.1
+    if name.endswith("attn.sinks") or name == "embedding.weight":
+        return 0.0, 1.0
+    if name.endswith(".bias") or name.endswith("_bias"):
+        return 0.0, 0.05
+    if name.endswith("attn.out.weight"):
+        return 0.0, 1 / math.sqrt(config.num_attention_heads * config.head_dim)
+    if name == "unembedding.weight":
+        return 0.0, 3 / math.sqrt(H)
+    return 0.0, 1 / math.sqrt(H)
+
+
+def _scale_centre(fan_in: int) -> int:
+    # E|FP4|^2 over uniform codes is 8.5625, so a code's rms is ~2.93; aim at rms 1/sqrt(fan_in).
+    return int(round(127 + math.log2(1 / (2.93 * math.sqrt(fan_in)))))
+
+
+def _fill(writer: SafetensorsWriter, spec: TensorSpec, config: ModelConfig, rng: np.random.Generator,
+          progress: Callable[[int], None]) -> None:
+    rows = spec.shape[0]
+    row_bytes = spec.nbytes // rows
+    step = max(1, CHUNK_BYTES // row_bytes)
+    for start in range(0, rows, step):
+        shape = (min(step, rows - start),) + spec.shape[1:]
+        if spec.name.endswith(".blocks"):
+            chunk = np.frombuffer(rng.bytes(math.prod(shape)), dtype=np.uint8).reshape(shape).copy()
+            chunk = mxfp4.tighten(chunk, rng)
+        elif spec.name.endswith(".scales"):
+            fan_in = spec.shape[-1] * mxfp4.BLOCK
+            chunk = (_scale_centre(fan_in) + rng.integers(-2, 3, size=shape)).astype(np.uint8)
+        else:
+            mean, std = _std(spec.name, config)
+            values = rng.standard_normal(shape, dtype=np.float32) * np.float32(std) + np.float32(mean)
+            chunk = f32_to_bf16(values)
+        writer.write(spec.name, chunk)
+        progress(chunk.nbytes)
+
+
+def generate(out: str | Path, config: ModelConfig | str = "tiny", *, seed: int = 0, shards: int = 1,
+             force: bool = False, progress: Callable[[int], None] | None = None, tokenizer: bool = False) -> Path:
+    """Write ``out/original/{config.json,dtypes.json,*.safetensors}``; returns ``out``.
+
+    With ``tokenizer``, also the Hugging Face tokenizer files in ``out`` (beside ``original/``), as
+    the real repos have them; full-vocab presets need the o200k vocabulary (``bpe-openai``).
+
+    Output depends only on (config, seed, shards): each tensor has its own random stream.
+    """
+    if isinstance(config, str):
+        config = PRESETS[config]
+    config.check()
+    specs = expected_tensors(config)
+    groups = _split(specs, shards)
+    names = _shard_names(len(groups))
+    progress = progress or (lambda n: None)
+    seeds = np.random.SeedSequence(seed).spawn(len(specs))
+    stream = {spec.name: np.random.default_rng(s) for spec, s in zip(specs, seeds)}
+    out = Path(out)
+    with atomic_output(out, force=force, is_dir=True) as tmp:
+        original = tmp / "original"
+        original.mkdir()
+        (original / "config.json").write_text(config.to_json())
+        (original / "dtypes.json").write_text(dtypes_json(config))
+        for name, group in zip(names, groups):
+            with open(original / name, "wb") as fh:
+                writer = SafetensorsWriter(fh, group, {"format": "pt"})
+                for spec in group:
+                    _fill(writer, spec, config, stream[spec.name], progress)
+                writer.finish()
+        if len(groups) > 1:
+            index = {
+                "metadata": {"total_size": sum(s.nbytes for s in specs)},
+                "weight_map": {spec.name: name for name, group in zip(names, groups) for spec in group},
+            }
+            (original / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        if tokenizer:
+            write_tokenizer_files(tmp, config.vocab_size)
+    return out
+
+
+def preset_with(name: str, **overrides) -> ModelConfig:
+    """A preset with some keys changed, e.g. ``preset_with("tiny", sliding_window=16)``."""
+    return replace(PRESETS[name], **overrides)
