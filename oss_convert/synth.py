@@ -68,9 +68,11 @@ def _split(specs: list[TensorSpec], count: int) -> list[list[TensorSpec]]:
     return groups
 
 
-def _std(name: str, config: ModelConfig) -> tuple[float, float]:
+def _std(name: str, config: ModelConfig, shape: tuple[int, ...]) -> tuple[float, float]:
     """(mean, std) of a BF16 tensor's synthetic values."""
     H = config.hidden_size
+    if name.endswith(("mlp1_weight", "mlp2_weight")):  # dense experts: fan-in is the last axis
+        return 0.0, 1 / math.sqrt(shape[-1])
     if name.endswith("norm.scale"):
         return 1.0, 0.1
     if name.endswith("attn.sinks") or name == "embedding.weight":
@@ -103,14 +105,14 @@ def _fill(writer: SafetensorsWriter, spec: TensorSpec, config: ModelConfig, rng:
             fan_in = spec.shape[-1] * mxfp4.BLOCK
             chunk = (_scale_centre(fan_in) + rng.integers(-2, 3, size=shape)).astype(np.uint8)
         else:
-            mean, std = _std(spec.name, config)
+            mean, std = _std(spec.name, config, spec.shape)
             values = rng.standard_normal(shape, dtype=np.float32) * np.float32(std) + np.float32(mean)
             chunk = f32_to_bf16(values)
         writer.write(spec.name, chunk)
         progress(chunk.nbytes)
 
 
-def generate(out: str | Path, config: ModelConfig | str = "tiny", *, seed: int = 0, shards: int = 1,
+def generate(out: str | Path, config: ModelConfig | str = "tiny", *, seed: int = 0, shards: int = 1, experts: str = "mxfp4",
              force: bool = False, progress: Callable[[int], None] | None = None, tokenizer: bool = False) -> Path:
     """Write ``out/original/{config.json,dtypes.json,*.safetensors}``; returns ``out``.
 
@@ -118,11 +120,12 @@ def generate(out: str | Path, config: ModelConfig | str = "tiny", *, seed: int =
     the real repos have them; full-vocab presets need the o200k vocabulary (``bpe-openai``).
 
     Output depends only on (config, seed, shards): each tensor has its own random stream.
+    ``experts="bf16"`` writes dense BF16 experts (the shape of a fine-tune before quantization).
     """
     if isinstance(config, str):
         config = PRESETS[config]
     config.check()
-    specs = expected_tensors(config)
+    specs = expected_tensors(config, experts)
     groups = _split(specs, shards)
     names = _shard_names(len(groups))
     progress = progress or (lambda n: None)

@@ -104,8 +104,13 @@ class Mxfp4Pair:
     scales: np.ndarray  # uint8 [E, rows, cols/32]
 
 
-def expected_tensors(config: ModelConfig) -> list[TensorSpec]:
-    """Every tensor of an ``original/`` checkpoint, in ``dtypes.json`` order."""
+def expected_tensors(config: ModelConfig, experts: str = "mxfp4") -> list[TensorSpec]:
+    """Every tensor of an ``original/`` checkpoint, in ``dtypes.json`` order.
+
+    ``experts="bf16"`` describes the dense variant (e.g. a fine-tune before quantization):
+    ``mlp1_weight`` ``[E, 2I, H]`` and ``mlp2_weight`` ``[E, H, I]`` in BF16 instead of the
+    ``.blocks``/``.scales`` pairs.
+    """
     c = config
     H, I, E, V = c.hidden_size, c.intermediate_size, c.num_experts, c.vocab_size
     specs = [TensorSpec("embedding.weight", "BF16", (V, H))]
@@ -121,15 +126,23 @@ def expected_tensors(config: ModelConfig) -> list[TensorSpec]:
             TensorSpec(p + "mlp.norm.scale", "BF16", (H,)),
             TensorSpec(p + "mlp.gate.weight", "BF16", (E, H)),
             TensorSpec(p + "mlp.gate.bias", "BF16", (E,)),
-            TensorSpec(p + "mlp.mlp1_weight.blocks", "U8", (E, 2 * I, H // 32, 16)),
-            TensorSpec(p + "mlp.mlp1_weight.scales", "U8", (E, 2 * I, H // 32)),
+            *_expert_specs(p + "mlp.mlp1_weight", (E, 2 * I, H), experts),
             TensorSpec(p + "mlp.mlp1_bias", "BF16", (E, 2 * I)),
-            TensorSpec(p + "mlp.mlp2_weight.blocks", "U8", (E, H, I // 32, 16)),
-            TensorSpec(p + "mlp.mlp2_weight.scales", "U8", (E, H, I // 32)),
+            *_expert_specs(p + "mlp.mlp2_weight", (E, H, I), experts),
             TensorSpec(p + "mlp.mlp2_bias", "BF16", (E, H)),
         ]
     specs += [TensorSpec("norm.scale", "BF16", (H,)), TensorSpec("unembedding.weight", "BF16", (V, H))]
     return specs
+
+
+def _expert_specs(name: str, shape: tuple[int, int, int], experts: str) -> list[TensorSpec]:
+    if experts == "bf16":
+        return [TensorSpec(name, "BF16", shape)]
+    if experts != "mxfp4":
+        raise ValueError(f"experts must be 'mxfp4' or 'bf16', not {experts!r}")
+    E, rows, cols = shape
+    return [TensorSpec(name + ".blocks", "U8", (E, rows, cols // 32, 16)),
+            TensorSpec(name + ".scales", "U8", (E, rows, cols // 32))]
 
 
 def dtypes_json(config: ModelConfig) -> str:
@@ -206,7 +219,9 @@ class OriginalCheckpoint:
             raise InputError("no *.safetensors files", file=self.path)
         self.files = [SafetensorsFile(p) for p in shard_paths]
         self.entries = self._index()
-        self.specs = expected_tensors(self.config)
+        # A checkpoint whose experts are dense BF16 (a fine-tune) has no .blocks/.scales.
+        self.experts = "bf16" if "block.0.mlp.mlp1_weight" in self.entries else "mxfp4"
+        self.specs = expected_tensors(self.config, self.experts)
         self._check_against_config()
 
     @property
@@ -266,19 +281,23 @@ class OriginalCheckpoint:
         Expert weights (``block.N.mlp.mlp1_weight``) are decoded whole; callers that must stay
         within bounded memory decode ``mxfp4(...)`` one expert at a time instead.
         """
-        if name.endswith(("mlp1_weight", "mlp2_weight")):
+        if name.endswith(("mlp1_weight", "mlp2_weight")) and self.experts == "mxfp4":
             layer, which = _expert_name(name)
             pair = self.mxfp4(layer, which)
             return mxfp4.decode(pair.blocks, pair.scales)
         return bf16_to_f32(self.raw(name))
 
-    def mxfp4(self, layer: int, which: str) -> Mxfp4Pair:
-        """``which`` is ``"mlp1"`` or ``"mlp2"``."""
+    def mxfp4(self, layer: int, which: str) -> Mxfp4Pair | None:
+        """``which`` is ``"mlp1"`` or ``"mlp2"``; ``None`` when the experts are dense BF16."""
+        if self.experts != "mxfp4":
+            return None
         prefix = f"block.{layer}.mlp.{which}_weight"
         return Mxfp4Pair(self.raw(prefix + ".blocks"), self.raw(prefix + ".scales"))
 
     def storage(self, name: str) -> str:
-        return "MXFP4" if name.endswith(("mlp1_weight", "mlp2_weight")) else self.entry(name).dtype
+        if name.endswith(("mlp1_weight", "mlp2_weight")) and self.experts == "mxfp4":
+            return "MXFP4"
+        return self.entry(name).dtype
 
     def _file(self, entry: TensorEntry) -> SafetensorsFile:
         for f in self.files:
@@ -353,6 +372,7 @@ def describe(path: str | Path, *, scan: bool = False) -> dict:
             "config": ckpt.config.to_dict(),
             "files": [f.path.name for f in ckpt.files],
             "tensor_count": len(ckpt.entries),
+            "experts": ckpt.experts,
             "tensor_bytes": ckpt.tensor_bytes,
             "bytes_by_dtype": ckpt.bytes_by_dtype(),
             "tokenizer_files": sorted(p.name for p in ckpt.repo_root.glob("tokenizer*.json")),
