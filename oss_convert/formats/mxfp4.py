@@ -12,7 +12,9 @@ Encoding follows the OCP Microscaling spec v1.0, section 6.3:
                     magnitudes above 6 saturate to 6.
 The spec leaves the scale of an all-zero block open; we write 0 so a zero block has no
 information in its scale. A block whose largest code has magnitude 4 or 6 ("tight") decodes
-and re-encodes to the same bytes; that is the property the BF16 round trip relies on.
+and re-encodes to the same bytes; that is the property the BF16 round trip relies on. (Scale
+bytes 253 and 254 are the exception: their blocks overflow float32/BF16 to inf on decode, in
+the reference as here, so no float format carries them; real checkpoints stay far below.)
 Scale byte 255 is NaN in OCP; we never write it and report it when reading.
 """
 
@@ -53,7 +55,8 @@ def decode(blocks: np.ndarray, scales: np.ndarray, dtype: str = "f32") -> np.nda
     pairs[..., 1] = FP4_VALUES[blocks >> 4]
     values = pairs.reshape(scales.shape + (BLOCK,))
     exponents = scales.astype(np.int32) - SCALE_BIAS
-    out = np.ldexp(values, exponents[..., None]).reshape(scales.shape[:-1] + (scales.shape[-1] * BLOCK,))
+    with np.errstate(over="ignore"):  # scale bytes >= 253 overflow to inf, as in the reference
+        out = np.ldexp(values, exponents[..., None]).reshape(scales.shape[:-1] + (scales.shape[-1] * BLOCK,))
     return f32_to_bf16(out) if dtype == "bf16" else out
 
 
@@ -65,8 +68,8 @@ def encode(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(values, dtype=np.float32)
     if x.shape[-1] % BLOCK:
         raise ValueError(f"last dimension {x.shape[-1]} is not a multiple of {BLOCK}")
-    if np.isnan(x).any():
-        raise ValueError("cannot encode NaN to MXFP4")
+    if not np.isfinite(x).all():
+        raise ValueError("cannot encode NaN or infinity to MXFP4")
     x = x.reshape(x.shape[:-1] + (x.shape[-1] // BLOCK, BLOCK))
     amax = np.abs(x).max(axis=-1)
     _, exp = np.frexp(amax)  # amax = m * 2**exp, m in [0.5, 1) -> floor(log2 amax) = exp - 1

@@ -1,0 +1,140 @@
+"""MXFP4 codec against an independent, slow, element-by-element implementation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from oss_convert.formats import mxfp4
+
+# Written from the OCP E2M1 definition, not from the module's table.
+def slow_fp4_value(code: int) -> float:
+    sign = -1.0 if code & 8 else 1.0
+    exponent = (code >> 1) & 3
+    mantissa = code & 1
+    magnitude = mantissa * 0.5 if exponent == 0 else (1 + mantissa / 2) * 2.0 ** (exponent - 1)
+    return math.copysign(magnitude, sign)
+
+
+def slow_decode(blocks: np.ndarray, scales: np.ndarray) -> list[list[float]]:
+    rows = []
+    for row_blocks, row_scales in zip(blocks.reshape(-1, *blocks.shape[-2:]), scales.reshape(-1, scales.shape[-1])):
+        row = []
+        for block, scale in zip(row_blocks, row_scales):
+            for byte in block:
+                for code in (int(byte) & 15, int(byte) >> 4):
+                    row.append(slow_fp4_value(code) * 2.0 ** (int(scale) - 127))
+        rows.append(row)
+    return rows
+
+
+def slow_encode_block(values: list[float]) -> tuple[list[int], int]:
+    """OCP MX v1.0 §6.3: X = 2^(floor(log2(amax)) - 2); codes by nearest, ties to even, saturating."""
+    amax = max(abs(v) for v in values)
+    if amax == 0:
+        shared = -127
+    else:
+        shared = math.floor(math.log2(amax)) - 2
+        shared = max(-127, min(127, shared))
+    grid = [slow_fp4_value(c) for c in range(8)]
+    codes = []
+    for v in values:
+        a = min(abs(v) / 2.0 ** shared, 6.0)
+        best = min(range(8), key=lambda c: (abs(grid[c] - a), c & 1))  # nearest; tie -> even mantissa
+        codes.append(best | (8 if math.copysign(1, v) < 0 else 0))
+    return codes, shared + 127
+
+
+blocks_and_scales = st.integers(1, 3).flatmap(
+    lambda g: st.tuples(
+        hnp.arrays(np.uint8, (2, g, 16)),
+        hnp.arrays(np.uint8, (2, g), elements=st.integers(0, 254)),
+    )
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(blocks_and_scales)
+def test_decode_matches_slow_reference_bit_for_bit(pair):
+    blocks, scales = pair
+    fast = mxfp4.decode(blocks, scales)
+    slow = np.array(slow_decode(blocks, scales), dtype=np.float32).reshape(fast.shape)
+    assert fast.tobytes() == slow.tobytes()  # signed zeros and subnormals included
+
+
+def test_decode_every_scale_byte_and_code():
+    scales = np.arange(255, dtype=np.uint8).reshape(255, 1)
+    blocks = np.tile(np.array([0x10, 0x32, 0x54, 0x76, 0x98, 0xBA, 0xDC, 0xFE] * 2, dtype=np.uint8), (255, 1, 1))
+    fast = mxfp4.decode(blocks, scales)
+    slow = np.array(slow_decode(blocks, scales), dtype=np.float32).reshape(fast.shape)
+    assert fast.tobytes() == slow.tobytes()
+    assert np.signbit(fast[:, 8]).all() and (fast[:, 8] == 0).all()  # code 8 is -0.0
+    assert mxfp4.decode(blocks[:1], np.full((1, 1), 255, np.uint8))[0, 7] == np.inf  # like the reference's 2**128
+
+
+def test_decode_bf16_is_the_float32_top_half():
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, (4, 3, 16), dtype=np.uint8)
+    scales = rng.integers(0, 255, (4, 3), dtype=np.uint8)
+    f32 = mxfp4.decode(blocks, scales)
+    assert (mxfp4.decode(blocks, scales, dtype="bf16") == (f32.view(np.uint32) >> 16)).all()
+    assert not (f32.view(np.uint32) & 0xFFFF).any()  # exact in BF16
+
+
+finite = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False, width=32)
+
+
+@settings(max_examples=200, deadline=None)
+@given(hnp.arrays(np.float32, (2, 64), elements=finite))
+def test_encode_matches_slow_ocp_reference(values):
+    blocks, scales = mxfp4.encode(values)
+    for r in range(2):
+        for g in range(2):
+            codes, scale = slow_encode_block([float(v) for v in values[r, 32 * g:32 * g + 32]])
+            assert scales[r, g] == scale
+            packed = [codes[2 * j] | (codes[2 * j + 1] << 4) for j in range(16)]
+            assert blocks[r, g].tolist() == packed
+
+
+finite_scales = st.integers(1, 3).flatmap(
+    lambda g: st.tuples(
+        hnp.arrays(np.uint8, (2, g, 16)),
+        # 253 and 254 overflow to inf on decode (as in the reference), so they cannot round-trip.
+        hnp.arrays(np.uint8, (2, g), elements=st.integers(0, 252)),
+    )
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(finite_scales, st.integers(0, 2**32 - 1))
+def test_decode_then_encode_is_lossless_on_tight_blocks(pair, seed):
+    blocks, scales = pair
+    blocks = mxfp4.tighten(blocks.copy(), np.random.default_rng(seed))
+    again_blocks, again_scales = mxfp4.encode(mxfp4.decode(blocks, scales))
+    assert (again_scales == scales).all()
+    assert (again_blocks == blocks).all()
+
+
+def test_encode_signed_zero_and_saturation():
+    values = np.zeros((1, 32), np.float32)
+    values[0, 0] = -0.0
+    values[0, 1] = 4.0
+    values[0, 2] = 7.9  # above 6 * 2**0 after scaling -> saturates to 6
+    blocks, scales = mxfp4.encode(values)
+    decoded = mxfp4.decode(blocks, scales)
+    assert np.signbit(decoded[0, 0]) and decoded[0, 0] == 0
+    assert decoded[0, 1] == 4.0 and decoded[0, 2] == 6.0 and scales[0, 0] == 127
+
+
+def test_encode_rejects_nan_inf_and_bad_width():
+    with pytest.raises(ValueError):
+        mxfp4.encode(np.full((1, 32), np.nan, np.float32))
+    with pytest.raises(ValueError):
+        mxfp4.encode(np.full((1, 32), np.inf, np.float32))
+    with pytest.raises(ValueError):
+        mxfp4.encode(np.zeros((1, 30), np.float32))
