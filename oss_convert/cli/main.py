@@ -110,14 +110,29 @@ def _human(n) -> str:
 @click.option("--shard-size", default=None, help="MLX: max size of one safetensors shard (e.g. 5G).")
 @click.option("--vocab", type=click.Path(path_type=Path), default=None,
               help="Metal: o200k_base.tiktoken vocabulary when there is no tokenizer.json.")
-def convert_cmd(source: str, target: str, output: Path, force: bool, quiet: bool, **options) -> None:
+@click.option("--manifest/--no-manifest", default=True, show_default=True,
+              help="Write a provenance manifest (tool, options, sha256 of source and output files).")
+def convert_cmd(source: str, target: str, output: Path, force: bool, quiet: bool, manifest: bool,
+                **options) -> None:
     """Convert SOURCE (an original/ checkpoint, folder or cached repo id) to another format."""
     from ..converters import converter
     from ..formats.original import OriginalCheckpoint
 
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..provenance import file_digest, write_manifest
+
     options = {k: v for k, v in options.items() if v is not None}
-    with OriginalCheckpoint(source) as src:
-        result = converter(target)(src, output, force=force, progress=not quiet, **options)
+    with OriginalCheckpoint(source) as src, ThreadPoolExecutor(1) as pool:
+        source_files = [f.path for f in src.files] + [src.config_path]
+        # Hash the source while converting: both read the same pages, and hashlib drops the GIL.
+        source_hashes = pool.submit(lambda: {p.name: file_digest(p) for p in source_files}) if manifest else None
+        result = Path(converter(target)(src, output, force=force, progress=not quiet, **options))
+        if source_hashes is not None:
+            path = write_manifest(result, target=target, options=options, source_path=src.path,
+                                  source_hashes=source_hashes.result())
+            if not quiet:
+                click.echo(f"manifest: {path}", err=True)
     click.echo(str(result))
 
 
