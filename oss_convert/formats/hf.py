@@ -1,0 +1,424 @@
+"""The Hugging Face transformers layout of gpt-oss (``GptOssForCausalLM``), read and described.
+
+Two variants share the names (spec §1.5, transformers ``models/gpt_oss/modeling_gpt_oss.py``):
+
+- MXFP4 as on the Hub: ``model.layers.N.mlp.experts.gate_up_proj_{blocks,scales}`` and
+  ``down_proj_{blocks,scales}``, byte-identical to ``original/``'s ``mlp1``/``mlp2`` pairs;
+- dense (a fine-tune, or ``oss-convert convert --to hf-bf16``): ``experts.gate_up_proj``
+  ``[E, H, 2I]`` and ``experts.down_proj`` ``[E, I, H]``, the ``original/`` weights transposed
+  (``x @ W`` instead of ``W @ x``); gate/linear stay interleaved along ``2I``.
+
+Everything else is a rename, except that ``attn.qkv`` is split into ``q/k/v_proj`` without
+permutation. ``HfCheckpoint`` presents such a folder under the ``original/`` names and layout
+(the ``CanonicalModel`` interface), so converters and the verifier treat it like an
+``original/`` checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..dtypes import bf16_to_f32, f32_to_bf16
+from ..errors import InputError
+from ..tokenizer import SPECIAL_TOKENS, TOKENIZER_FILES, layout
+from . import mxfp4
+from .original import ModelConfig, Mxfp4Pair, OriginalCheckpoint, expected_tensors, iter_chunks
+from .safetensors import SafetensorsFile, TensorEntry
+
+MODEL_TYPE = "gpt_oss"
+# Values the torch reference hard-codes; a config that says otherwise describes another model.
+RMS_NORM_EPS = 1e-5
+SWIGLU_ALPHA = 1.702
+FIRST_SPECIAL_ID = 199998  # <|startoftext|> in the full o200k-harmony vocabulary
+
+
+# --------------------------------------------------------------------------------------
+# Names
+
+
+def hf_names(name: str) -> list[str]:
+    """HF tensor names holding the canonical ``original/`` tensor ``name`` (qkv: three parts).
+
+    Dense expert weights (``block.N.mlp.mlp1_weight``) map to ``gate_up_proj``; their
+    ``.blocks``/``.scales`` parts to ``gate_up_proj_blocks``/``_scales``.
+    """
+    if name == "embedding.weight":
+        return ["model.embed_tokens.weight"]
+    if name == "norm.scale":
+        return ["model.norm.weight"]
+    if name == "unembedding.weight":
+        return ["lm_head.weight"]
+    _, n, rest = name.split(".", 2)
+    p = f"model.layers.{n}."
+    if rest.startswith("attn.qkv."):
+        kind = rest.rsplit(".", 1)[1]
+        return [f"{p}self_attn.{x}_proj.{kind}" for x in "qkv"]
+    simple = {
+        "attn.norm.scale": "input_layernorm.weight",
+        "attn.sinks": "self_attn.sinks",
+        "attn.out.weight": "self_attn.o_proj.weight",
+        "attn.out.bias": "self_attn.o_proj.bias",
+        "mlp.norm.scale": "post_attention_layernorm.weight",
+        "mlp.gate.weight": "mlp.router.weight",
+        "mlp.gate.bias": "mlp.router.bias",
+        "mlp.mlp1_bias": "mlp.experts.gate_up_proj_bias",
+        "mlp.mlp2_bias": "mlp.experts.down_proj_bias",
+        "mlp.mlp1_weight": "mlp.experts.gate_up_proj",
+        "mlp.mlp2_weight": "mlp.experts.down_proj",
+        "mlp.mlp1_weight.blocks": "mlp.experts.gate_up_proj_blocks",
+        "mlp.mlp1_weight.scales": "mlp.experts.gate_up_proj_scales",
+        "mlp.mlp2_weight.blocks": "mlp.experts.down_proj_blocks",
+        "mlp.mlp2_weight.scales": "mlp.experts.down_proj_scales",
+    }
+    try:
+        return [p + simple[rest]]
+    except KeyError:
+        raise ValueError(f"no HF name for {name!r}") from None
+
+
+def qkv_split(config: ModelConfig) -> list[int]:
+    """Row counts of q, k and v inside the fused ``attn.qkv`` (reference row order)."""
+    d = config.head_dim
+    return [config.num_attention_heads * d, config.num_key_value_heads * d, config.num_key_value_heads * d]
+
+
+def is_dense_expert(name: str) -> bool:
+    return name.endswith(("mlp.mlp1_weight", "mlp.mlp2_weight"))
+
+
+# --------------------------------------------------------------------------------------
+# Config
+
+
+def special_id(vocab_size: int, full_id: int) -> int:
+    """Where a Harmony special of the full vocabulary (e.g. 200002) sits in a model's vocab."""
+    _, start = layout(vocab_size)
+    return start + full_id - FIRST_SPECIAL_ID
+
+
+def hf_config(config: ModelConfig, *, torch_dtype: str = "bfloat16") -> dict:
+    """``config.json`` of ``GptOssForCausalLM`` for an ``original/`` config (keys sorted, as HF writes)."""
+    c = config
+    doc = {
+        "architectures": ["GptOssForCausalLM"],
+        "attention_bias": True,
+        "attention_dropout": 0.0,
+        "eos_token_id": special_id(c.vocab_size, FIRST_SPECIAL_ID + SPECIAL_TOKENS.index("<|return|>")),
+        "experts_per_token": c.experts_per_token,
+        "head_dim": c.head_dim,
+        "hidden_act": "silu",
+        "hidden_size": c.hidden_size,
+        "initial_context_length": c.initial_context_length,
+        "initializer_range": 0.02,
+        "intermediate_size": c.intermediate_size,
+        # the reference windows even layers (layer_idx % 2 == 0)
+        "layer_types": hf_config_layer_types(c.num_hidden_layers),
+        "max_position_embeddings": int(c.initial_context_length * c.rope_scaling_factor),
+        "model_type": MODEL_TYPE,
+        "num_attention_heads": c.num_attention_heads,
+        "num_experts_per_tok": c.experts_per_token,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_key_value_heads": c.num_key_value_heads,
+        "num_local_experts": c.num_experts,
+        "output_router_logits": False,
+        "pad_token_id": special_id(c.vocab_size, FIRST_SPECIAL_ID + SPECIAL_TOKENS.index("<|endoftext|>")),
+        "rms_norm_eps": RMS_NORM_EPS,
+        # YaRN as the reference computes it: NTK-by-parts ramp between beta_slow (alpha) and
+        # beta_fast (beta), no rounding of the ramp ends (truncate false), concentration
+        # 0.1*ln(factor)+1.
+        "rope_scaling": {
+            "beta_fast": float(c.rope_ntk_beta),
+            "beta_slow": float(c.rope_ntk_alpha),
+            "factor": float(c.rope_scaling_factor),
+            "original_max_position_embeddings": c.initial_context_length,
+            "rope_type": "yarn",
+            "truncate": False,
+        },
+        "rope_theta": c.rope_theta,
+        "router_aux_loss_coef": 0.9,
+        "sliding_window": c.sliding_window,
+        "swiglu_limit": c.swiglu_limit,
+        "tie_word_embeddings": False,
+        "torch_dtype": torch_dtype,
+        "use_cache": True,
+        "vocab_size": c.vocab_size,
+    }
+    return doc
+
+
+def _integral(value: float) -> float | int:
+    """The ``original/`` files write rope_theta, ntk alpha and beta as JSON ints (spec §1.2)."""
+    return int(value) if float(value).is_integer() else value
+
+
+def model_config_from_hf(raw: dict, *, file: Path | None = None) -> ModelConfig:
+    """The 16 ``original/`` keys from a ``GptOssForCausalLM`` config; refuses what the reference cannot run."""
+    if raw.get("model_type") != MODEL_TYPE:
+        raise InputError(f"model_type is {raw.get('model_type')!r}, not {MODEL_TYPE!r}", file=file)
+    rope = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+    try:
+        values = {
+            "num_hidden_layers": raw["num_hidden_layers"],
+            "num_experts": raw["num_local_experts"],
+            "experts_per_token": raw.get("num_experts_per_tok", raw.get("experts_per_token")),
+            "vocab_size": raw["vocab_size"],
+            "hidden_size": raw["hidden_size"],
+            "intermediate_size": raw["intermediate_size"],
+            "swiglu_limit": float(raw.get("swiglu_limit", 7.0)),
+            "head_dim": raw.get("head_dim", raw["hidden_size"] // raw["num_attention_heads"]),
+            "num_attention_heads": raw["num_attention_heads"],
+            "num_key_value_heads": raw["num_key_value_heads"],
+            "sliding_window": raw["sliding_window"],
+            "initial_context_length": raw.get("initial_context_length", rope.get("original_max_position_embeddings")),
+            "rope_theta": _integral(raw.get("rope_theta", rope.get("rope_theta", 150000))),
+            "rope_scaling_factor": float(rope.get("factor", 1.0)),
+            "rope_ntk_alpha": _integral(rope.get("beta_slow", 1)),
+            "rope_ntk_beta": _integral(rope.get("beta_fast", 32)),
+        }
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"GptOss config lacks or mangles {exc}", file=file) from exc
+    problems = []
+    if rope and rope.get("rope_type", "yarn") != "yarn":
+        problems.append(f"rope_type {rope.get('rope_type')!r} (the reference uses yarn)")
+    if rope.get("truncate", False):
+        problems.append("rope_scaling.truncate true (the reference does not round the YaRN ramp)")
+    if float(raw.get("rms_norm_eps", RMS_NORM_EPS)) != RMS_NORM_EPS:
+        problems.append(f"rms_norm_eps {raw['rms_norm_eps']} (the reference uses {RMS_NORM_EPS})")
+    if float(raw.get("swiglu_alpha", SWIGLU_ALPHA)) != SWIGLU_ALPHA:
+        problems.append(f"swiglu_alpha {raw['swiglu_alpha']} (the reference uses {SWIGLU_ALPHA})")
+    if not raw.get("attention_bias", True):
+        problems.append("attention_bias false")
+    types = raw.get("layer_types")
+    if types is not None and types != hf_config_layer_types(values["num_hidden_layers"]):
+        problems.append("layer_types differ from the reference (sliding window on even layers)")
+    if problems:
+        raise InputError("config describes a model the gpt-oss reference cannot run: " + "; ".join(problems), file=file)
+    return ModelConfig.from_dict(values, file=file)
+
+
+def hf_config_layer_types(layers: int) -> list[str]:
+    return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+
+
+# --------------------------------------------------------------------------------------
+# Reading
+
+
+def looks_hf(folder: str | Path) -> bool:
+    """A transformers ``gpt_oss`` folder: that model_type, no MLX ``quantization`` key, safetensors."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(config, dict) and config.get("model_type") == MODEL_TYPE and "quantization" not in config
+            and any(folder.glob("*.safetensors")))
+
+
+class HfCheckpoint:
+    """A validated, memory-mapped HF-layout folder seen through ``original/`` names.
+
+    ``raw(name)`` gives BF16 bits (uint16) of a canonical tensor: zero-copy views for plain
+    renames, a transposed view for dense experts (index one expert to materialise it), a
+    concatenation for ``attn.qkv``, an RNE-rounded copy if the file stores F32/F16.
+    ``.blocks``/``.scales`` names give the uint8 MXFP4 parts. ``experts`` is ``"mxfp4"`` or
+    ``"bf16"`` as for ``OriginalCheckpoint``.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config_path = self.path / "config.json"
+        try:
+            self.hf_config = json.loads(self.config_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"cannot read config: {exc}", file=self.config_path) from exc
+        if not isinstance(self.hf_config, dict):
+            raise InputError("config must be a JSON object", file=self.config_path)
+        self.config = model_config_from_hf(self.hf_config, file=self.config_path)
+        shard_paths = sorted(self.path.glob("*.safetensors"))
+        if not shard_paths:
+            raise InputError("no *.safetensors files", file=self.path)
+        self.files = [SafetensorsFile(p) for p in shard_paths]
+        self.entries = self._index()
+        self.tied = bool(self.hf_config.get("tie_word_embeddings", False)) and "lm_head.weight" not in self.entries
+        self.experts = "mxfp4" if "model.layers.0.mlp.experts.gate_up_proj_blocks" in self.entries else "bf16"
+        self.specs = expected_tensors(self.config, self.experts)
+        self._check()
+
+    @property
+    def repo_root(self) -> Path:
+        return self.path
+
+    def _index(self) -> dict[str, TensorEntry]:
+        entries: dict[str, TensorEntry] = {}
+        for f in self.files:
+            for name, entry in f.entries.items():
+                if name in entries:
+                    raise InputError(f"tensor is also in {entries[name].file.name}", file=f.path, tensor=name)
+                entries[name] = entry
+        return entries
+
+    def _expected_hf(self) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+        """HF name -> (shape, allowed dtypes) implied by config.json."""
+        floats = ("BF16", "F16", "F32")
+        expected = {}
+        for spec in self.specs:
+            names = self._sources(spec.name)
+            if spec.name.endswith("attn.qkv.weight") or spec.name.endswith("attn.qkv.bias"):
+                for hf_name, rows in zip(names, qkv_split(self.config)):
+                    expected[hf_name] = ((rows,) + spec.shape[1:], floats)
+            elif is_dense_expert(spec.name):
+                E, rows, cols = spec.shape
+                expected[names[0]] = ((E, cols, rows), floats)
+            elif spec.dtype == "U8":
+                expected[names[0]] = (spec.shape, ("U8",))
+            else:
+                expected[names[0]] = (spec.shape, floats)
+        return expected
+
+    def _sources(self, name: str) -> list[str]:
+        if name == "unembedding.weight" and self.tied:
+            return ["model.embed_tokens.weight"]
+        return hf_names(name)
+
+    def _check(self) -> None:
+        expected = self._expected_hf()
+        for hf_name, (shape, dtypes) in expected.items():
+            entry = self.entries.get(hf_name)
+            if entry is None:
+                raise InputError(f"missing from every shard; config.json implies {dtypes[0]}{list(shape)}",
+                                 file=self.path, tensor=hf_name)
+            if entry.dtype not in dtypes or entry.shape != shape:
+                raise InputError(f"is {entry.dtype}{list(entry.shape)} but config.json implies {dtypes[0]}{list(shape)}",
+                                 file=entry.file, tensor=hf_name)
+        extra = sorted(set(self.entries) - set(expected))
+        if extra:
+            raise InputError(f"unexpected tensors for a model with this config.json: {extra[:5]}"
+                             f"{' ...' if len(extra) > 5 else ''}", file=self.entries[extra[0]].file, tensor=extra[0])
+
+    # -- access -------------------------------------------------------------------------
+
+    def _array(self, hf_name: str) -> np.ndarray:
+        entry = self.entries[hf_name]
+        return next(f for f in self.files if f.path == entry.file).array(hf_name)
+
+    def _bits(self, hf_name: str) -> np.ndarray:
+        """BF16 bits of a float tensor, zero-copy when it is stored as BF16."""
+        dtype = self.entries[hf_name].dtype
+        array = self._array(hf_name)
+        if dtype == "BF16":
+            return array
+        return f32_to_bf16(array.astype(np.float32))
+
+    def raw(self, name: str) -> np.ndarray:
+        if name not in {s.name for s in self.specs}:
+            raise InputError("no such tensor", file=self.path, tensor=name)
+        sources = self._sources(name)
+        if len(sources) == 3:  # q, k, v rows in reference order
+            return np.concatenate([self._bits(s) for s in sources])
+        if name.endswith((".blocks", ".scales")):
+            return self._array(sources[0])
+        bits = self._bits(sources[0])
+        return bits.transpose(0, 2, 1) if is_dense_expert(name) else bits
+
+    def f32(self, name: str) -> np.ndarray:
+        if is_dense_expert(name) and self.experts == "mxfp4":
+            layer, which = int(name.split(".")[1]), name.split(".")[3].split("_")[0]
+            pair = self.mxfp4(layer, which)
+            return mxfp4.decode(pair.blocks, pair.scales)
+        sources = self._sources(name) if name in {s.name for s in self.specs} else None
+        if sources and self.entries[sources[0]].dtype != "BF16" and len(sources) == 1:
+            array = self._array(sources[0]).astype(np.float32)  # F32/F16 values, not rounded to BF16
+            return array.transpose(0, 2, 1) if is_dense_expert(name) else array
+        return bf16_to_f32(np.ascontiguousarray(self.raw(name)))
+
+    def mxfp4(self, layer: int, which: str) -> Mxfp4Pair | None:
+        if self.experts != "mxfp4":
+            return None
+        prefix = f"block.{layer}.mlp.{which}_weight"
+        return Mxfp4Pair(self.raw(prefix + ".blocks"), self.raw(prefix + ".scales"))
+
+    def storage(self, name: str) -> str:
+        if is_dense_expert(name) and self.experts == "mxfp4":
+            return "MXFP4"
+        return self.entries[self._sources(name)[0]].dtype
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+    def bytes_by_dtype(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for e in self.entries.values():
+            totals[e.dtype] = totals.get(e.dtype, 0) + e.nbytes
+        return totals
+
+    def scan(self) -> list[str]:
+        """Read every byte: NaN/Inf in float tensors, scale byte 255."""
+        problems = []
+        for name, entry in self.entries.items():
+            bad = 0
+            for chunk in iter_chunks(self._array(name)):
+                if entry.dtype == "BF16":
+                    bad += int(np.count_nonzero((chunk & 0x7F80) == 0x7F80))
+                elif entry.dtype in ("F16", "F32"):
+                    bad += int(np.count_nonzero(~np.isfinite(chunk)))
+                elif name.endswith("_scales"):
+                    bad += int(np.count_nonzero(chunk == mxfp4.SCALE_NAN))
+            if bad:
+                what = "scale bytes are 255 (NaN in E8M0)" if entry.dtype == "U8" else "NaN/Inf values"
+                problems.append(f"file {entry.file}, tensor {name!r}: {bad} {what}")
+        return problems
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+    def __enter__(self) -> "HfCheckpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------
+# The artifact interface (see ``oss_convert/artifacts.py``)
+
+
+def open_canonical(path: str | Path) -> HfCheckpoint:
+    return HfCheckpoint(path)
+
+
+def open_source(source: str | Path) -> OriginalCheckpoint | HfCheckpoint:
+    """What ``convert`` reads: an HF-layout folder, else an ``original/`` checkpoint (or repo id).
+
+    A Hub repo root holds both layouts; its ``original/`` wins, as it is the reference's input.
+    """
+    path = Path(source)
+    if path.is_dir() and not (path / "original" / "config.json").is_file() and looks_hf(path):
+        return HfCheckpoint(path)
+    return OriginalCheckpoint(source)
+
+
+def describe(path: str | Path, *, scan: bool = False) -> dict:
+    """Summary for ``inspect``; raises ``InputError`` if the folder does not validate."""
+    with HfCheckpoint(path) as ckpt:
+        problems = ckpt.scan() if scan else []
+        return {
+            "path": str(ckpt.path),
+            "valid": not problems,
+            "problems": problems,
+            "config": ckpt.config.to_dict(),
+            "files": [f.path.name for f in ckpt.files],
+            "tensor_count": len(ckpt.entries),
+            "experts": ckpt.experts,
+            "tensor_bytes": ckpt.tensor_bytes,
+            "bytes_by_dtype": ckpt.bytes_by_dtype(),
+            "parameters": sum(math.prod(e.shape) * (2 if e.name.endswith("_blocks") else 1)
+                              for e in ckpt.entries.values() if not e.name.endswith("_scales")),
+            "tokenizer_files": sorted(n for n in TOKENIZER_FILES if (ckpt.path / n).is_file()),
+        }
