@@ -1,0 +1,156 @@
+"""``verify``: run an artifact against a reference and decide pass or fail."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .. import artifacts
+from ..errors import InputError
+from . import text as textmod
+from .metrics import TokenMetrics, compare_block, summarize
+from .reference import DEFAULT_TOP_K, Reference, chunk_tokens, compute_reference, scored_rows
+from .report import build_report
+from .runner import Runner
+from .tensors import compare_models
+
+DEFAULT_CTX = 512
+DEFAULT_MAX_KLD = 0.01
+DEFAULT_MIN_TOP1 = 0.95
+
+
+@dataclass
+class Inputs:
+    """Where the evaluation tokens come from (at most one of ``text_file``/``tokens_file``)."""
+
+    text_file: Path | None = None
+    tokens_file: Path | None = None
+    ctx: int = DEFAULT_CTX
+    max_chunks: int | None = None
+    top_k: int = DEFAULT_TOP_K
+    meta: dict = field(default_factory=dict)
+
+
+def prepare_tokens(inputs: Inputs, tokenizer_json: Path | None, window: int) -> tuple[np.ndarray, dict]:
+    """Chunks ``[C, ctx]`` and a description of their source."""
+    if inputs.ctx <= window:
+        raise InputError(f"--ctx {inputs.ctx} must exceed the sliding window ({window}) or window bugs stay invisible")
+    if inputs.tokens_file is not None:
+        ids = textmod.read_token_ids(inputs.tokens_file)
+        source = {"kind": "token_ids", "file": str(inputs.tokens_file)}
+    else:
+        if tokenizer_json is None:
+            raise InputError("no tokenizer.json found beside the reference; pass --tokens FILE with token ids")
+        if inputs.text_file is not None:
+            try:
+                text = Path(inputs.text_file).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise InputError(f"cannot read text: {exc}", file=inputs.text_file) from exc
+            source = {"kind": "text", "file": str(inputs.text_file)}
+        else:
+            text = textmod.bundled_text()
+            source = {"kind": "text", "file": "bundled:" + textmod.BUNDLED}
+        ids = textmod.tokenize(text, tokenizer_json)
+        source.update(text_sha256=textmod.sha256(text), tokenizer=str(tokenizer_json))
+    chunks = chunk_tokens(ids, inputs.ctx, inputs.max_chunks)
+    source.update(total_tokens=int(len(ids)))
+    return chunks, source
+
+
+def make_reference(src: str | Path, inputs: Inputs, progress: Callable[[int], None] | None = None,
+                   experts: str = "dequantized") -> Reference:
+    """The BF16 reference of ``src`` (any artifact; normally an ``original/`` checkpoint)."""
+    model = artifacts.open_canonical(src)
+    try:
+        chunks, source = prepare_tokens(inputs, textmod.find_tokenizer(src, model), model.config.sliding_window)
+        t0 = time.perf_counter()
+        ref = compute_reference(Runner(model, experts), chunks, top_k=inputs.top_k, progress=progress,
+                                meta={"source": str(src), "source_kind": artifacts.detect(src), "input": source})
+        ref.meta["seconds"] = round(time.perf_counter() - t0, 3)
+        return ref
+    finally:
+        model.close()
+
+
+def score(artifact_model, ref: Reference, progress: Callable[[int], None] | None = None,
+          experts: str = "quantized") -> tuple[dict, TokenMetrics]:
+    """Run the artifact on the reference's tokens; summary numbers and per-token metrics."""
+    runner = Runner(artifact_model, experts)
+    if int(ref.tokens.max()) >= runner.vocab_rows:
+        raise InputError(f"the evaluation tokens use ids up to {int(ref.tokens.max())} but the artifact has "
+                         f"only {runner.vocab_rows} vocabulary rows")
+    shared = min(runner.vocab_rows, ref.vocab_size)
+    top_lp, lse, tgt_lp = ref.over_rows(shared)
+    per_chunk = len(ref.targets) // ref.tokens.shape[0]
+    targets = ref.targets
+    parts = []
+    for c, logits in enumerate(runner.iter_logits(ref.tokens, scored_rows(ref.ctx), progress)):
+        s = slice(c * per_chunk, (c + 1) * per_chunk)
+        parts.append(compare_block(logits[:, :shared], targets[s], ref.top_ids[s], top_lp[s], lse[s], tgt_lp[s]))
+    metrics = TokenMetrics.concat(parts)
+    return summarize(metrics), metrics
+
+
+def verify(artifact: str | Path, reference: str | Path, inputs: Inputs, *, max_kld: float = DEFAULT_MAX_KLD,
+           min_top1: float = DEFAULT_MIN_TOP1, check_tensors: bool = True,
+           progress: Callable[[int], None] | None = None) -> dict:
+    """The full report (see ``report.py``) for ``artifact`` against a checkpoint or a ``.npz`` cache."""
+    t0 = time.perf_counter()
+    artifact_kind = artifacts.detect(artifact)
+    art = artifacts.open_canonical(artifact)
+    try:
+        ref_model = None
+        if _is_cache(reference):
+            ref = Reference.load(reference)
+        else:
+            ref = make_reference(reference, inputs, progress)
+            ref_model = artifacts.open_canonical(reference) if check_tensors else None
+        t_ref = time.perf_counter()
+        summary, _ = score(art, ref, progress)
+        t_art = time.perf_counter()
+        tensors = compare_models(ref_model, art) if ref_model is not None else None
+        tokenizer = _check_tokenizer(artifact, art, ref)
+        if ref_model is not None:
+            ref_model.close()
+        timings = {"reference_s": round(t_ref - t0, 3) if ref_model is not None or not _is_cache(reference) else 0.0,
+                   "artifact_s": round(t_art - t_ref, 3), "tensors_s": round(time.perf_counter() - t_art, 3),
+                   "total_s": round(time.perf_counter() - t0, 3)}
+        return build_report(
+            artifact=str(artifact), artifact_kind=artifact_kind, artifact_config=art.config.to_dict(),
+            reference=ref, reference_path=str(reference), summary=summary, tensors=tensors, tokenizer=tokenizer,
+            thresholds={"max_kld": max_kld, "min_top1": min_top1}, timings=timings)
+    finally:
+        art.close()
+
+
+def _is_cache(reference: str | Path) -> bool:
+    p = Path(reference)
+    return p.is_file() and p.suffix == ".npz"
+
+
+def _check_tokenizer(artifact: str | Path, model, ref: Reference) -> dict:
+    """Does the artifact's own tokenizer give the reference's token ids for the same text?"""
+    source = ref.meta.get("input", {})
+    found = textmod.find_tokenizer(artifact, model)
+    if found is None or source.get("kind") != "text":
+        return {"checked": False, "reason": "no tokenizer.json beside the artifact" if found is None
+                else "the reference was given token ids, not text"}
+    if Path(found).resolve() == Path(source.get("tokenizer", "")).resolve():
+        return {"checked": False, "reason": "the artifact shares the reference's tokenizer.json"}
+    file = source.get("file", "")
+    text = textmod.bundled_text() if file.startswith("bundled:") else Path(file).read_text(encoding="utf-8")
+    if textmod.sha256(text) != source.get("text_sha256"):
+        return {"checked": False, "reason": "the reference's text file changed since the reference was made"}
+    ids = textmod.tokenize(text, found)
+    want = ref.tokens.reshape(-1)
+    same = len(ids) >= len(want) and np.array_equal(ids[: len(want)], want)
+    result = {"checked": True, "tokenizer": str(found), "same_ids": bool(same)}
+    if not same:
+        n = min(len(ids), len(want))
+        mismatch = np.nonzero(ids[:n] != want[:n])[0]
+        result["first_mismatch"] = int(mismatch[0]) if len(mismatch) else n
+    return result

@@ -1,0 +1,119 @@
+"""``oss-convert verify`` and ``oss-convert reference`` (registered by ``cli/main.py``).
+
+Exit codes: 0 pass, 1 fail (a check failed; the reasons are printed), 2 error (bad input).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .. import artifacts
+from ..errors import InputError
+from .reference import DEFAULT_TOP_K
+
+EXIT_FAIL = 1
+
+
+def _input_options(f):
+    f = click.option("--text", "text_file", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+                     help="UTF-8 text to evaluate (default: the bundled public-domain text).")(f)
+    f = click.option("--tokens", "tokens_file", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+                     help="Token ids instead of text (.npy, or integers separated by spaces/commas).")(f)
+    f = click.option("--ctx", type=int, default=512, show_default=True,
+                     help="Tokens per chunk; the second half of each chunk is scored. Must exceed the sliding window.")(f)
+    f = click.option("--chunks", "max_chunks", type=int, default=None, help="Use at most this many chunks.")(f)
+    f = click.option("--top-k", type=int, default=DEFAULT_TOP_K, show_default=True,
+                     help="Reference log-probs kept per token (KL is exact when this covers the vocabulary).")(f)
+    f = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")(f)
+    return f
+
+
+def _inputs(text_file, tokens_file, ctx, max_chunks, top_k):
+    from .check import Inputs
+
+    if text_file is not None and tokens_file is not None:
+        raise click.UsageError("give --text or --tokens, not both")
+    return Inputs(text_file=text_file, tokens_file=tokens_file, ctx=ctx, max_chunks=max_chunks, top_k=top_k)
+
+
+def _layer_bar(paths: list[str], quiet: bool):
+    """A layer-counting bar over every forward pass the command will run."""
+    from ..cli.main import progress_bar
+
+    total = 0
+    for p in paths:
+        if not str(p).endswith(".npz"):
+            model = artifacts.open_canonical(p)
+            total += model.config.num_hidden_layers
+            model.close()
+    bar, update = progress_bar(total, "layers", not quiet)
+    bar.unit, bar.unit_scale = "layer", False
+    return bar, update
+
+
+@click.command("reference")
+@click.argument("source")
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Cache file to write (.npz).")
+@click.option("--force", is_flag=True, help="Replace the output if it exists.")
+@_input_options
+def reference_cmd(source, output, force, text_file, tokens_file, ctx, max_chunks, top_k, quiet):
+    """Compute the BF16 reference of SOURCE once and cache its top-k log-probs in an .npz."""
+    from .check import make_reference
+
+    if output.suffix != ".npz":
+        raise InputError("the reference cache must end in .npz", file=output)
+    inputs = _inputs(text_file, tokens_file, ctx, max_chunks, top_k)
+    bar, update = _layer_bar([source], quiet)
+    with bar:
+        ref = make_reference(source, inputs, update)
+    ref.save(output, force=force)
+    click.echo(f"{output}: {ref.tokens.shape[0]} chunks x {ref.ctx} tokens, {len(ref.targets)} scored, top-{ref.meta['top_k']}")
+
+
+@click.command("verify")
+@click.argument("artifact")
+@click.option("--reference", "reference", required=True,
+              help="The source checkpoint (original/ folder or repo) or a cache from `oss-convert reference`.")
+@click.option("--max-kld", type=float, default=None, help="Fail if the mean KL divergence exceeds this (nats). [default: 0.01]")
+@click.option("--min-top1", type=float, default=None, help="Fail if top-1 agreement is below this (0..1). [default: 0.95]")
+@click.option("--json", "json_file", type=click.Path(path_type=Path), default=None,
+              help="Also write the report as JSON to this file ('-' for stdout).")
+@click.option("--no-tensors", is_flag=True, help="Skip the tensor-by-tensor comparison.")
+@_input_options
+def verify_cmd(artifact, reference, max_kld, min_top1, json_file, no_tensors, text_file, tokens_file, ctx,
+               max_chunks, top_k, quiet):
+    """Verify ARTIFACT (original/, MLX folder, Metal model.bin or GGUF) against a BF16 reference."""
+    from .check import DEFAULT_MAX_KLD, DEFAULT_MIN_TOP1, verify
+    from .report import format_table
+
+    inputs = _inputs(text_file, tokens_file, ctx, max_chunks, top_k)
+    bar, update = _layer_bar([artifact, reference], quiet)
+    with bar:
+        report = verify(artifact, reference, inputs,
+                        max_kld=DEFAULT_MAX_KLD if max_kld is None else max_kld,
+                        min_top1=DEFAULT_MIN_TOP1 if min_top1 is None else min_top1,
+                        check_tensors=not no_tensors, progress=update)
+    text = json.dumps(report, indent=2, default=_jsonable)
+    if json_file is not None and str(json_file) == "-":
+        click.echo(text)
+    else:
+        if json_file is not None:
+            Path(json_file).write_text(text + "\n")
+        click.echo(format_table(report))
+    if report["verdict"] != "pass":
+        sys.exit(EXIT_FAIL)
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(verify_cmd)
+    cli.add_command(reference_cmd)

@@ -1,0 +1,114 @@
+"""Per-token comparison of an artifact's logits with a reference distribution, and summaries.
+
+The reference is kept as its top-k log-probs (``reference.Reference``), so every statistic is
+computed from what the cache holds:
+
+- ``nll``: ``logsumexp(logits) - logits[target]`` for the artifact; the stored target log-prob
+  for the reference (exact, whatever k is).
+- ``kld``: ``KL(ref || artifact)`` over the reference's top-k ids plus one *tail bucket* holding
+  the remaining mass of each side. That is the KL of the coarse-grained distributions, a lower
+  bound of the full KL, and exact when k covers the vocabulary (the default for small vocabs).
+  llama-perplexity instead sums over ids within 16 nats of the max; both ignore only
+  negligible mass.
+- ``same_top``: artifact argmax == reference argmax (ties to the lowest id, like llama.cpp).
+- ``abs_logit_diff``: |artifact logit - reference logit| over the reference's top-k ids.
+
+When the artifact has fewer vocabulary rows than the reference (Metal keeps 200014 of 201088),
+both distributions are renormalised over the shared rows and ids beyond them are dropped.
+All reductions run in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+TINY = 1e-300
+
+
+@dataclass
+class TokenMetrics:
+    """One value per scored token."""
+
+    nll: np.ndarray
+    nll_ref: np.ndarray
+    kld: np.ndarray
+    same_top: np.ndarray
+    delta_p: np.ndarray
+    max_abs_logit_diff: np.ndarray
+    mean_abs_logit_diff: np.ndarray
+
+    @classmethod
+    def concat(cls, parts: list["TokenMetrics"]) -> "TokenMetrics":
+        return cls(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in cls.__dataclass_fields__})
+
+
+def log_softmax(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(logprobs, logsumexp)`` in float64 along the last axis."""
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    lse = m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+    return x - lse, lse[..., 0]
+
+
+def compare_block(logits: np.ndarray, targets: np.ndarray, top_ids: np.ndarray, top_logprobs: np.ndarray,
+                  ref_lse: np.ndarray, ref_target_logprob: np.ndarray) -> TokenMetrics:
+    """Metrics for ``S`` positions: artifact ``logits [S, V_art]`` vs the reference's top-k.
+
+    ``top_logprobs``/``ref_target_logprob`` must already be normalised over the shared rows
+    ``V = logits.shape[1]`` and ``ref_lse`` be the logsumexp over those rows; top ids ``>= V``
+    are ignored (pass them anyway, they are masked here).
+    """
+    V = logits.shape[1]
+    logprobs, lse = log_softmax(logits)
+    keep = top_ids < V
+    ids = np.where(keep, top_ids, 0)
+    lp_ref = np.where(keep, top_logprobs, -np.inf)
+    lp_art = np.take_along_axis(logprobs, ids, axis=1)
+    p_ref = np.exp(lp_ref)
+    kld = np.where(keep, p_ref * (lp_ref - np.where(keep, lp_art, 0.0)), 0.0).sum(axis=1)
+    tail_ref = 1.0 - p_ref.sum(axis=1)
+    tail_art = 1.0 - np.where(keep, np.exp(lp_art), 0.0).sum(axis=1)
+    has_tail = tail_ref > 1e-12
+    kld += np.where(has_tail, tail_ref * (np.log(np.maximum(tail_ref, TINY)) - np.log(np.maximum(tail_art, TINY))), 0.0)
+
+    rows = np.arange(len(targets))
+    nll = -logprobs[rows, targets]
+    nll_ref = -np.asarray(ref_target_logprob, dtype=np.float64)
+    ref_argmax = top_ids[rows, np.argmax(keep, axis=1)]  # top ids are sorted, first kept is the max
+    same_top = np.argmax(logits, axis=1) == ref_argmax
+
+    ref_logits = lp_ref + ref_lse[:, None]
+    art_logits = np.take_along_axis(np.asarray(logits, dtype=np.float64), ids, axis=1)
+    diff = np.where(keep, np.abs(art_logits - np.where(keep, ref_logits, 0.0)), np.nan)
+    return TokenMetrics(
+        nll=nll, nll_ref=nll_ref, kld=kld, same_top=same_top,
+        delta_p=np.exp(-nll) - np.exp(-nll_ref),
+        max_abs_logit_diff=np.nanmax(diff, axis=1),
+        mean_abs_logit_diff=np.nanmean(diff, axis=1),
+    )
+
+
+def summarize(m: TokenMetrics) -> dict:
+    """The numbers of the report (see ``report.py`` for units)."""
+    n = len(m.kld)
+    if n == 0:
+        raise ValueError("no scored tokens")
+    ppl, ppl_ref = float(np.exp(m.nll.mean())), float(np.exp(m.nll_ref.mean()))
+    kld = np.maximum(m.kld, 0.0)  # float noise can make an exact match read -1e-17
+    return {
+        "tokens_scored": n,
+        "ppl": ppl,
+        "ppl_ref": ppl_ref,
+        "ppl_ratio": ppl / ppl_ref,
+        "ln_ppl_ratio": float(m.nll.mean() - m.nll_ref.mean()),
+        "kld_mean": float(kld.mean()),
+        "kld_median": float(np.median(kld)),
+        "kld_p99": float(np.percentile(kld, 99)),
+        "kld_max": float(kld.max()),
+        "top1_agreement": float(m.same_top.mean()),
+        "delta_p_rms": float(np.sqrt(np.mean(m.delta_p ** 2))),
+        "logit_max_abs_diff": float(m.max_abs_logit_diff.max()),
+        "logit_mean_abs_diff": float(m.mean_abs_logit_diff.mean()),
+    }

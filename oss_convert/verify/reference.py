@@ -1,0 +1,161 @@
+"""The reference distribution: computed once from a checkpoint, cached in an ``.npz``.
+
+Scoring follows llama-perplexity: the tokens are cut into non-overlapping chunks of ``ctx``
+tokens, each run from position 0, and only the second half of each chunk is scored: logits at
+positions ``ctx//2 .. ctx-2`` predict tokens ``ctx//2+1 .. ctx-1`` (``ctx-1-ctx//2`` tokens per
+chunk). ``ctx`` must exceed the sliding window so windowed layers are actually exercised.
+
+Per scored token the cache keeps the reference's top-k ids and log-probs (sorted, float64),
+its logsumexp, and the log-prob of the actual next token; plus the logsumexp over the first
+200014 rows so an artifact with the Metal vocabulary can be compared over the shared rows.
+
+``.npz`` keys (all arrays; ``meta`` is a JSON string):
+``tokens`` int32 [C, ctx], ``top_ids`` int32 [N, k], ``top_logprobs`` float64 [N, k],
+``logsumexp`` float64 [N], ``target_logprob`` float64 [N], ``cut_rows`` int64 [m],
+``cut_logsumexp`` float64 [m, N], ``meta`` (format version, ctx, vocab_size, config, source, ...).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .. import __version__
+from ..atomic import atomic_output
+from ..errors import InputError
+from .metrics import log_softmax
+
+FORMAT = "oss-convert-reference/1"
+METAL_VOCAB_ROWS = 200014  # what the Metal model.bin keeps
+DEFAULT_TOP_K = 1024
+
+
+def chunk_tokens(tokens: np.ndarray, ctx: int, max_chunks: int | None = None) -> np.ndarray:
+    """``[C, ctx]`` non-overlapping chunks (the tail that does not fill a chunk is dropped)."""
+    tokens = np.asarray(tokens, dtype=np.int32).reshape(-1)
+    if ctx < 4:
+        raise InputError(f"--ctx {ctx} is too small")
+    count = len(tokens) // ctx
+    if max_chunks is not None:
+        count = min(count, max_chunks)
+    if count < 1:
+        raise InputError(f"{len(tokens)} tokens do not fill one chunk of --ctx {ctx}; give more text or a smaller --ctx")
+    return tokens[: count * ctx].reshape(count, ctx)
+
+
+def scored_rows(ctx: int) -> slice:
+    """Logit positions scored in each chunk (the second half, minus the last position)."""
+    return slice(ctx // 2, ctx - 1)
+
+
+def targets(chunks: np.ndarray) -> np.ndarray:
+    """The token each scored position predicts, flattened over chunks."""
+    ctx = chunks.shape[1]
+    return chunks[:, ctx // 2 + 1:].reshape(-1).astype(np.int64)
+
+
+@dataclass
+class Reference:
+    tokens: np.ndarray
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
+    logsumexp: np.ndarray
+    target_logprob: np.ndarray
+    cut_logsumexp: dict[int, np.ndarray] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def ctx(self) -> int:
+        return int(self.tokens.shape[1])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    @property
+    def targets(self) -> np.ndarray:
+        return targets(self.tokens)
+
+    def over_rows(self, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(top_logprobs, logsumexp, target_logprob)`` renormalised over the first ``rows`` ids."""
+        if rows >= self.vocab_size:
+            return self.top_logprobs, self.logsumexp, self.target_logprob
+        if rows not in self.cut_logsumexp:
+            raise InputError(
+                f"the artifact has {rows} vocabulary rows but the reference ({self.vocab_size} rows) has no "
+                f"normalisation for that cut (it has {sorted(self.cut_logsumexp)}); recompute it with "
+                f"`oss-convert reference --cut-rows {rows}`")
+        cut = self.cut_logsumexp[rows]
+        shift = (self.logsumexp - cut)[:, None]
+        return self.top_logprobs + shift, cut, self.target_logprob + shift[:, 0]
+
+    # -- cache file -----------------------------------------------------------------------
+
+    def save(self, path: str | Path, *, force: bool = False) -> Path:
+        path = Path(path)
+        cuts = sorted(self.cut_logsumexp)
+        with atomic_output(path, force=force) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(
+                    fh, tokens=self.tokens.astype(np.int32), top_ids=self.top_ids.astype(np.int32),
+                    top_logprobs=self.top_logprobs, logsumexp=self.logsumexp, target_logprob=self.target_logprob,
+                    cut_rows=np.array(cuts, dtype=np.int64),
+                    cut_logsumexp=np.array([self.cut_logsumexp[c] for c in cuts]).reshape(len(cuts), -1),
+                    meta=np.array(json.dumps({"format": FORMAT, **self.meta}, sort_keys=True)),
+                )
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Reference":
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                if meta.get("format") != FORMAT:
+                    raise InputError(f"not an oss-convert reference (format {meta.get('format')!r}, want {FORMAT!r})", file=path)
+                ref = cls(
+                    tokens=data["tokens"], top_ids=data["top_ids"], top_logprobs=data["top_logprobs"],
+                    logsumexp=data["logsumexp"], target_logprob=data["target_logprob"],
+                    cut_logsumexp={int(c): data["cut_logsumexp"][i] for i, c in enumerate(data["cut_rows"])},
+                    meta=meta,
+                )
+        except (OSError, KeyError, ValueError) as exc:
+            raise InputError(f"cannot read reference cache: {exc}", file=path) from exc
+        n = ref.targets.shape[0]
+        if ref.top_ids.shape[0] != n or ref.logsumexp.shape != (n,) or ref.top_ids.shape != ref.top_logprobs.shape:
+            raise InputError("reference cache arrays disagree in length", file=path)
+        return ref
+
+
+def compute_reference(runner, chunks: np.ndarray, *, top_k: int = DEFAULT_TOP_K,
+                      cut_rows: tuple[int, ...] = (METAL_VOCAB_ROWS,), meta: dict | None = None,
+                      progress: Callable[[int], None] | None = None) -> Reference:
+    """Run ``runner`` on ``chunks`` and keep the top-k log-probs of every scored position."""
+    V = runner.vocab_rows
+    k = min(top_k, V)
+    rows = scored_rows(chunks.shape[1])
+    want = targets(chunks).reshape(chunks.shape[0], -1)
+    parts: dict[str, list] = {"ids": [], "lp": [], "lse": [], "tgt": []}
+    cuts = {c: [] for c in cut_rows if c < V}
+    for c, logits in enumerate(runner.iter_logits(chunks, rows, progress)):
+        logprobs, lse = log_softmax(logits)
+        top = np.argpartition(-logprobs, k - 1, axis=1)[:, :k] if k < V else np.tile(np.arange(V), (len(lse), 1))
+        top_lp = np.take_along_axis(logprobs, top, axis=1)
+        order = np.lexsort((top, -top_lp), axis=1)  # descending log-prob, ties to the lowest id
+        parts["ids"].append(np.take_along_axis(top, order, axis=1).astype(np.int32))
+        parts["lp"].append(np.take_along_axis(top_lp, order, axis=1))
+        parts["lse"].append(lse)
+        parts["tgt"].append(logprobs[np.arange(len(lse)), want[c]])
+        for cut in cuts:
+            cuts[cut].append(log_softmax(logits[:, :cut])[1])
+    config = runner.config.to_dict()
+    return Reference(
+        tokens=chunks.astype(np.int32), top_ids=np.concatenate(parts["ids"]), top_logprobs=np.concatenate(parts["lp"]),
+        logsumexp=np.concatenate(parts["lse"]), target_logprob=np.concatenate(parts["tgt"]),
+        cut_logsumexp={cut: np.concatenate(v) for cut, v in cuts.items()},
+        meta={"ctx": int(chunks.shape[1]), "chunks": int(chunks.shape[0]), "vocab_size": V, "top_k": k,
+              "config": config, "experts": runner.experts, "oss_convert_version": __version__, **(meta or {})},
+    )

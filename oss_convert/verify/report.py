@@ -1,0 +1,163 @@
+"""The verification report: verdict rules, the JSON schema, and the readable table.
+
+JSON schema (``oss-convert verify --json FILE``; schema ``oss-convert-verify/1``), one object:
+
+``schema``            "oss-convert-verify/1"
+``verdict``           "pass" | "fail"
+``reasons``           list of strings, one per failed check, each naming what differs
+                      (empty when the verdict is "pass")
+``notes``             list of strings that do not fail the run (vocabulary truncation, lossy tensors)
+``artifact``          {"path", "kind" ("original"|"mlx"|"metal"|"gguf"), "config" (the 16 ModelConfig keys as the
+                      artifact states them)}
+``reference``         {"path", "kind" (source kind, or "cache" for an .npz), "source" (the checkpoint the reference was
+                      computed from), "config", "experts" ("dequantized": BF16 reference path), "top_k"}
+``input``             {"kind" ("text"|"token_ids"), "file", "text_sha256", "tokenizer", "total_tokens" (all tokens of the
+                      input), "ctx" (tokens per chunk), "chunks", "scored_per_chunk" (ctx-1-ctx//2: the second half of each
+                      chunk, like llama-perplexity), "tokens_scored"}
+``vocab``             {"artifact_rows", "reference_rows", "compared_rows" (the shared rows; distributions are renormalised
+                      over them)}
+``metrics``           artifact vs reference on the same scored tokens; natural-log units (nats):
+   ``ppl``, ``ppl_ref``          perplexity exp(mean NLL) of artifact and reference
+   ``ppl_ratio``                 ppl / ppl_ref;  ``ln_ppl_ratio``: mean NLL difference (nats)
+   ``kld_mean``, ``kld_median``, ``kld_p99``, ``kld_max``
+                                 KL(reference || artifact) per token, nats (reference top-k + tail bucket; exact when
+                                 top_k covers the vocabulary)
+   ``top1_agreement``            fraction of tokens whose argmax agrees (0..1)
+   ``delta_p_rms``               RMS of p_artifact(next token) - p_reference(next token) (probability, 0..1)
+   ``logit_max_abs_diff``, ``logit_mean_abs_diff``
+                                 |artifact logit - reference logit| over the reference's top-k ids (logit units)
+``thresholds``        {"max_kld" (bound on kld_mean), "min_top1" (bound on top1_agreement)}
+``tensors``           null when the reference is a cache; else {"compared", "identical", "within_bound", "lossy",
+                      "differs", "experts_bit_identical" (bool: every MXFP4 expert tensor byte-identical),
+                      "items": [{"name", "storage", "status" ("identical"|"within_bound"|"lossy"|"differs"),
+                      "max_abs_diff", "bound", "detail"}]}  (items list every tensor not identical, plus
+                      the expert tensors)
+``config_diff``       [{"key", "artifact", "reference"}] for ModelConfig keys that differ (vocab_size is a note only
+                      when the artifact keeps at least the tokens used)
+``tokenizer``         {"checked" (bool), "same_ids" (bool, when checked), "first_mismatch", "tokenizer" or "reason"}
+``timings``           seconds: "reference_s", "artifact_s", "tensors_s", "total_s"
+``versions``          {"oss_convert", "mlx"}
+
+Verdict: "fail" if any of: a config key other than vocab_size differs; a tensor's status is "differs"
+(MXFP4 experts not bit-identical, a BF16 tensor not identical, an F16/Q8_0 tensor beyond its rounding
+bound); kld_mean > max_kld; top1_agreement < min_top1; the artifact's tokenizer gives different ids.
+"""
+
+from __future__ import annotations
+
+SCHEMA = "oss-convert-verify/1"
+
+
+def build_report(*, artifact: str, artifact_kind: str, artifact_config: dict, reference, reference_path: str,
+                 summary: dict, tensors, tokenizer: dict, thresholds: dict, timings: dict) -> dict:
+    import mlx.core as mx
+
+    from .. import __version__
+
+    ref_meta = reference.meta
+    reasons, notes = [], []
+    config_diff = _config_diff(artifact_config, ref_meta["config"])
+    for d in config_diff:
+        if d["key"] == "vocab_size":
+            notes.append(f"vocab_size: artifact {d['artifact']}, reference {d['reference']}; "
+                         f"compared over the first {min(d['artifact'], d['reference'])} rows")
+        else:
+            reasons.append(f"config {d['key']}: artifact {d['artifact']!r}, reference {d['reference']!r}")
+    tensor_block = None
+    if tensors is not None:
+        tensor_block = _tensor_block(tensors)
+        for t in tensors:
+            if t.failed:
+                reasons.append(f"tensor {t.name} ({t.storage}): {t.detail or f'max |diff| {t.max_abs_diff:.3g}'}")
+            elif t.status == "lossy":
+                notes.append(f"tensor {t.name} stored as {t.storage} (lossy): max |diff| {t.max_abs_diff:.3g}")
+    if summary["kld_mean"] > thresholds["max_kld"]:
+        reasons.append(f"mean KL divergence {summary['kld_mean']:.4g} exceeds --max-kld {thresholds['max_kld']:g}")
+    if summary["top1_agreement"] < thresholds["min_top1"]:
+        reasons.append(f"top-1 agreement {summary['top1_agreement']:.2%} is below --min-top1 {thresholds['min_top1']:.2%}")
+    if tokenizer.get("checked") and not tokenizer.get("same_ids"):
+        reasons.append(f"the artifact's tokenizer gives different ids (first mismatch at token {tokenizer.get('first_mismatch')})")
+    ctx = reference.ctx
+    art_rows, ref_rows = artifact_config["vocab_size"], reference.vocab_size
+    return {
+        "schema": SCHEMA,
+        "verdict": "fail" if reasons else "pass",
+        "reasons": reasons,
+        "notes": notes,
+        "artifact": {"path": artifact, "kind": artifact_kind, "config": artifact_config},
+        "reference": {"path": reference_path, "kind": "cache" if reference_path.endswith(".npz") else ref_meta.get("source_kind"),
+                      "source": ref_meta.get("source"), "config": ref_meta["config"], "experts": ref_meta.get("experts"),
+                      "top_k": ref_meta.get("top_k")},
+        "input": {**ref_meta.get("input", {}), "ctx": ctx, "chunks": int(reference.tokens.shape[0]),
+                  "scored_per_chunk": ctx - 1 - ctx // 2, "tokens_scored": summary["tokens_scored"]},
+        "vocab": {"artifact_rows": art_rows, "reference_rows": ref_rows, "compared_rows": min(art_rows, ref_rows)},
+        "metrics": summary,
+        "thresholds": thresholds,
+        "tensors": tensor_block,
+        "config_diff": config_diff,
+        "tokenizer": tokenizer,
+        "timings": timings,
+        "versions": {"oss_convert": __version__, "mlx": mx.__version__},
+    }
+
+
+def _config_diff(artifact: dict, reference: dict) -> list[dict]:
+    diffs = []
+    for key, want in reference.items():
+        got = artifact.get(key)
+        if got is None or float(got) != float(want):
+            diffs.append({"key": key, "artifact": got, "reference": want})
+    return diffs
+
+
+def _tensor_block(tensors) -> dict:
+    counts = {s: sum(t.status == s for t in tensors) for s in ("identical", "within_bound", "lossy", "differs")}
+    experts = [t for t in tensors if t.name.endswith(("mlp1_weight", "mlp2_weight"))]
+    return {
+        "compared": len(tensors), **counts,
+        "experts_bit_identical": bool(experts) and all(t.status == "identical" and t.storage == "MXFP4" for t in experts),
+        "items": [t.to_dict() for t in tensors if t.status != "identical" or t in experts],
+    }
+
+
+def format_table(report: dict) -> str:
+    """The human-readable summary printed by ``oss-convert verify``."""
+    m, inp, th = report["metrics"], report["input"], report["thresholds"]
+    lines = [
+        f"artifact   {report['artifact']['path']} ({report['artifact']['kind']})",
+        f"reference  {report['reference']['path']} ({report['reference']['kind']}, experts {report['reference']['experts']})",
+        f"input      {inp.get('file', '?')}: {inp['chunks']} chunks x {inp['ctx']} tokens, "
+        f"{inp['tokens_scored']} scored (second half of each chunk)",
+        f"vocab      {report['vocab']['compared_rows']} rows compared "
+        f"(artifact {report['vocab']['artifact_rows']}, reference {report['vocab']['reference_rows']})",
+        "",
+        f"  {'metric':<26}{'value':>14}   limit",
+        f"  {'perplexity artifact':<26}{m['ppl']:>14.4f}",
+        f"  {'perplexity reference':<26}{m['ppl_ref']:>14.4f}",
+        f"  {'perplexity ratio':<26}{m['ppl_ratio']:>14.6f}",
+        f"  {'KL mean (nats)':<26}{m['kld_mean']:>14.3e}   <= {th['max_kld']:g}",
+        f"  {'KL median':<26}{m['kld_median']:>14.3e}",
+        f"  {'KL p99':<26}{m['kld_p99']:>14.3e}",
+        f"  {'KL max':<26}{m['kld_max']:>14.3e}",
+        f"  {'top-1 agreement':<26}{m['top1_agreement']:>14.2%}   >= {th['min_top1']:.2%}",
+        f"  {'max |logit diff|':<26}{m['logit_max_abs_diff']:>14.3e}",
+        f"  {'mean |logit diff|':<26}{m['logit_mean_abs_diff']:>14.3e}",
+    ]
+    t = report["tensors"]
+    if t is None:
+        lines.append("\n  tensors: not compared (reference is a cache)")
+    else:
+        lines.append(f"\n  tensors: {t['compared']} compared: {t['identical']} identical, {t['within_bound']} within bound, "
+                     f"{t['lossy']} lossy, {t['differs']} differ; experts bit-identical: "
+                     f"{'yes' if t['experts_bit_identical'] else 'no'}")
+    tok = report["tokenizer"]
+    lines.append(f"  tokenizer: {('same ids' if tok['same_ids'] else 'DIFFERENT ids') if tok['checked'] else 'not checked (' + tok['reason'] + ')'}")
+    for note in report["notes"][:10]:
+        lines.append(f"  note: {note}")
+    lines.append("")
+    if report["verdict"] == "pass":
+        lines.append("PASS")
+    else:
+        lines.append("FAIL")
+        lines += [f"  - {r}" for r in report["reasons"]]
+    return "\n".join(lines)

@@ -1,0 +1,164 @@
+"""Exact tensor-by-tensor comparison of an artifact with its ``original/`` source.
+
+Experts stored as MXFP4 must be **bit-identical** (blocks and scales, expert by expert).
+Other tensors must equal the source exactly when stored as BF16/F32, or lie within the
+rounding bound of their storage type:
+
+- ``F16``: ``|x|·2^-11 + 2^-25`` (round to nearest, subnormal spacing 2^-24);
+- ``Q8_0``: ``amax/127`` per 32-value block of the last axis (half a step for rounding plus
+  at most ``127·d·2^-11`` from storing the scale ``d = amax/127`` as F16).
+
+Any other storage (affine n-bit, requantized experts) is reported as ``lossy`` with its max
+error and left to the KL check. Vocabulary tensors are compared over the shared rows.
+One tensor (or one layer's experts) is in memory at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..canonical import CanonicalModel, logical_names
+from ..formats import mxfp4
+
+VOCAB_TENSORS = ("embedding.weight", "unembedding.weight")
+EXACT_STORAGE = ("BF16", "F32")
+
+
+@dataclass
+class TensorResult:
+    name: str
+    storage: str
+    status: str  # identical | within_bound | lossy | differs
+    max_abs_diff: float
+    bound: float | None = None
+    detail: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "differs"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare_models(ref: CanonicalModel, art: CanonicalModel,
+                   progress: Callable[[int], None] | None = None) -> list[TensorResult]:
+    """One result per logical tensor of ``ref`` (experts: one per layer and ``mlp1``/``mlp2``)."""
+    results = []
+    for name in logical_names(ref.config):
+        if name.endswith(("mlp1_weight", "mlp2_weight")):
+            layer, which = int(name.split(".")[1]), name.split(".")[3].split("_")[0]
+            results.append(compare_experts(ref, art, layer, which))
+        else:
+            results.append(compare_dense(ref, art, name))
+        if progress is not None:
+            progress(1)
+    return results
+
+
+def compare_dense(ref: CanonicalModel, art: CanonicalModel, name: str) -> TensorResult:
+    storage = _storage(art, name)
+    try:
+        b = art.f32(name)
+    except Exception as exc:  # a reader that lacks the tensor
+        return TensorResult(name, storage, "differs", float("inf"), detail=f"artifact cannot provide it: {exc}")
+    a = ref.f32(name)
+    if name in VOCAB_TENSORS:
+        rows = min(a.shape[0], b.shape[0])
+        a, b = a[:rows], b[:rows]
+    if a.shape != b.shape:
+        return TensorResult(name, storage, "differs", float("inf"), detail=f"shape {list(b.shape)}, source {list(a.shape)}")
+    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    diff[np.isnan(diff)] = np.inf
+    worst = float(diff.max()) if diff.size else 0.0
+    if worst == 0.0:
+        return TensorResult(name, storage, "identical", 0.0, 0.0)
+    bound = _bound(a, storage)
+    if bound is None:
+        return TensorResult(name, storage, "lossy", worst, None, "not checked exactly (lossy storage)")
+    over = diff > bound
+    if not over.any():
+        return TensorResult(name, storage, "within_bound", worst, float(bound.max()))
+    at = np.unravel_index(int(np.argmax(diff - bound)), diff.shape)
+    return TensorResult(
+        name, storage, "differs", worst, float(bound.max()),
+        f"{int(over.sum())} of {diff.size} values exceed the {storage} bound; worst at {list(map(int, at))}: "
+        f"artifact {b[at]:.6g}, source {a[at]:.6g}")
+
+
+def _bound(a: np.ndarray, storage: str) -> np.ndarray | None:
+    s = storage.upper()
+    if s in EXACT_STORAGE:
+        return np.zeros_like(a, dtype=np.float64)
+    if s == "F16":
+        return np.abs(a.astype(np.float64)) * 2.0 ** -11 + 2.0 ** -25
+    if s == "Q8_0" and a.shape[-1] % 32 == 0:
+        blocks = np.abs(a.astype(np.float64)).reshape(*a.shape[:-1], -1, 32)
+        step = blocks.max(axis=-1, keepdims=True) / 127.0
+        return np.broadcast_to(step, blocks.shape).reshape(a.shape) * (1 + 1e-6)
+    return None
+
+
+def compare_experts(ref: CanonicalModel, art: CanonicalModel, layer: int, which: str) -> TensorResult:
+    name = f"block.{layer}.mlp.{which}_weight"
+    storage = _storage(art, name)
+    want = ref.mxfp4(layer, which)
+    got = art.mxfp4(layer, which)
+    if want is not None and got is not None:
+        return _compare_mxfp4(name, storage, want, got)
+    # Dense on one side: compare values expert by expert (lossy unless exactly equal).
+    a_all, b_all = ref.f32(name), art.f32(name)
+    if a_all.shape != b_all.shape:
+        return TensorResult(name, storage, "differs", float("inf"), detail=f"shape {list(b_all.shape)}, source {list(a_all.shape)}")
+    worst = max(float(np.abs(a_all[e] - b_all[e]).max()) for e in range(a_all.shape[0]))
+    if worst == 0.0:
+        return TensorResult(name, storage, "identical", 0.0, 0.0, "values identical (not stored as MXFP4)")
+    if storage.upper() == "MXFP4":
+        return TensorResult(name, storage, "differs", worst, 0.0, "stored as MXFP4 but values differ from the source")
+    return TensorResult(name, storage, "lossy", worst, None, "experts not stored as MXFP4; checked by KL only")
+
+
+def _compare_mxfp4(name: str, storage: str, want, got) -> TensorResult:
+    if want.blocks.shape != got.blocks.shape or want.scales.shape != got.scales.shape:
+        return TensorResult(name, storage, "differs", float("inf"),
+                            detail=f"blocks {list(got.blocks.shape)}, source {list(want.blocks.shape)}")
+    problems, worst = [], 0.0
+    for e in range(want.blocks.shape[0]):
+        wb, gb = np.asarray(want.blocks[e]), np.asarray(got.blocks[e])
+        ws, gs = np.asarray(want.scales[e]), np.asarray(got.scales[e])
+        bad_blocks = int(np.any(wb != gb, axis=-1).sum())
+        bad_scales = int((ws != gs).sum())
+        if not bad_blocks and not bad_scales:
+            continue
+        worst = max(worst, float(np.abs(mxfp4.decode(wb, ws) - mxfp4.decode(gb, gs)).max()))
+        problems.append(f"expert {e}: {bad_blocks}/{ws.size} blocks and {bad_scales}/{ws.size} scales differ"
+                        + _diagnose(wb, gb, ws, gs))
+    if not problems:
+        return TensorResult(name, storage, "identical", 0.0, 0.0, "MXFP4 bytes bit-identical")
+    shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more experts" if len(problems) > 4 else "")
+    return TensorResult(name, storage, "differs", worst, 0.0, "MXFP4 not bit-identical: " + shown)
+
+
+def _diagnose(wb, gb, ws, gs) -> str:
+    """Name the usual conversion mistakes when the bytes show one."""
+    hints = []
+    if not np.array_equal(wb, gb):
+        if np.array_equal(((wb >> 4) | (wb << 4)).astype(np.uint8), gb):
+            hints.append("nibble order swapped")
+        elif not gb.any():
+            hints.append("blocks all zero")
+    if not np.array_equal(ws, gs):
+        offset = gs.astype(np.int16) - ws.astype(np.int16)
+        if np.all(offset == offset.flat[0]):
+            hints.append(f"every scale off by {int(offset.flat[0]):+d}")
+    return f" ({', '.join(hints)})" if hints else ""
+
+
+def _storage(model: CanonicalModel, name: str) -> str:
+    try:
+        return str(model.storage(name))
+    except Exception:
+        return "?"
