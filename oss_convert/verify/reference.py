@@ -104,7 +104,7 @@ class Reference:
                     fh, tokens=self.tokens.astype(np.int32), top_ids=self.top_ids.astype(np.int32),
                     top_logprobs=self.top_logprobs, logsumexp=self.logsumexp, target_logprob=self.target_logprob,
                     cut_rows=np.array(cuts, dtype=np.int64),
-                    cut_logsumexp=np.array([self.cut_logsumexp[c] for c in cuts]).reshape(len(cuts), -1),
+                    cut_logsumexp=np.array([self.cut_logsumexp[c] for c in cuts], dtype=np.float64).reshape(len(cuts), len(self.logsumexp)),
                     meta=np.array(json.dumps({"format": FORMAT, **self.meta}, sort_keys=True)),
                 )
         return path

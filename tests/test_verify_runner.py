@@ -1,0 +1,108 @@
+"""The MLX runner against OpenAI's torch reference, and the KL metric against torch's kl_div."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from oss_convert.formats.original import OriginalCheckpoint
+from oss_convert.verify.metrics import compare_block, log_softmax
+from oss_convert.verify.runner import Runner, rope_tables
+
+from oracles import torch_reference_logits
+
+# Measured on the tiny model, 300 tokens: max |diff| 3.5e-5 (quantized) / 4.4e-5 (dequantized)
+# on logits of magnitude ~14, i.e. ~3e-6 relative. The bound leaves 3x headroom.
+REL_BOUND = 1e-5
+
+
+def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("experts", ["quantized", "dequantized"])
+def test_runner_matches_torch_reference_fp32(tiny_repo, tokens_300, experts):
+    want = torch_reference_logits(tiny_repo, tokens_300)
+    with OriginalCheckpoint(tiny_repo) as ckpt:
+        got = Runner(ckpt, experts).logits(tokens_300)
+    assert got.shape == want.shape == (300, 1024)
+    assert _rel_err(got, want) < REL_BOUND
+    # beyond the 128-token window too
+    assert _rel_err(got[200:], want[200:]) < REL_BOUND
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+@pytest.mark.oracle
+def test_runner_honours_the_configs_sliding_window(tiny_repo, tokens_300, tmp_path):
+    """A window of 64 in config.json changes torch's logits; the runner follows the same config."""
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo, repo)
+    config_path = repo / "original" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["sliding_window"] = 64
+    config_path.write_text(json.dumps(config))
+    want = torch_reference_logits(repo, tokens_300)
+    with OriginalCheckpoint(repo) as ckpt:
+        got = Runner(ckpt).logits(tokens_300)
+    with OriginalCheckpoint(tiny_repo) as ckpt:
+        window_128 = Runner(ckpt).logits(tokens_300)
+    assert _rel_err(got, want) < REL_BOUND
+    # identical until position 64, where the windows start to differ
+    assert _rel_err(got[:64], window_128[:64]) < REL_BOUND
+    assert np.abs(got[100:] - window_128[100:]).max() > 0.1
+
+
+@pytest.mark.oracle
+def test_rope_tables_match_torch_yarn():
+    torch = pytest.importorskip("torch")
+    from gpt_oss.torch.model import RotaryEmbedding
+
+    from oss_convert.synth import PRESETS
+
+    c = PRESETS["20b"]
+    rope = RotaryEmbedding(c.head_dim, c.rope_theta, torch.float32, initial_context_length=c.initial_context_length,
+                           scaling_factor=c.rope_scaling_factor, ntk_alpha=c.rope_ntk_alpha, ntk_beta=c.rope_ntk_beta)
+    want_cos, want_sin = (t.numpy() for t in rope._compute_cos_sin(4096))
+    cos, sin = rope_tables(c, 4096)
+    # fp32 angles p*inv_freq reach 4096 rad; one ulp there is 5e-4
+    assert np.abs(cos - want_cos).max() < 2e-3 and np.abs(sin - want_sin).max() < 2e-3
+    # mlx-lm's floor/ceil YaRN range is off by ~0.06 here; we agree to float32 rounding
+    assert np.abs(cos[:256] - want_cos[:256]).max() < 5e-5
+    assert np.abs(sin[:256] - want_sin[:256]).max() < 5e-5
+
+
+@pytest.mark.oracle
+def test_kl_matches_torch_kl_div_when_topk_covers_vocab():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    ref_logits = rng.normal(size=(50, 300)) * 3
+    art_logits = (ref_logits + rng.normal(size=ref_logits.shape) * 0.3).astype(np.float32)
+    lp_ref, lse_ref = log_softmax(ref_logits)
+    targets = rng.integers(0, 300, size=50)
+    order = np.argsort(-lp_ref, axis=1, kind="stable")
+    m = compare_block(art_logits, targets, order, np.take_along_axis(lp_ref, order, 1), lse_ref,
+                      lp_ref[np.arange(50), targets])
+    want = torch.nn.functional.kl_div(torch.log_softmax(torch.tensor(art_logits, dtype=torch.float64), -1),
+                                      torch.tensor(lp_ref), log_target=True, reduction="none").sum(-1).numpy()
+    np.testing.assert_allclose(m.kld, want, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(m.nll, -torch.log_softmax(torch.tensor(art_logits, dtype=torch.float64), -1)
+                               .numpy()[np.arange(50), targets], rtol=1e-12)
+    assert (m.same_top == (art_logits.argmax(1) == ref_logits.argmax(1))).all()
+    np.testing.assert_allclose(m.max_abs_logit_diff, np.abs(art_logits - ref_logits).max(1), rtol=1e-6)
+
+
+def test_kl_with_truncated_topk_is_a_lower_bound():
+    rng = np.random.default_rng(4)
+    ref_logits = rng.normal(size=(20, 400)) * 2
+    art_logits = ref_logits + rng.normal(size=ref_logits.shape)
+    lp_ref, lse_ref = log_softmax(ref_logits)
+    lp_art, _ = log_softmax(art_logits)
+    exact = (np.exp(lp_ref) * (lp_ref - lp_art)).sum(1)
+    order = np.argsort(-lp_ref, axis=1)[:, :50]
+    m = compare_block(art_logits, np.zeros(20, dtype=np.int64), order, np.take_along_axis(lp_ref, order, 1), lse_ref,
+                      lp_ref[:, 0])
+    assert (m.kld <= exact + 1e-12).all() and (m.kld > 0.3 * exact).all()
