@@ -275,6 +275,27 @@ class OriginalCheckpoint:
         entry = self.entry(name)
         return self._file(entry).array(name)
 
+    def release(self, name: str) -> None:
+        """Unmap a tensor's pages once done with it (see ``SafetensorsFile.release``).
+
+        Streaming code calls this after each tensor so peak RSS stays near one tensor, not the
+        whole checkpoint. Logical expert names release both ``.blocks`` and ``.scales``.
+        """
+        names = [name + ".blocks", name + ".scales"] if name not in self.entries and name.endswith("_weight") else [name]
+        for n in names:
+            entry = self.entry(n)
+            self._file(entry).release(n)
+
+    def chunks(self, name: str, max_bytes: int = 64 << 20) -> Iterator[np.ndarray]:
+        """The raw tensor in pieces along its first axis, each unmapped once the caller moves on."""
+        entry = self.entry(name)
+        file = self._file(entry)
+        offset = 0
+        for piece in iter_chunks(self.raw(name), max_bytes):
+            yield piece
+            file.release(name, offset, piece.nbytes)
+            offset += piece.nbytes
+
     def f32(self, name: str) -> np.ndarray:
         """A tensor as float32 (exact): BF16 widened, logical expert weights dequantized.
 
@@ -320,7 +341,7 @@ class OriginalCheckpoint:
         problems = []
         for spec in self.specs:
             entry = self.entries[spec.name]
-            chunks = iter_chunks(self.raw(spec.name))
+            chunks = self.chunks(spec.name)
             if spec.dtype == "BF16":
                 # exponent bits all ones: inf or NaN
                 bad = sum(int(np.count_nonzero((c & 0x7F80) == 0x7F80)) for c in chunks)

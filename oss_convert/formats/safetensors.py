@@ -152,6 +152,24 @@ class SafetensorsFile:
             self._mmap, dtype=DTYPES[entry.dtype], count=math.prod(entry.shape), offset=entry.start
         ).reshape(entry.shape)
 
+    def release(self, name: str, offset: int = 0, nbytes: int | None = None) -> None:
+        """Drop the tensor's pages from this process's memory (they stay in the page cache).
+
+        Touched pages of a file mapping count towards RSS until unmapped, so a converter that
+        streams through a 65 GB file calls this after each tensor (or each ``offset, nbytes``
+        piece of a large one) to keep its footprint flat.
+        """
+        if self._mmap is None:
+            return
+        entry = self.entries[name]
+        first = entry.start + offset
+        last = entry.start + (entry.nbytes if nbytes is None else min(offset + nbytes, entry.nbytes))
+        page = mmap.PAGESIZE
+        start = first // page * page
+        end = min(-(-last // page) * page, self.file_size)
+        if end > start:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def close(self) -> None:
         # Views handed out keep the mmap alive through their base; only drop our handle.
         self._mmap = None
