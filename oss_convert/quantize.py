@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .formats import mxfp4
-from .formats.mxfp4 import BLOCK, SCALE_BIAS, SCALE_NAN
+from .formats.mxfp4 import _EMAX_E2M1, BLOCK, SCALE_BIAS, SCALE_NAN
 
 RECIPES = ("ocp", "search")
 # Candidate offsets from the OCP exponent, in order of preference on equal error.
@@ -42,32 +42,71 @@ def encode(values: np.ndarray, recipe: str = "ocp") -> tuple[np.ndarray, np.ndar
 
 def encode_with_scales(values: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """FP4 blocks of ``[*P, N]`` values for given scale bytes ``[*P, N/32]``."""
-    return _encode_blocked(_as_blocks(values), scales)
-
-
-def _encode_blocked(x: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """``x`` is ``[*P, G, 32]``: round to nearest FP4, ties to even code, saturate at 6."""
+    x = _as_blocks(values)
     shared = scales.astype(np.int32) - SCALE_BIAS
-    codes = mxfp4._round_to_fp4(np.ldexp(x, -shared[..., None]))
-    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    return _pack(fp4_codes(np.ldexp(x, -shared[..., None])))
 
 
 def search_encode(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per block, the scale among OCP, OCP+1 and OCP-1 with the least squared error."""
+    """Per block, the scale among OCP, OCP+1 and OCP-1 with the least squared error.
+
+    Errors are compared in the OCP-scaled domain: changing the exponent by ``k`` multiplies
+    the values by ``2**-k`` exactly and the squared error by ``4**k`` exactly, so the
+    comparison is the same as on the original values, and exact blocks (error 0) stay OCP.
+    """
     x = _as_blocks(values)
-    _, ocp_scales = mxfp4.encode(values)
-    best_scales = ocp_scales
-    best_blocks = _encode_blocked(x, ocp_scales)
-    best_error = _block_sq_error(x, best_blocks, ocp_scales)
+    ocp = ocp_exponents(x)
+    y = np.ldexp(x, -ocp[..., None])
+    best_error = _sq_error(y)
+    best_offset = np.zeros(ocp.shape, dtype=np.int32)
     for offset in _SEARCH_OFFSETS[1:]:
-        candidate = np.clip(ocp_scales.astype(np.int32) + offset, 0, SCALE_NAN - 1).astype(np.uint8)
-        blocks = _encode_blocked(x, candidate)
-        error = _block_sq_error(x, blocks, candidate)
-        better = error < best_error  # strict: the OCP scale keeps every tie
+        error = _sq_error(y * np.float32(2.0 ** -offset)) * 4.0 ** offset
+        allowed = (ocp + offset >= -SCALE_BIAS) & (ocp + offset <= SCALE_NAN - 1 - SCALE_BIAS)
+        better = allowed & (error < best_error)  # strict: the OCP scale keeps every tie
         best_error = np.where(better, error, best_error)
-        best_scales = np.where(better, candidate, best_scales)
-        best_blocks = np.where(better[..., None], blocks, best_blocks)
-    return best_blocks, best_scales
+        best_offset = np.where(better, offset, best_offset)
+    shared = ocp + best_offset
+    blocks = _pack(fp4_codes(np.ldexp(x, -shared[..., None])))
+    return blocks, (shared + SCALE_BIAS).astype(np.uint8)
+
+
+def ocp_exponents(x: np.ndarray) -> np.ndarray:
+    """Shared exponent per ``[..., 32]`` block by OCP rules, as ``formats/mxfp4.py:encode``."""
+    amax = np.abs(x).max(axis=-1)
+    _, exp = np.frexp(amax)  # amax = m * 2**exp, m in [0.5, 1)
+    shared = np.where(amax > 0, exp.astype(np.int32) - 1 - _EMAX_E2M1, -SCALE_BIAS)
+    return np.clip(shared, -SCALE_BIAS, SCALE_NAN - 1 - SCALE_BIAS).astype(np.int32)
+
+
+def fp4_round(y: np.ndarray) -> np.ndarray:
+    """Nearest FP4 value (sign kept), ties to the even code, saturating at 6.
+
+    The E2M1 grid has spacing 0.5 below 2, 1 below 4 and 2 up to 6, and within each range
+    the even multiples of the spacing are exactly the even codes, so ``rint`` (ties to even)
+    on ``y / spacing`` is the OCP rounding. Arithmetic instead of a table search: ~2x faster
+    than ``mxfp4._round_to_fp4``, which tests check it against value by value.
+    """
+    m = np.minimum(np.abs(y), np.float32(6))
+    inverse_step = np.where(m < 2, np.float32(2), np.where(m < 4, np.float32(1), np.float32(0.5)))
+    return np.copysign(np.rint(m * inverse_step) / inverse_step, y)
+
+
+def fp4_codes(y: np.ndarray) -> np.ndarray:
+    """The 4-bit code of ``fp4_round(y)`` (bit 3 the sign of ``y``, so -0.1 gives -0)."""
+    q = np.abs(fp4_round(y))
+    code = np.where(q < 2, q * 2, np.where(q < 4, q + 2, q * 0.5 + 4)).astype(np.uint8)
+    return code | (np.signbit(y).astype(np.uint8) << 3)
+
+
+def _pack(codes: np.ndarray) -> np.ndarray:
+    """``[..., 32]`` codes -> ``[..., 16]`` bytes, element 2j in the low nibble."""
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _sq_error(y: np.ndarray) -> np.ndarray:
+    """Squared rounding error per block of scaled values, summed in float64."""
+    diff = y - fp4_round(y)
+    return np.square(diff, dtype=np.float64).sum(axis=-1)
 
 
 def _as_blocks(values: np.ndarray) -> np.ndarray:
@@ -78,13 +117,6 @@ def _as_blocks(values: np.ndarray) -> np.ndarray:
     if np.isnan(x).any():
         raise ValueError("cannot encode NaN to MXFP4")
     return x.reshape(x.shape[:-1] + (x.shape[-1] // BLOCK, BLOCK))
-
-
-def _block_sq_error(x: np.ndarray, blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """Sum of squared errors per block, in float64 so close candidates compare correctly."""
-    decoded = mxfp4.decode(blocks, scales).reshape(x.shape)
-    diff = x.astype(np.float64) - decoded
-    return np.einsum("...i,...i->...", diff, diff)
 
 
 # --------------------------------------------------------------------------------------

@@ -96,3 +96,21 @@ def test_error_tally_reports_relative_mse():
     assert tally.relative_mse == pytest.approx(expected) and expected > 0
     with pytest.raises(ValueError):
         quantize.encode(x, "nope")
+
+
+def test_fast_fp4_rounding_equals_the_codec_value_by_value():
+    rng = np.random.default_rng(6)
+    grid = np.arange(-8, 8, 1 / 256, dtype=np.float32)  # every midpoint and FP4 value exactly
+    special = np.array([0.0, -0.0, 1e-30, -1e-30, 6.0, 6.5, 7.0, 1e6, -1e6], dtype=np.float32)
+    y = np.concatenate([grid, special, (rng.standard_normal(200_000) * 3).astype(np.float32)])
+    np.testing.assert_array_equal(quantize.fp4_codes(y), mxfp4._round_to_fp4(y))
+
+
+def test_search_keeps_the_codec_bytes_wherever_it_keeps_the_ocp_scale():
+    x = _bf16(DATA["student_t3"](np.random.default_rng(8)))
+    ocp_blocks, ocp_scales = mxfp4.encode(x)
+    blocks, scales = quantize.encode(x, "search")
+    kept = scales == ocp_scales
+    assert 0.5 < kept.mean() < 1.0
+    np.testing.assert_array_equal(blocks[kept], ocp_blocks[kept])
+    np.testing.assert_array_equal(quantize.encode_with_scales(x, scales), blocks)
