@@ -55,6 +55,21 @@ def test_interrupt_leaves_nothing(tmp_path, sig):
     assert not dest.exists()
 
 
+def test_cli_cleans_up_on_sigterm(tmp_path):
+    dest = tmp_path / "repo"
+    proc = subprocess.Popen([sys.executable, "-m", "oss_convert.cli.main", "synth", str(dest), "--quiet",
+                             "--no-tokenizer", "--preset", "metal"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not any(p.name.endswith(".partial") for p in tmp_path.iterdir()):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    time.sleep(0.2)
+    proc.terminate()
+    assert proc.wait(timeout=60) == 130
+    assert "interrupted" in proc.stderr.read()
+    assert leftovers(tmp_path) == []
+
+
 def test_kill_never_leaves_a_partial_artifact_under_the_final_name(tmp_path):
     dest = tmp_path / "model"
     proc = start_big_write(dest)

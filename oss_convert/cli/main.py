@@ -7,6 +7,7 @@ file and tensor), 130 interrupted. Messages go to stderr; ``--json`` output to s
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -148,7 +149,13 @@ def _register_optional_commands() -> None:
 _register_optional_commands()
 
 
+def _interrupt(signum, frame) -> None:
+    # A CI runner's SIGTERM should clean up like Ctrl-C: unwinding removes partial outputs.
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         code = cli.main(standalone_mode=False)
     except click.exceptions.Abort:
