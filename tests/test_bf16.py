@@ -147,6 +147,42 @@ def test_hf_reader_presents_the_original_tensors(tiny_repo, tiny_hf, tmp_path):
     assert isinstance(hf.open_source(tiny_repo), OriginalCheckpoint)  # original/ stays original
 
 
+def test_hub_mxfp4_layout_converts_like_original(tiny_repo, tiny_hf, tmp_path):
+    """A Hub-layout MXFP4 folder as source: hf-bf16 gives the same bytes, original/ copies blocks."""
+    with OriginalCheckpoint(tiny_repo) as src:
+        hub_path = write_hub_layout(src, tmp_path / "hub")
+    with hf.open_source(hub_path) as hub:
+        bf16 = hf_bf16.convert(hub, tmp_path / "bf16", progress=False, shard_size="1M")
+        back = to_original.convert(hub, tmp_path / "orig", progress=False)
+    for name in [p.name for p in tiny_hf.glob("*.safetensors")] + ["model.safetensors.index.json", "config.json"]:
+        assert (bf16 / name).read_bytes() == (tiny_hf / name).read_bytes(), name
+    start = OriginalCheckpoint(tiny_repo)
+    assert all(np.array_equal(OriginalCheckpoint(back).raw(s.name), start.raw(s.name)) for s in start.specs)
+
+
+def test_float32_fine_tune_in_hf_layout_is_accepted(tiny_repo, tiny_hf, tmp_path):
+    """Fine-tunes are often saved in float32: same values, so the same original/ comes back."""
+    from oss_convert.dtypes import bf16_to_f32
+
+    out = tmp_path / "f32"
+    out.mkdir()
+    entries = {}
+    for shard in sorted(tiny_hf.glob("*.safetensors")):
+        f = SafetensorsFile(shard)
+        entries.update({n: bf16_to_f32(f.array(n)) for n in f.entries})
+    with open(out / "model.safetensors", "wb") as fh:
+        writer = SafetensorsWriter(fh, [TensorSpec(n, "F32", a.shape) for n, a in entries.items()], {"format": "pt"})
+        for name, array in entries.items():
+            writer.write(name, array)
+        writer.finish()
+    (out / "config.json").write_bytes((tiny_hf / "config.json").read_bytes())
+    with hf.open_source(out) as src:
+        assert src.storage("block.0.mlp.mlp1_weight") == "F32"
+        back = to_original.convert(src, tmp_path / "orig", progress=False, recipe="search")
+    start = OriginalCheckpoint(tiny_repo)
+    assert all(np.array_equal(OriginalCheckpoint(back).raw(s.name), start.raw(s.name)) for s in start.specs)
+
+
 def test_hf_reader_refuses_what_the_reference_cannot_run(tiny_hf, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
