@@ -64,10 +64,10 @@ def compare_block(logits: np.ndarray, targets: np.ndarray, top_ids: np.ndarray, 
     logprobs, lse = log_softmax(logits)
     keep = top_ids < V
     ids = np.where(keep, top_ids, 0)
-    lp_ref = np.where(keep, top_logprobs, -np.inf)
-    lp_art = np.take_along_axis(logprobs, ids, axis=1)
-    p_ref = np.exp(lp_ref)
-    kld = np.where(keep, p_ref * (lp_ref - np.where(keep, lp_art, 0.0)), 0.0).sum(axis=1)
+    lp_ref = np.where(keep, top_logprobs, 0.0)  # masked entries get p = 0 below
+    lp_art = np.where(keep, np.take_along_axis(logprobs, ids, axis=1), 0.0)
+    p_ref = np.where(keep, np.exp(lp_ref), 0.0)
+    kld = (p_ref * (lp_ref - lp_art)).sum(axis=1)
     tail_ref = 1.0 - p_ref.sum(axis=1)
     tail_art = 1.0 - np.where(keep, np.exp(lp_art), 0.0).sum(axis=1)
     has_tail = tail_ref > 1e-12
@@ -81,7 +81,7 @@ def compare_block(logits: np.ndarray, targets: np.ndarray, top_ids: np.ndarray, 
 
     ref_logits = lp_ref + ref_lse[:, None]
     art_logits = np.take_along_axis(np.asarray(logits, dtype=np.float64), ids, axis=1)
-    diff = np.where(keep, np.abs(art_logits - np.where(keep, ref_logits, 0.0)), np.nan)
+    diff = np.where(keep, np.abs(art_logits - ref_logits), np.nan)
     return TokenMetrics(
         nll=nll, nll_ref=nll_ref, kld=kld, same_top=same_top,
         delta_p=np.exp(-nll) - np.exp(-nll_ref),
