@@ -83,6 +83,21 @@ def test_lossless_copy_passes_with_kl_near_zero(tiny_repo, tmp_path):
     assert report["input"]["scored_per_chunk"] == 127 and report["input"]["chunks"] == 2
 
 
+def test_json_report_matches_its_documented_schema(tiny_repo):
+    import re
+
+    from oss_convert.verify import report as report_module
+
+    documented = re.findall(r"^``(\w+)``", report_module.__doc__, flags=re.M)
+    metric_keys = re.findall(r"^   ``(\w+)``(?:, ``(\w+)``)*", report_module.__doc__, flags=re.M)
+    report = verify(tiny_repo, tiny_repo, FAST_INPUTS)
+    assert list(report) == documented
+    documented_metrics = set(re.findall(r"``(\w+)``", report_module.__doc__.split("``metrics``")[1].split("``thresholds``")[0]))
+    assert set(report["metrics"]) == documented_metrics
+    assert metric_keys
+    json.dumps(report, allow_nan=False)
+
+
 def test_reference_cache_round_trip_and_verify_against_it(tiny_repo, ref_cache):
     ref = Reference.load(ref_cache)
     assert ref.tokens.shape == (2, 256) and ref.top_ids.shape == (254, 1024)

@@ -1,0 +1,16 @@
+"""Verify an artifact against a BF16 reference: one command, one verdict.
+
+- ``runner``: a gpt-oss forward pass in MLX over any ``CanonicalModel`` (layer-streamed,
+  MXFP4 experts through ``gather_qmm`` or dequantized one expert at a time).
+- ``reference``: llama-perplexity style chunking and the ``.npz`` cache of top-k log-probs.
+- ``metrics``: per-token NLL / KL / top-1 / logit differences and their summary.
+- ``tensors``: exact per-tensor comparison (experts bit-identical, BF16 identical, F16/Q8_0 bounds).
+- ``report``: verdict rules, the documented JSON schema, the readable table.
+- ``check``: orchestration; ``cli``: ``oss-convert verify`` and ``oss-convert reference``.
+"""
+
+from .check import Inputs, make_reference, score, verify
+from .reference import Reference
+from .runner import Runner
+
+__all__ = ["Inputs", "Reference", "Runner", "make_reference", "score", "verify"]

@@ -13,7 +13,7 @@ from .. import artifacts
 from ..errors import InputError
 from . import text as textmod
 from .metrics import TokenMetrics, compare_block, summarize
-from .reference import DEFAULT_TOP_K, Reference, chunk_tokens, compute_reference, scored_rows
+from .reference import DEFAULT_TOP_K, METAL_VOCAB_ROWS, Reference, chunk_tokens, compute_reference, scored_rows
 from .report import build_report
 from .runner import Runner
 from .tensors import compare_models
@@ -62,13 +62,13 @@ def prepare_tokens(inputs: Inputs, tokenizer_json: Path | None, window: int) -> 
 
 
 def make_reference(src: str | Path, inputs: Inputs, progress: Callable[[int], None] | None = None,
-                   experts: str = "dequantized") -> Reference:
+                   experts: str = "dequantized", cut_rows: tuple[int, ...] = (METAL_VOCAB_ROWS,)) -> Reference:
     """The BF16 reference of ``src`` (any artifact; normally an ``original/`` checkpoint)."""
     model = artifacts.open_canonical(src)
     try:
         chunks, source = prepare_tokens(inputs, textmod.find_tokenizer(src, model), model.config.sliding_window)
         t0 = time.perf_counter()
-        ref = compute_reference(Runner(model, experts), chunks, top_k=inputs.top_k, progress=progress,
+        ref = compute_reference(Runner(model, experts), chunks, top_k=inputs.top_k, cut_rows=cut_rows, progress=progress,
                                 meta={"source": str(src), "source_kind": artifacts.detect(src), "input": source})
         ref.meta["seconds"] = round(time.perf_counter() - t0, 3)
         return ref
@@ -107,7 +107,7 @@ def verify(artifact: str | Path, reference: str | Path, inputs: Inputs, *, max_k
         if _is_cache(reference):
             ref = Reference.load(reference)
         else:
-            ref = make_reference(reference, inputs, progress)
+            ref = make_reference(reference, inputs, progress, cut_rows=(METAL_VOCAB_ROWS, art.config.vocab_size))
             ref_model = artifacts.open_canonical(reference) if check_tensors else None
         t_ref = time.perf_counter()
         summary, _ = score(art, ref, progress)

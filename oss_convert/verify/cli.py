@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
 
 from .. import artifacts
 from ..errors import InputError
@@ -59,8 +60,10 @@ def _layer_bar(paths: list[str], quiet: bool):
 @click.argument("source")
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Cache file to write (.npz).")
 @click.option("--force", is_flag=True, help="Replace the output if it exists.")
+@click.option("--cut-rows", type=int, multiple=True, default=(200014,), show_default=True,
+              help="Also normalise over the first N vocabulary rows, for artifacts that keep only N (Metal: 200014).")
 @_input_options
-def reference_cmd(source, output, force, text_file, tokens_file, ctx, max_chunks, top_k, quiet):
+def reference_cmd(source, output, force, cut_rows, text_file, tokens_file, ctx, max_chunks, top_k, quiet):
     """Compute the BF16 reference of SOURCE once and cache its top-k log-probs in an .npz."""
     from .check import make_reference
 
@@ -69,7 +72,7 @@ def reference_cmd(source, output, force, text_file, tokens_file, ctx, max_chunks
     inputs = _inputs(text_file, tokens_file, ctx, max_chunks, top_k)
     bar, update = _layer_bar([source], quiet)
     with bar:
-        ref = make_reference(source, inputs, update)
+        ref = make_reference(source, inputs, update, cut_rows=tuple(cut_rows))
     ref.save(output, force=force)
     click.echo(f"{output}: {ref.tokens.shape[0]} chunks x {ref.ctx} tokens, {len(ref.targets)} scored, top-{ref.meta['top_k']}")
 
@@ -97,7 +100,7 @@ def verify_cmd(artifact, reference, max_kld, min_top1, json_file, no_tensors, te
                         max_kld=DEFAULT_MAX_KLD if max_kld is None else max_kld,
                         min_top1=DEFAULT_MIN_TOP1 if min_top1 is None else min_top1,
                         check_tensors=not no_tensors, progress=update)
-    text = json.dumps(report, indent=2, default=_jsonable)
+    text = json.dumps(_finite(report), indent=2, default=_jsonable, allow_nan=False)
     if json_file is not None and str(json_file) == "-":
         click.echo(text)
     else:
@@ -106,6 +109,17 @@ def verify_cmd(artifact, reference, max_kld, min_top1, json_file, no_tensors, te
         click.echo(format_table(report))
     if report["verdict"] != "pass":
         sys.exit(EXIT_FAIL)
+
+
+def _finite(value):
+    """Strict JSON: non-finite numbers (an infinite difference, a shape mismatch) become null."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _jsonable(value):

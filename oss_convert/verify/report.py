@@ -17,6 +17,7 @@ JSON schema (``oss-convert verify --json FILE``; schema ``oss-convert-verify/1``
 ``vocab``             {"artifact_rows", "reference_rows", "compared_rows" (the shared rows; distributions are renormalised
                       over them)}
 ``metrics``           artifact vs reference on the same scored tokens; natural-log units (nats):
+   ``tokens_scored``             number of scored tokens (same as input.tokens_scored)
    ``ppl``, ``ppl_ref``          perplexity exp(mean NLL) of artifact and reference
    ``ppl_ratio``                 ppl / ppl_ref;  ``ln_ppl_ratio``: mean NLL difference (nats)
    ``kld_mean``, ``kld_median``, ``kld_p99``, ``kld_max``
@@ -37,6 +38,9 @@ JSON schema (``oss-convert verify --json FILE``; schema ``oss-convert-verify/1``
 ``tokenizer``         {"checked" (bool), "same_ids" (bool, when checked), "first_mismatch", "tokenizer" or "reason"}
 ``timings``           seconds: "reference_s", "artifact_s", "tensors_s", "total_s"
 ``versions``          {"oss_convert", "mlx"}
+
+Numbers are floats or ints; a non-finite number (an infinite difference, e.g. a shape mismatch) is written
+as null.
 
 Verdict: "fail" if any of: a config key other than vocab_size differs; a tensor's status is "differs"
 (MXFP4 experts not bit-identical, a BF16 tensor not identical, an F16/Q8_0 tensor beyond its rounding
