@@ -189,3 +189,50 @@ def test_token_ids_input(tiny_repo, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["input"]["kind"] == "token_ids" and report["input"]["total_tokens"] == 600
+
+
+# -- per-tensor bounds --------------------------------------------------------------------------
+
+
+class _Edited:
+    """An original/ checkpoint whose tensor ``name`` is replaced and reported with ``storage``."""
+
+    def __init__(self, repo, name, edit, storage):
+        self._inner, self._name, self._edit, self._storage = OriginalCheckpoint(repo), name, edit, storage
+        self.config = self._inner.config
+
+    def f32(self, name):
+        value = self._inner.f32(name)
+        return self._edit(value.copy()) if name == self._name else value
+
+    def storage(self, name):
+        return self._storage if name == self._name else self._inner.storage(name)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def _q8_0(x: np.ndarray) -> np.ndarray:
+    """ggml Q8_0 round trip: d = amax/127 stored as f16, q = round(x/d)."""
+    blocks = x.reshape(*x.shape[:-1], -1, 32).astype(np.float32)
+    d = (np.abs(blocks).max(-1, keepdims=True) / 127).astype(np.float16).astype(np.float32)
+    q = np.round(np.divide(blocks, d, out=np.zeros_like(blocks), where=d > 0))
+    return (q * d).reshape(x.shape)
+
+
+@pytest.mark.parametrize("storage,edit,status", [
+    ("F16", lambda x: x.astype(np.float16).astype(np.float32), {"identical", "within_bound"}),
+    ("Q8_0", _q8_0, {"within_bound"}),
+    ("Q8_0", lambda x: _q8_0(x) * 1.05, {"differs"}),
+    ("BF16", lambda x: np.where(np.arange(x.size).reshape(x.shape) == 7, x + 1, x), {"differs"}),
+    ("affine-4bit", lambda x: x * 1.1, {"lossy"}),
+])
+def test_dense_tensor_bounds_by_storage(tiny_repo, storage, edit, status):
+    from oss_convert.verify.tensors import compare_dense
+
+    name = "block.1.attn.qkv.weight"
+    ref = OriginalCheckpoint(tiny_repo)
+    result = compare_dense(ref, _Edited(tiny_repo, name, edit, storage), name)
+    assert result.status in status, result
+    if result.status == "differs" and storage == "BF16":
+        assert "worst at [0, 7]" in result.detail and "1 of" in result.detail

@@ -121,7 +121,7 @@ class Runner:
                     progress: Callable[[int], None] | None = None) -> Iterator[np.ndarray]:
         """Float32 logits ``[len(rows), V]`` of each chunk in turn (positions ``rows``, default all)."""
         hidden = self.hidden_states(chunks, progress)
-        unembedding = self._w("unembedding.weight")
+        unembedding = np.ascontiguousarray(self.model.f32("unembedding.weight"), dtype=np.float32)  # one copy only
         for c in range(hidden.shape[0]):
             h = hidden[c] if rows is None else hidden[c, rows]
             yield np.asarray(_matmul_t(h, unembedding))
@@ -228,12 +228,12 @@ class Runner:
         return mx.array(out).reshape(N, k, -1)
 
 
-def _matmul_t(x: mx.array, w: mx.array) -> mx.array:
+def _matmul_t(x: mx.array, w: mx.array | np.ndarray) -> mx.array:
     """``x @ w.T`` in float32. On the CPU, numpy's BLAS is ~10x faster than MLX's CPU matmul
     (measured here: 0.28 s vs 3.8 s for [127,192] x [192,201088]); on Apple GPUs MLX does it."""
     if mx.default_device() == mx.cpu:
         return mx.array(np.matmul(np.asarray(x, dtype=np.float32), np.asarray(w, dtype=np.float32).T))
-    return x @ w.T
+    return x @ (w if isinstance(w, mx.array) else mx.array(w)).T
 
 
 class _ExpertWeights:

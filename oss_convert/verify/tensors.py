@@ -71,22 +71,47 @@ def compare_dense(ref: CanonicalModel, art: CanonicalModel, name: str) -> Tensor
         a, b = a[:rows], b[:rows]
     if a.shape != b.shape:
         return TensorResult(name, storage, "differs", float("inf"), detail=f"shape {list(b.shape)}, source {list(a.shape)}")
-    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
-    diff[np.isnan(diff)] = np.inf
-    worst = float(diff.max()) if diff.size else 0.0
+    worst, bound_max, over_count, lossy = 0.0, 0.0, 0, False
+    worst_excess, worst_at = -np.inf, None
+    for start, aa, bb in _row_pieces(a, b):
+        diff = np.abs(aa - bb)
+        diff[np.isnan(diff)] = np.inf
+        if not diff.size or diff.max() == 0.0:
+            continue
+        worst = max(worst, float(diff.max()))
+        bound = _bound(aa, storage)
+        if bound is None:
+            lossy = True
+            continue
+        bound_max = max(bound_max, float(bound.max()))
+        excess = diff - bound
+        over_count += int((excess > 0).sum())
+        i = int(np.argmax(excess))
+        if excess.flat[i] > 0 and excess.flat[i] > worst_excess:
+            local = np.unravel_index(i, diff.shape)
+            worst_excess, worst_at = excess.flat[i], (start + local[0], *local[1:])
     if worst == 0.0:
         return TensorResult(name, storage, "identical", 0.0, 0.0)
-    bound = _bound(a, storage)
-    if bound is None:
+    if lossy:
         return TensorResult(name, storage, "lossy", worst, None, "not checked exactly (lossy storage)")
-    over = diff > bound
-    if not over.any():
-        return TensorResult(name, storage, "within_bound", worst, float(bound.max()))
-    at = np.unravel_index(int(np.argmax(diff - bound)), diff.shape)
+    if not over_count:
+        return TensorResult(name, storage, "within_bound", worst, bound_max)
+    at = tuple(map(int, worst_at))
     return TensorResult(
-        name, storage, "differs", worst, float(bound.max()),
-        f"{int(over.sum())} of {diff.size} values exceed the {storage} bound; worst at {list(map(int, at))}: "
+        name, storage, "differs", worst, bound_max,
+        f"{over_count} of {a.size} values exceed the {storage} bound; worst at {list(at)}: "
         f"artifact {b[at]:.6g}, source {a[at]:.6g}")
+
+
+def _row_pieces(a: np.ndarray, b: np.ndarray, max_bytes: int = 32 << 20):
+    """``(start, a_piece, b_piece)`` in float64, a few rows at a time (vocab tensors are GBs)."""
+    if a.ndim == 0:
+        yield 0, a.astype(np.float64).reshape(1), b.astype(np.float64).reshape(1)
+        return
+    row = max(a[0].size * 8, 1) if a.ndim > 1 else 8
+    step = a.shape[0] if a.ndim == 1 else max(max_bytes // row, 1)
+    for start in range(0, a.shape[0], step):
+        yield start, a[start:start + step].astype(np.float64), b[start:start + step].astype(np.float64)
 
 
 def _bound(a: np.ndarray, storage: str) -> np.ndarray | None:
