@@ -73,11 +73,19 @@ def plan(src) -> list[Planned]:
 
 
 def _whole(src, name: str) -> Callable[[], Iterator[np.ndarray]]:
-    return lambda: iter_chunks(src.raw(name))
+    def chunks() -> Iterator[np.ndarray]:
+        yield from iter_chunks(src.raw(name))
+        release(src, name)
+
+    return chunks
 
 
 def _rows(src, name: str, start: int, stop: int) -> Callable[[], Iterator[np.ndarray]]:
-    return lambda: iter([src.raw(name)[start:stop]])
+    def chunks() -> Iterator[np.ndarray]:
+        yield src.raw(name)[start:stop]
+        release(src, name)
+
+    return chunks
 
 
 def _experts_transposed(src, name: str) -> Callable[[], Iterator[np.ndarray]]:
@@ -93,8 +101,15 @@ def _experts_transposed(src, name: str) -> Callable[[], Iterator[np.ndarray]]:
             else:
                 bits = dense[e]
             yield np.ascontiguousarray(bits.T)
+            release(src, name)  # keep RSS at about one expert, not one layer
 
     return chunks
+
+
+def release(src, name: str) -> None:
+    """Unmap the source pages of a tensor we are done with, if the reader supports it."""
+    if hasattr(src, "release"):
+        src.release(name)
 
 
 def shard(planned: list[Planned], max_bytes: int) -> list[list[Planned]]:

@@ -25,7 +25,7 @@ from ..dtypes import bf16_to_f32
 from ..errors import InputError
 from ..formats.original import dtypes_json, expected_tensors, iter_chunks
 from ..formats.safetensors import SafetensorsWriter, TensorSpec
-from .hf_bf16 import copy_tokenizer_files, parse_size
+from .hf_bf16 import copy_tokenizer_files, parse_size, release
 
 REPORT_FILE = "quantization.json"
 
@@ -72,6 +72,7 @@ class ExpertEncoder:
             tally.add(values, blocks, expert_scales)
             scales.append(expert_scales)
             yield blocks
+            release(self.src, name)
         self._scales = np.stack(scales)
 
     def scales(self, name: str) -> Iterator[np.ndarray]:
@@ -137,4 +138,9 @@ def _chunks(src, name: str, encoder: ExpertEncoder | None) -> Iterator[np.ndarra
         return encoder.blocks(name.removesuffix(".blocks"))
     if encoder is not None and name.endswith(".scales"):
         return encoder.scales(name.removesuffix(".scales"))
-    return iter_chunks(src.raw(name))
+    return _copy(src, name)
+
+
+def _copy(src, name: str) -> Iterator[np.ndarray]:
+    yield from iter_chunks(src.raw(name))
+    release(src, name)

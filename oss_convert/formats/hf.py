@@ -342,6 +342,17 @@ class HfCheckpoint:
         prefix = f"block.{layer}.mlp.{which}_weight"
         return Mxfp4Pair(self.raw(prefix + ".blocks"), self.raw(prefix + ".scales"))
 
+    def release(self, name: str) -> None:
+        """Unmap the pages behind a canonical tensor once streamed (as ``OriginalCheckpoint.release``)."""
+        if is_dense_expert(name) and self.experts == "mxfp4":
+            names = [name + ".blocks", name + ".scales"]
+        else:
+            names = [name]
+        for canonical in names:
+            for hf_name in self._sources(canonical):
+                entry = self.entries[hf_name]
+                next(f for f in self.files if f.path == entry.file).release(hf_name)
+
     def storage(self, name: str) -> str:
         if is_dense_expert(name) and self.experts == "mxfp4":
             return "MXFP4"
