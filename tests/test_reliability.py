@@ -167,3 +167,27 @@ def test_fuzz_safetensors_header_parser(tmp_path, blob):
     for name in f.entries:  # whatever parses must be readable within the file
         f.array(name)
     f.close()
+
+
+def test_manifest_records_provenance_and_integrity_check_catches_changes(tiny_repo, tmp_path):
+    out = tmp_path / "bf16"
+    cli = [sys.executable, "-m", "oss_convert.cli.main"]
+    result = subprocess.run([*cli, "convert", str(tiny_repo), "--to", "hf-bf16", "-o", str(out), "--quiet"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "oss-convert-manifest.json").read_text())
+    assert manifest["target"] == "hf-bf16" and manifest["tool"]["name"] == "oss-convert"
+    source = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tiny_repo / "original").glob("*.safetensors")}
+    assert {k: v["sha256"] for k, v in manifest["source"]["files"].items() if k in source} == source
+    assert "config.json" in manifest["outputs"]
+    check = [*cli, "verify", "--integrity", str(out)]
+    assert subprocess.run(check, capture_output=True).returncode == 0
+    victim = next(out.glob("*.safetensors"))
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 1
+    victim.write_bytes(bytes(data))
+    result = subprocess.run(check, capture_output=True, text=True)
+    assert result.returncode == 1 and victim.name in result.stdout and "sha256" in result.stdout
+    (out / "config.json").unlink()
+    result = subprocess.run(check, capture_output=True, text=True)
+    assert result.returncode == 1 and "config.json: missing" in result.stdout

@@ -79,17 +79,24 @@ def reference_cmd(source, output, force, cut_rows, text_file, tokens_file, ctx, 
 
 @click.command("verify")
 @click.argument("artifact")
-@click.option("--reference", "reference", required=True,
+@click.option("--reference", "reference", default=None,
               help="The source checkpoint (original/ folder or repo) or a cache from `oss-convert reference`.")
+@click.option("--integrity", is_flag=True,
+              help="Only re-hash the artifact against its provenance manifest (fast, no model run).")
 @click.option("--max-kld", type=float, default=None, help="Fail if the mean KL divergence exceeds this (nats). [default: 0.01]")
 @click.option("--min-top1", type=float, default=None, help="Fail if top-1 agreement is below this (0..1). [default: 0.95]")
 @click.option("--json", "json_file", type=click.Path(path_type=Path), default=None,
               help="Also write the report as JSON to this file ('-' for stdout).")
 @click.option("--no-tensors", is_flag=True, help="Skip the tensor-by-tensor comparison.")
 @_input_options
-def verify_cmd(artifact, reference, max_kld, min_top1, json_file, no_tensors, text_file, tokens_file, ctx,
-               max_chunks, top_k, quiet):
+def verify_cmd(artifact, reference, integrity, max_kld, min_top1, json_file, no_tensors, text_file, tokens_file,
+               ctx, max_chunks, top_k, quiet):
     """Verify ARTIFACT (original/, MLX folder, Metal model.bin or GGUF) against a BF16 reference."""
+    if integrity:
+        _check_integrity(Path(artifact), json_file)
+        return
+    if reference is None:
+        raise click.UsageError("--reference is required (or use --integrity)")
     from .check import DEFAULT_MAX_KLD, DEFAULT_MIN_TOP1, verify
     from .report import format_table
 
@@ -108,6 +115,25 @@ def verify_cmd(artifact, reference, max_kld, min_top1, json_file, no_tensors, te
             Path(json_file).write_text(text + "\n")
         click.echo(format_table(report))
     if report["verdict"] != "pass":
+        sys.exit(EXIT_FAIL)
+
+
+def _check_integrity(artifact: Path, json_file) -> None:
+    """Compare the artifact's files with the sha256 and sizes in its provenance manifest."""
+    from ..provenance import check_manifest, manifest_path
+
+    problems = check_manifest(artifact)
+    result = {"artifact": str(artifact), "manifest": str(manifest_path(artifact)),
+              "verdict": "fail" if problems else "pass", "problems": problems}
+    if json_file is not None and str(json_file) == "-":
+        click.echo(json.dumps(result, indent=2))
+    else:
+        if json_file is not None:
+            Path(json_file).write_text(json.dumps(result, indent=2) + "\n")
+        click.echo(f"integrity {result['verdict']}: {artifact}")
+        for problem in problems:
+            click.echo(f"  {problem}")
+    if problems:
         sys.exit(EXIT_FAIL)
 
 
