@@ -247,6 +247,9 @@ class HfCheckpoint:
         self.tied = bool(self.hf_config.get("tie_word_embeddings", False)) and "lm_head.weight" not in self.entries
         self.experts = "mxfp4" if "model.layers.0.mlp.experts.gate_up_proj_blocks" in self.entries else "bf16"
         self.specs = expected_tensors(self.config, self.experts)
+        # canonical names served: the file-level ones plus logical expert weights
+        self._canonical = {s.name for s in self.specs} | {
+            f"block.{n}.mlp.{w}_weight" for n in range(self.config.num_hidden_layers) for w in ("mlp1", "mlp2")}
         self._check()
 
     @property
@@ -281,6 +284,9 @@ class HfCheckpoint:
         return expected
 
     def _sources(self, name: str) -> list[str]:
+        """HF names behind a canonical name of this checkpoint (``InputError`` for any other)."""
+        if name not in self._canonical:
+            raise InputError("no such tensor", file=self.path, tensor=name)
         if name == "unembedding.weight" and self.tied:
             return ["model.embed_tokens.weight"]
         return hf_names(name)
@@ -315,8 +321,6 @@ class HfCheckpoint:
         return f32_to_bf16(array.astype(np.float32))
 
     def raw(self, name: str) -> np.ndarray:
-        if name not in {s.name for s in self.specs}:
-            raise InputError("no such tensor", file=self.path, tensor=name)
         sources = self._sources(name)
         if len(sources) == 3:  # q, k, v rows in reference order
             return np.concatenate([self._bits(s) for s in sources])
@@ -326,13 +330,14 @@ class HfCheckpoint:
         return bits.transpose(0, 2, 1) if is_dense_expert(name) else bits
 
     def f32(self, name: str) -> np.ndarray:
+        """A canonical tensor as float32: BF16 widened, F32/F16 as stored, MXFP4 experts decoded."""
         if is_dense_expert(name) and self.experts == "mxfp4":
             layer, which = int(name.split(".")[1]), name.split(".")[3].split("_")[0]
             pair = self.mxfp4(layer, which)
             return mxfp4.decode(pair.blocks, pair.scales)
-        sources = self._sources(name) if name in {s.name for s in self.specs} else None
-        if sources and self.entries[sources[0]].dtype != "BF16" and len(sources) == 1:
-            array = self._array(sources[0]).astype(np.float32)  # F32/F16 values, not rounded to BF16
+        sources = self._sources(name)
+        if len(sources) == 1 and self.entries[sources[0]].dtype != "BF16":
+            array = self._array(sources[0]).astype(np.float32)  # not rounded to BF16
             return array.transpose(0, 2, 1) if is_dense_expert(name) else array
         return bf16_to_f32(np.ascontiguousarray(self.raw(name)))
 
