@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import InputError
 
-KINDS = ("original", "mlx", "metal", "gguf")
+KINDS = ("original", "hf", "mlx", "metal", "gguf")
 
 
 def detect(path: str | Path) -> str:
@@ -21,7 +21,11 @@ def detect(path: str | Path) -> str:
         if (p / "original" / "config.json").is_file():
             return "original"
         if (p / "config.json").is_file():
-            return "original" if _looks_original(p) else "mlx"
+            if _looks_original(p):
+                return "original"
+            from .formats.hf import looks_hf
+
+            return "hf" if looks_hf(p) else "mlx"
         if (p / "model.bin").is_file():
             return "metal"
         raise InputError("not a recognised artifact folder (no config.json, original/ or model.bin)", file=p)

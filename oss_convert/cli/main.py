@@ -39,18 +39,21 @@ def cli() -> None:
 @click.option("--preset", type=click.Choice(sorted(synth.PRESETS)), default="tiny", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--shards", type=int, default=1, show_default=True, help="Number of safetensors files.")
+@click.option("--experts", type=click.Choice(["mxfp4", "bf16"]), default="mxfp4", show_default=True,
+              help="bf16 writes dense experts, like a fine-tune before quantization.")
 @click.option("--tokenizer/--no-tokenizer", default=True, show_default=True,
               help="Also write tokenizer files in OUT beside original/.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def synth_cmd(out: Path, preset: str, seed: int, shards: int, tokenizer: bool, force: bool, quiet: bool) -> None:
+def synth_cmd(out: Path, preset: str, seed: int, shards: int, experts: str, tokenizer: bool, force: bool,
+              quiet: bool) -> None:
     """Write a synthetic checkpoint in the exact original/ layout to OUT/original/."""
     from ..formats.original import expected_tensors
 
-    total = sum(s.nbytes for s in expected_tensors(synth.PRESETS[preset]))
+    total = sum(s.nbytes for s in expected_tensors(synth.PRESETS[preset], experts))
     bar, update = progress_bar(total, f"synth {preset}", not quiet)
     with bar:
-        synth.generate(out, preset, seed=seed, shards=shards, force=force, progress=update,
+        synth.generate(out, preset, seed=seed, shards=shards, experts=experts, force=force, progress=update,
                        tokenizer=tokenizer)
     click.echo(str(out))
 
@@ -106,25 +109,37 @@ def _human(n) -> str:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--outtype", type=click.Choice(["bf16", "f16", "q8_0"]), default=None,
               help="GGUF: type of the non-expert weights (experts stay MXFP4).")
-@click.option("--recipe", default=None, help="Quantization recipe for the non-expert weights (see README).")
+@click.option("--recipe", default=None,
+              help="mlx: mxfp4-q8 | mxfp4-q4 (affine non-expert weights); original: ocp | search "
+                   "(MXFP4 expert scales when the source has BF16 experts). See README.")
 @click.option("--split-max-size", default=None, help="GGUF: split into shards of at most this size (e.g. 5G).")
-@click.option("--shard-size", default=None, help="MLX: max size of one safetensors shard (e.g. 5G).")
+@click.option("--shard-size", default=None,
+              help="mlx, hf-bf16, original: max size of one safetensors shard (e.g. 5G).")
 @click.option("--vocab", type=click.Path(path_type=Path), default=None,
               help="Metal: o200k_base.tiktoken vocabulary when there is no tokenizer.json.")
 @click.option("--manifest/--no-manifest", default=True, show_default=True,
               help="Write a provenance manifest (tool, options, sha256 of source and output files).")
 def convert_cmd(source: str, target: str, output: Path, force: bool, quiet: bool, manifest: bool,
                 **options) -> None:
-    """Convert SOURCE (an original/ checkpoint, folder or cached repo id) to another format."""
+    """Convert SOURCE to another format.
+
+    SOURCE is an original/ checkpoint (its folder, the repo folder holding it, or a cached repo
+    id) or a Hugging Face transformers-layout folder (MXFP4 or dense BF16 experts, e.g. a fine-tune).
+    """
     from ..converters import converter
-    from ..formats.original import OriginalCheckpoint
+    from ..errors import InputError
+    from ..formats.hf import open_source
 
     from concurrent.futures import ThreadPoolExecutor
 
     from ..provenance import file_digest, write_manifest
 
     options = {k: v for k, v in options.items() if v is not None}
-    with OriginalCheckpoint(source) as src, ThreadPoolExecutor(1) as pool:
+    with open_source(source) as src, ThreadPoolExecutor(1) as pool:
+        if src.experts == "bf16" and target not in ("original", "hf-bf16"):
+            raise InputError(
+                f"the experts are dense BF16; encode them to MXFP4 first: oss-convert convert {source} "
+                f"--to original -o OUT [--recipe ocp|search], then convert OUT --to {target}", file=src.path)
         source_files = [f.path for f in src.files] + [src.config_path]
         # Hash the source while converting: both read the same pages, and hashlib drops the GIL.
         source_hashes = pool.submit(lambda: {p.name: file_digest(p) for p in source_files}) if manifest else None
