@@ -201,6 +201,16 @@ def test_reader_refuses_wrong_magic_and_uuids(converted, tmp_path, offset, data,
     assert info.value.file == str(bad)
 
 
+def test_reader_refuses_implausible_header(converted, tmp_path):
+    bad = tmp_path / "bad.bin"
+    head = bytearray(converted.read_bytes()[:4096])
+    head[36:40] = (0).to_bytes(4, "little")  # num_blocks
+    head[80:84] = bytes(4)  # interpolation_scale
+    bad.write_bytes(bytes(head))
+    with pytest.raises(InputError, match="implausible header: num_blocks is 0; RoPE fields out of range"):
+        metal.MetalModel(bad)
+
+
 @pytest.mark.parametrize("keep", [50, 100_000_000])
 def test_reader_refuses_truncated_file(converted, tmp_path, keep):
     bad = tmp_path / "short.bin"

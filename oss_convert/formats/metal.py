@@ -374,6 +374,9 @@ class MetalModel:
             problems.append("embedding_dim and mlp_dim must be multiples of 32 (MXFP4 blocks)")
         if h.head_dim % 2 or (h.num_kv_heads and h.num_heads % h.num_kv_heads):
             problems.append("head_dim must be even and num_heads a multiple of num_kv_heads")
+        if not (h.interpolation_scale > 0 and h.yarn_scale != 0 and h.rope_theta > 1):
+            problems.append(f"RoPE fields out of range (interpolation_scale {h.interpolation_scale}, "
+                            f"yarn_scale {h.yarn_scale}, rope_theta {h.rope_theta})")
         if self.num_text == 0 or self.regex_size == 0:
             problems.append("empty tokenizer")
         if problems:
