@@ -289,3 +289,28 @@ def test_existing_output_needs_force(metal_repo, converted):
     with OriginalCheckpoint(metal_repo) as src:
         with pytest.raises(OutputExistsError):
             metal_converter.convert(src, converted, progress=False)
+
+
+@pytest.mark.oracle
+def test_qkv_transform_matches_upstream_torch_code_on_edge_values():
+    """The upstream transform (torch bf16 in-place multiply) on subnormals, tiny and huge values and inf."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    nq, nkv, H = 4, 2, 8
+    bits = rng.integers(0, 1 << 16, size=(64 * (nq + 2 * nkv), H), dtype=np.uint16)
+    exponent = (bits >> 7) & 0xFF
+    bits[exponent == 0xFF] &= 0x807F  # no NaN or inf here (torch canonicalises NaN bits differently on each code path)
+    bits[:4, :4] = [[0x0001, 0x8001, 0x0003, 0x0081], [0x7F80, 0xFF80, 0x0080, 0x7F7F],
+                    [0x0002, 0x8003, 0x0100, 0x00FF], [0x0000, 0x8000, 0x3F80, 0x0180]]
+    qkv = torch.from_numpy(bits.view(np.int16).copy()).view(torch.bfloat16)
+    # create-local-model.py, verbatim apart from names
+    qk = qkv[:64 * (nq + nkv), ...].contiguous()
+    v = qkv[64 * (nq + nkv):, ...].contiguous()
+    qk = qk.view(nq + nkv, 2, 64 // 2, -1).transpose(1, 2).reshape(nq + nkv, 64, -1)
+    q, k = qk[:nq, ...], qk[nq:, ...]
+    q *= 0.5
+    k *= 0.25
+    v = v.view(nkv, 64, -1)
+    qkv.copy_(torch.cat((q, k, v), dim=0).reshape(*qkv.shape))
+    want = qkv.view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(metal.permute_qkv(bits, nq, nkv), want)
