@@ -1,0 +1,379 @@
+"""MLX (mlx-lm ``gpt_oss``) folders, read back into the canonical ``original/`` view.
+
+Reads any gpt-oss folder mlx-lm loads (spec mlx-gpt-oss.md §1.2, §2): ours, and mlx-community
+style ones whose non-expert layers are quantized (affine 8/4-bit, or mxfp4/mxfp8/nvfp4), or old
+ones with dequantized BF16 experts. Quantized layers are dequantized with ``mx.dequantize``;
+parameters come from the tensor shapes (as mlx-lm 0.32's ``infer_quant_config`` does), the
+mode from whether the layer has ``.biases`` (affine) and its group size. MXFP4 experts are
+returned exactly by ``mxfp4()``: the uint32 view undone and ``gate_proj``/``up_proj`` rows
+interleaved back into OpenAI's ``mlp1`` (gate even, linear odd).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..dtypes import bf16_to_f32
+from ..errors import InputError
+from ..tokenizer import TOKENIZER_FILES
+from . import mxfp4
+from .hf import model_config_from_hf, qkv_split
+from .original import ModelConfig, Mxfp4Pair, iter_chunks
+from .safetensors import SafetensorsFile, TensorEntry
+
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+EXPERT_PROJ = {"mlp1": ("gate_proj", "up_proj"), "mlp2": ("down_proj",)}
+
+
+def _plain_names(n: int) -> dict[str, str]:
+    """Canonical suffix -> MLX tensor for the renamed, never-quantized tensors of layer ``n``."""
+    p = f"model.layers.{n}."
+    return {
+        "attn.norm.scale": p + "input_layernorm.weight",
+        "attn.sinks": p + "self_attn.sinks",
+        "attn.out.bias": p + "self_attn.o_proj.bias",
+        "mlp.norm.scale": p + "post_attention_layernorm.weight",
+        "mlp.gate.bias": p + "mlp.router.bias",
+        "mlp.mlp2_bias": p + "mlp.experts.down_proj.bias",
+    }
+
+
+def _modules(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight-bearing module (possibly quantized) -> its logical weight shape."""
+    c = config
+    H, I, E, V = c.hidden_size, c.intermediate_size, c.num_experts, c.vocab_size
+    q, k, v = qkv_split(c)
+    shapes = {"model.embed_tokens": (V, H), "lm_head": (V, H)}
+    for n in range(c.num_hidden_layers):
+        a, m = f"model.layers.{n}.self_attn.", f"model.layers.{n}.mlp."
+        shapes.update({a + "q_proj": (q, H), a + "k_proj": (k, H), a + "v_proj": (v, H),
+                       a + "o_proj": (H, c.num_attention_heads * c.head_dim), m + "router": (E, H),
+                       m + "experts.gate_proj": (E, I, H), m + "experts.up_proj": (E, I, H),
+                       m + "experts.down_proj": (E, H, I)})
+    return shapes
+
+
+def _plain_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every non-module tensor (norms, biases, sinks) -> shape."""
+    c = config
+    H, I, E = c.hidden_size, c.intermediate_size, c.num_experts
+    shapes = {"model.norm.weight": (H,)}
+    for n, (q, k, v) in ((n, qkv_split(c)) for n in range(c.num_hidden_layers)):
+        a, m = f"model.layers.{n}.self_attn.", f"model.layers.{n}.mlp."
+        shapes.update({
+            f"model.layers.{n}.input_layernorm.weight": (H,), f"model.layers.{n}.post_attention_layernorm.weight": (H,),
+            a + "q_proj.bias": (q,), a + "k_proj.bias": (k,), a + "v_proj.bias": (v,), a + "o_proj.bias": (H,),
+            a + "sinks": (c.num_attention_heads,), m + "router.bias": (E,),
+            m + "experts.gate_proj.bias": (E, I), m + "experts.up_proj.bias": (E, I), m + "experts.down_proj.bias": (E, H),
+        })
+    return shapes
+
+
+class Quantized:
+    """How one module is stored: ``mode`` ("affine", "mxfp4", ...), ``bits``, ``group_size``."""
+
+    def __init__(self, mode: str, bits: int, group_size: int):
+        self.mode, self.bits, self.group_size = mode, bits, group_size
+
+    @property
+    def storage(self) -> str:
+        return f"affine-{self.bits}bit" if self.mode == "affine" else self.mode.upper()
+
+    @property
+    def is_openai_mxfp4(self) -> bool:
+        return self.mode == "mxfp4" and self.bits == 4 and self.group_size == 32
+
+
+class MlxModel:
+    """A validated, memory-mapped MLX gpt-oss folder under ``original/`` names (``CanonicalModel``)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config_path = self.path / "config.json"
+        try:
+            self.mlx_config = json.loads(self.config_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"cannot read config: {exc}", file=self.config_path) from exc
+        if not isinstance(self.mlx_config, dict):
+            raise InputError("config must be a JSON object", file=self.config_path)
+        self.config = model_config_from_hf(self.mlx_config, file=self.config_path)
+        # mlx_lm.utils.load_model globs model*.safetensors and ignores the index
+        shard_paths = sorted(self.path.glob("model*.safetensors"))
+        if not shard_paths:
+            raise InputError("no model*.safetensors files", file=self.path)
+        self.files = [SafetensorsFile(p) for p in shard_paths]
+        self.entries = self._index()
+        self.quant = self._check()
+
+    @property
+    def repo_root(self) -> Path:
+        return self.path
+
+    def _index(self) -> dict[str, TensorEntry]:
+        entries: dict[str, TensorEntry] = {}
+        for f in self.files:
+            for name, entry in f.entries.items():
+                if name in entries:
+                    raise InputError(f"tensor is also in {entries[name].file.name}", file=f.path, tensor=name)
+                entries[name] = entry
+        return entries
+
+    # -- validation -----------------------------------------------------------------------
+
+    def _fail(self, name: str, message: str) -> InputError:
+        entry = self.entries.get(name)
+        return InputError(message, file=entry.file if entry else self.path, tensor=name)
+
+    def _check(self) -> dict[str, Quantized | None]:
+        """Shapes and dtypes against config.json; returns each module's quantization (None = dense)."""
+        seen: set[str] = set()
+        for name, shape in _plain_shapes(self.config).items():
+            entry = self.entries.get(name)
+            if entry is None:
+                raise self._fail(name, f"missing from every shard; config.json implies {list(shape)}")
+            if entry.dtype not in FLOAT_DTYPES or entry.shape != shape:
+                raise self._fail(name, f"is {entry.dtype}{list(entry.shape)}, expected a float tensor {list(shape)}")
+            seen.add(name)
+        quant = {}
+        for module, shape in _modules(self.config).items():
+            quant[module] = self._module_quantization(module, shape)
+            seen |= {module + s for s in (".weight", ".scales", ".biases")} & self.entries.keys()
+        extra = sorted(self.entries.keys() - seen)
+        if extra:
+            raise self._fail(extra[0], f"unexpected tensors for a model with this config.json: {extra[:5]}")
+        if any(q is not None for q in quant.values()) and not (
+                self.mlx_config.get("quantization") or self.mlx_config.get("quantization_config")):
+            raise InputError("quantized tensors but no quantization block in config.json (mlx-lm cannot load it)",
+                             file=self.config_path)
+        return quant
+
+    def _module_quantization(self, module: str, shape: tuple[int, ...]) -> Quantized | None:
+        name = module + ".weight"
+        weight = self.entries.get(name)
+        if weight is None:
+            raise self._fail(name, f"missing from every shard; config.json implies {list(shape)}")
+        if weight.dtype in FLOAT_DTYPES:
+            if weight.shape != shape:
+                raise self._fail(name, f"is {weight.dtype}{list(weight.shape)} but config.json implies {list(shape)}")
+            return None
+        scales, biases = self.entries.get(module + ".scales"), self.entries.get(module + ".biases")
+        in_dim = shape[-1]
+        if weight.dtype != "U32" or scales is None or weight.shape[:-1] != shape[:-1] or scales.shape[:-1] != shape[:-1] \
+                or (weight.shape[-1] * 32) % in_dim or scales.shape[-1] == 0 or in_dim % scales.shape[-1]:
+            raise self._fail(name, f"quantized weight {weight.dtype}{list(weight.shape)} with scales "
+                                   f"{list(scales.shape) if scales else None} does not fit {list(shape)}")
+        bits, group_size = weight.shape[-1] * 32 // in_dim, in_dim // scales.shape[-1]
+        if biases is not None:
+            if biases.shape != scales.shape:
+                raise self._fail(module + ".biases", f"shape {list(biases.shape)} differs from scales {list(scales.shape)}")
+            return Quantized("affine", bits, group_size)
+        if scales.dtype != "U8":
+            raise self._fail(module + ".scales", f"is {scales.dtype} without .biases: neither affine nor a fp mode")
+        mode = {(4, 32): "mxfp4", (8, 32): "mxfp8", (4, 16): "nvfp4"}.get((bits, group_size))
+        if mode is None:
+            raise self._fail(name, f"{bits}-bit, group {group_size} with uint8 scales matches no MLX mode")
+        return Quantized(mode, bits, group_size)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def _array(self, name: str) -> np.ndarray:
+        entry = self.entries[name]
+        return next(f for f in self.files if f.path == entry.file).array(name)
+
+    def _float(self, name: str) -> np.ndarray:
+        data, dtype = self._array(name), self.entries[name].dtype
+        return bf16_to_f32(data) if dtype == "BF16" else data.astype(np.float32)
+
+    def _module_f32(self, module: str) -> np.ndarray:
+        q = self.quant[module]
+        if q is None:
+            return self._float(module + ".weight")
+        import mlx.core as mx
+
+        def load(name: str):
+            data, dtype = self._array(name), self.entries[name].dtype
+            array = mx.array(np.ascontiguousarray(data))
+            return array.view(mx.bfloat16) if dtype == "BF16" else array
+
+        biases = load(module + ".biases") if q.mode == "affine" else None
+        out = mx.dequantize(load(module + ".weight"), load(module + ".scales"), biases, group_size=q.group_size,
+                            bits=q.bits, mode=q.mode, dtype=mx.float32)
+        return np.array(out)
+
+    def _sources(self, name: str) -> list[str]:
+        """MLX modules (``...proj``) or tensors behind a canonical name."""
+        if name == "embedding.weight":
+            return ["model.embed_tokens"]
+        if name == "unembedding.weight":
+            return ["lm_head"]
+        if name == "norm.scale":
+            return ["model.norm.weight"]
+        try:
+            _, n, rest = name.split(".", 2)
+            layer = int(n)
+        except ValueError:
+            raise InputError("no such tensor", file=self.path, tensor=name) from None
+        if not 0 <= layer < self.config.num_hidden_layers:
+            raise InputError("no such tensor", file=self.path, tensor=name)
+        a, m = f"model.layers.{n}.self_attn.", f"model.layers.{n}.mlp."
+        table = {
+            "attn.qkv.weight": [a + "q_proj", a + "k_proj", a + "v_proj"],
+            "attn.qkv.bias": [a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"],
+            "attn.out.weight": [a + "o_proj"],
+            "mlp.gate.weight": [m + "router"],
+            "mlp.mlp1_weight": [m + "experts.gate_proj", m + "experts.up_proj"],
+            "mlp.mlp1_bias": [m + "experts.gate_proj.bias", m + "experts.up_proj.bias"],
+            "mlp.mlp2_weight": [m + "experts.down_proj"],
+        }
+        if rest in table:
+            return table[rest]
+        plain = _plain_names(layer)
+        if rest in plain:
+            return [plain[rest]]
+        raise InputError("no such tensor", file=self.path, tensor=name)
+
+    def f32(self, name: str) -> np.ndarray:
+        """A canonical tensor as float32 (quantized layers dequantized; experts decoded exactly)."""
+        if name.endswith(("mlp1_weight", "mlp2_weight")):
+            layer, which = int(name.split(".")[1]), name.split(".")[3].split("_")[0]
+            pair = self.mxfp4(layer, which)
+            if pair is not None:
+                return mxfp4.decode(pair.blocks, pair.scales)
+        sources = self._sources(name)
+        read = (lambda s: self._module_f32(s)) if sources[0] in self.quant else self._float
+        parts = [read(s) for s in sources]
+        if name.endswith(("mlp1_weight", "mlp1_bias")):  # gate rows even, linear (up) rows odd
+            return _interleave(*parts, axis=1)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def mxfp4(self, layer: int, which: str) -> Mxfp4Pair | None:
+        """OpenAI blocks ``[E, O, G, 16]`` / scales ``[E, O, G]``, bit-exact, if stored as MXFP4."""
+        modules = self._sources(f"block.{layer}.mlp.{which}_weight")
+        if not all(self.quant[m] is not None and self.quant[m].is_openai_mxfp4 for m in modules):
+            return None
+        words = [self._array(m + ".weight") for m in modules]
+        scales = [self._array(m + ".scales") for m in modules]
+        if len(modules) == 2:
+            words, scales = [_interleave(*words, axis=1)], [_interleave(*scales, axis=1)]
+        w = np.ascontiguousarray(words[0])
+        blocks = w.view(np.uint8).reshape(*w.shape[:-1], w.shape[-1] // 4, 16)
+        return Mxfp4Pair(blocks, np.ascontiguousarray(scales[0]))
+
+    def storage(self, name: str) -> str:
+        sources = self._sources(name)
+        q = self.quant.get(sources[0])
+        if q is not None:
+            return q.storage
+        weight = sources[0] + ".weight" if sources[0] in self.quant else sources[0]
+        return self.entries[weight].dtype
+
+    def release(self, name: str) -> None:
+        """Unmap a canonical tensor's pages once streamed (as ``OriginalCheckpoint.release``)."""
+        for source in self._sources(name):
+            for tensor in ([source + s for s in (".weight", ".scales", ".biases")] if source in self.quant else [source]):
+                if tensor in self.entries:
+                    entry = self.entries[tensor]
+                    next(f for f in self.files if f.path == entry.file).release(tensor)
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+    def bytes_by_dtype(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for e in self.entries.values():
+            totals[e.dtype] = totals.get(e.dtype, 0) + e.nbytes
+        return dict(sorted(totals.items()))
+
+    def scan(self) -> list[str]:
+        """Read every byte: NaN/Inf in float tensors, E8M0 scale byte 255 (NaN) in MXFP layers."""
+        problems = []
+        e8m0 = {m + ".scales" for m, q in self.quant.items() if q is not None and q.mode in ("mxfp4", "mxfp8")}
+        for name, entry in self.entries.items():
+            bad = 0
+            for chunk in iter_chunks(self._array(name)):
+                if entry.dtype == "BF16":
+                    bad += int(np.count_nonzero((chunk & 0x7F80) == 0x7F80))
+                elif entry.dtype in ("F16", "F32"):
+                    bad += int(np.count_nonzero(~np.isfinite(chunk)))
+                elif name in e8m0:
+                    bad += int(np.count_nonzero(chunk == mxfp4.SCALE_NAN))
+            if bad:
+                what = "scale bytes are 255 (NaN in E8M0)" if name in e8m0 else "NaN/Inf values"
+                problems.append(f"file {entry.file}, tensor {name!r}: {bad} {what}")
+        return problems
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+    def __enter__(self) -> "MlxModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _interleave(even: np.ndarray, odd: np.ndarray, axis: int) -> np.ndarray:
+    """Rows of ``even`` at 0, 2, 4, ... and of ``odd`` at 1, 3, 5, ... along ``axis``."""
+    shape = list(even.shape)
+    shape[axis] *= 2
+    out = np.empty(shape, dtype=even.dtype)
+    index = [slice(None)] * len(shape)
+    index[axis] = slice(0, None, 2)
+    out[tuple(index)] = even
+    index[axis] = slice(1, None, 2)
+    out[tuple(index)] = odd
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# The artifact interface (see ``oss_convert/artifacts.py``)
+
+
+def open_canonical(path: str | Path) -> MlxModel:
+    return MlxModel(path)
+
+
+def _parameters(model: MlxModel) -> int:
+    """Logical parameter count (quantized weights counted unpacked, sinks included)."""
+    total = sum(math.prod(s) for s in _plain_shapes(model.config).values())
+    return total + sum(math.prod(s) for s in _modules(model.config).values())
+
+
+def describe(path: str | Path, *, scan: bool = False) -> dict:
+    """Summary for ``inspect``; raises ``InputError`` if the folder does not validate."""
+    with MlxModel(path) as model:
+        problems = model.scan() if scan else []
+        notes = []
+        quantization = model.mlx_config.get("quantization") or model.mlx_config.get("quantization_config") or {}
+        if quantization and "mode" not in quantization and "quant_method" not in quantization:
+            notes.append('quantization has no "mode": mlx-lm < 0.32 assumes affine and fails on MXFP4 experts')
+        tokenizer_files = sorted(n for n in TOKENIZER_FILES if (model.path / n).is_file())
+        if "tokenizer.json" not in tokenizer_files:
+            notes.append("no tokenizer.json: mlx_lm.load and the mlx_lm CLI tools cannot open this folder")
+        storage = {}
+        for what, name in (("embedding", "embedding.weight"), ("attention", "block.0.attn.qkv.weight"),
+                           ("router", "block.0.mlp.gate.weight"), ("experts", "block.0.mlp.mlp1_weight"),
+                           ("unembedding", "unembedding.weight")):
+            storage[what] = model.storage(name)
+        return {
+            "path": str(model.path),
+            "valid": not problems,
+            "problems": problems,
+            "notes": notes,
+            "config": model.config.to_dict(),
+            "storage": storage,
+            "quantization": {k: v for k, v in quantization.items() if not isinstance(v, dict)},
+            "quantized_overrides": sum(isinstance(v, dict) for v in quantization.values()),
+            "files": [f.path.name for f in model.files],
+            "tensor_count": len(model.entries),
+            "parameters": _parameters(model),
+            "tensor_bytes": model.tensor_bytes,
+            "bytes_by_dtype": model.bytes_by_dtype(),
+            "tokenizer_files": tokenizer_files,
+        }
