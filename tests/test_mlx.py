@@ -323,3 +323,13 @@ def test_dense_experts_are_refused(tmp_path):
     repo = synth.generate(tmp_path / "dense", "tiny", seed=3, experts="bf16")
     with pytest.raises(InputError, match="dense BF16"):
         convert(repo, tmp_path / "out")
+
+
+def test_hf_layout_source_gives_the_same_folder(tiny_repo, ours, tmp_path):
+    """``convert`` also reads the Hub's transformers layout (``formats.hf``): same bytes out."""
+    with hf.HfCheckpoint(write_hf_layout(tiny_repo, tmp_path / "hf")) as src:
+        again = to_mlx.convert(src, tmp_path / "out", progress=False, shard_size="1M")
+    names = sorted(p.name for p in ours.iterdir())
+    assert names == sorted(p.name for p in again.iterdir())
+    for name in names:
+        assert (ours / name).read_bytes() == (again / name).read_bytes(), name
