@@ -178,11 +178,18 @@ def _release(src, name: str) -> None:
 
 def _dense_chunks(src, name: str, rows: int | None = None) -> Iterator[np.ndarray]:
     """The tensor's BF16 bits as stored in model.bin (qkv transformed, vocabularies truncated)."""
-    bits = src.raw(name)
     config = src.config
     if name.endswith(("attn.qkv.weight", "attn.qkv.bias")):
-        yield permute_qkv(bits, config.num_attention_heads, config.num_key_value_heads)
+        yield permute_qkv(src.raw(name), config.num_attention_heads, config.num_key_value_heads)
+    elif hasattr(src, "chunks"):  # unmaps each piece once written: the 1.2 GB vocabularies never sit in RSS
+        left = rows if rows is not None else src.raw(name).shape[0]
+        for piece in src.chunks(name):
+            if left <= 0:
+                break
+            yield piece[:left]
+            left -= piece.shape[0]
     else:
+        bits = src.raw(name)
         yield from iter_chunks(bits[:rows] if rows is not None else bits)
     _release(src, name)
 
