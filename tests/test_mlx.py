@@ -333,3 +333,17 @@ def test_hf_layout_source_gives_the_same_folder(tiny_repo, ours, tmp_path):
     assert names == sorted(p.name for p in again.iterdir())
     for name in names:
         assert (ours / name).read_bytes() == (again / name).read_bytes(), name
+
+
+def test_reader_opens_dequantized_mlx_lm_output(tiny_repo, theirs, tmp_path):
+    """``mlx_lm.convert -d`` (experts BF16 ``[E, out, in]``, as mlx-lm < 0.27 stored them too)."""
+    dense = mlx_lm_convert(theirs.parent / "hf", tmp_path / "dense", dequantize=True)
+    assert mlx_format.looks_mlx(dense) and mlx_format.looks_mlx(theirs) and not mlx_format.looks_mlx(theirs.parent / "hf")
+    model = mlx_format.open_canonical(dense)
+    with OriginalCheckpoint(tiny_repo) as src:
+        for layer, which in ((0, "mlp1"), (3, "mlp2")):
+            name = f"block.{layer}.mlp.{which}_weight"
+            assert model.mxfp4(layer, which) is None and model.storage(name) == "BF16"
+            assert model.f32(name).tobytes() == src.f32(name).tobytes()  # MXFP4 values are exact in BF16
+        assert model.f32("block.1.mlp.mlp1_bias").tobytes() == src.f32("block.1.mlp.mlp1_bias").tobytes()
+    model.close()

@@ -335,6 +335,29 @@ def _interleave(even: np.ndarray, odd: np.ndarray, axis: int) -> np.ndarray:
 # The artifact interface (see ``oss_convert/artifacts.py``)
 
 
+def looks_mlx(folder: str | Path) -> bool:
+    """A gpt-oss folder in mlx-lm's layout: a ``quantization`` block, or (dequantized, e.g.
+    ``mlx_lm.convert -d``) expert tensors named ``experts.gate_proj`` rather than HF's ``gate_up_proj``."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(config, dict) or config.get("model_type") != "gpt_oss":
+        return False
+    if "quantization" in config:
+        return True
+    for path in sorted(folder.glob("model*.safetensors")):
+        try:
+            f = SafetensorsFile(path)
+        except InputError:
+            return False
+        f.close()
+        if any(".mlp.experts.gate_proj." in name for name in f.entries):
+            return True
+    return False
+
+
 def open_canonical(path: str | Path) -> MlxModel:
     return MlxModel(path)
 
