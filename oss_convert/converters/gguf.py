@@ -151,12 +151,18 @@ def _dense(src, name: str, shape: tuple[int, ...], ggml_type, rows: slice | None
     max_bytes = (16 << 20) if ggml_type == Q.Q8_0 else (64 << 20)
 
     def chunks() -> Iterator[np.ndarray]:
-        array = src.raw(name)
-        if rows is not None:
-            array = array[rows]
-        if cols is not None:
-            array = array[..., cols]
-        for piece in iter_chunks(array, max_bytes):
+        if rows is None and cols is None and hasattr(src, "chunks"):
+            # The reader unmaps each piece once we move on: RSS stays near one piece, not a
+            # whole 1 GiB embedding.
+            pieces = src.chunks(name, max_bytes)
+        else:
+            array = src.raw(name)
+            if rows is not None:
+                array = array[rows]
+            if cols is not None:
+                array = array[..., cols]
+            pieces = iter_chunks(array, max_bytes)
+        for piece in pieces:
             yield encode(np.ascontiguousarray(piece))
         release(src, name)
 
