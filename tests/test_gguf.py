@@ -238,6 +238,16 @@ def test_refuses_without_tokenizer_and_existing_output(tiny_single_repo, tiny_re
         convert(tiny_repo, tmp_path / "y.gguf", outtype="q4_0")
 
 
+def test_a_failure_midway_leaves_no_output(tiny_repo, tmp_path, monkeypatch):
+    def boom(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(to_gguf, "openai_to_ggml", boom)
+    with pytest.raises(KeyboardInterrupt):
+        convert(tiny_repo, tmp_path / "m.gguf", split_max_size="1M")
+    assert list(tmp_path.iterdir()) == []
+
+
 # -- the reader ---------------------------------------------------------------------------------------
 
 

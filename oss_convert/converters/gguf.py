@@ -347,20 +347,18 @@ def _check_source(src) -> None:
                          "so the GGUF would compute a different model", file=getattr(src, "config_path", None))
 
 
-class _Writer:
-    """GGUFWriter subclass factory: its shards go to the (temporary) paths we choose."""
+def _writer(split_max_size: int):
+    """A GGUFWriter whose shards go to the paths we set in ``targets`` (temporary names, renamed
+    by ``atomic_output`` once every shard is complete) instead of names derived from one path."""
+    g = _gguf()
 
-    @staticmethod
-    def make(split_max_size: int):
-        g = _gguf()
+    class Writer(g.GGUFWriter):
+        targets: list[Path] = []
 
-        class Writer(g.GGUFWriter):
-            targets: list[Path] = []
+        def format_shard_names(self, path: Path) -> list[Path]:
+            return list(self.targets)
 
-            def format_shard_names(self, path: Path) -> list[Path]:
-                return list(self.targets)
-
-        return Writer(None, ARCH, split_max_size=split_max_size)
+    return Writer(None, ARCH, split_max_size=split_max_size)
 
 
 def shard_paths(out: Path, count: int) -> list[Path]:
@@ -386,7 +384,7 @@ def convert(src, out: Path, *, force: bool = False, progress: bool = True, outty
     out = Path(out)
     root = Path(src.repo_root)
     planned = plan(src, outtype)
-    writer = _Writer.make(parse_size(split_max_size) if split_max_size is not None else 0)
+    writer = _writer(parse_size(split_max_size) if split_max_size is not None else 0)
     for item in planned:
         writer.add_tensor(item.name, item.tensor, raw_dtype=item.ggml_type)
     add_general(writer, root)

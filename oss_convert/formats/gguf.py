@@ -12,7 +12,6 @@ difference in ``verify``.
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 
@@ -127,10 +126,7 @@ class GgufModel:
             rope_ntk_alpha=_integral(float(self._key("rope.scaling.yarn_beta_slow", 1.0))),
             rope_ntk_beta=_integral(float(self._key("rope.scaling.yarn_beta_fast", 32.0))),
         )
-        try:
-            config.check(self.path)
-        except InputError:
-            raise
+        config.check(self.path)
         return config
 
     # -- tensors ------------------------------------------------------------------------
