@@ -24,8 +24,10 @@ def detect(path: str | Path) -> str:
             if _looks_original(p):
                 return "original"
             from .formats.hf import looks_hf
+            from .formats.mlx import looks_mlx
 
-            return "hf" if looks_hf(p) else "mlx"
+            # mlx-lm's layout first: its dequantized folders have no "quantization" key either.
+            return "mlx" if looks_mlx(p) or not looks_hf(p) else "hf"
         if (p / "model.bin").is_file():
             return "metal"
         raise InputError("not a recognised artifact folder (no config.json, original/ or model.bin)", file=p)

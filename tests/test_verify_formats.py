@@ -34,14 +34,14 @@ def _convert(src: Path, kind: str, out: Path) -> Path:
     result = CliRunner().invoke(cli, ["convert", str(src), "--to", kind, "-o", str(out), "--quiet"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    return Path(result.output.strip().splitlines()[-1])
+    return Path(result.stdout.strip().splitlines()[-1])
 
 
 def _verify(artifact: Path, reference: Path, *extra: str) -> tuple[int, dict]:
     result = CliRunner().invoke(cli, ["verify", str(artifact), "--reference", str(reference), "--json", "-", *FAST, *extra],
                                 catch_exceptions=False)
     assert result.exit_code in (0, 1), result.output
-    return result.exit_code, json.loads(result.output)
+    return result.exit_code, json.loads(result.stdout)
 
 
 def _assert_lossless_pass(code: int, report: dict) -> None:
