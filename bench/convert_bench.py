@@ -2,10 +2,12 @@
 
     python bench/convert_bench.py --preset 20b --work /path/with/space [--targets mlx,metal,gguf]
 
-Generates the checkpoint once (kept in WORK for later runs), drops nothing from the page cache
-(no root tricks: every command, `cp` included, runs in the same state, first `cp` warms it),
-and runs each command under `/usr/bin/time -v` for wall time and peak RSS. Prints a markdown
-table; paste it into bench/RESULTS.md with the machine description.
+Generates the checkpoint once (kept in WORK for later runs) and runs each command under
+`/usr/bin/time -v` for wall time and peak RSS, followed by `sync`: the converters fsync their
+output before the atomic rename, so `cp` is charged for flushing its copy too. With `--cold`
+(root only) the page cache is dropped before every job, so each one reads the checkpoint from
+disk; without it the first `cp` warms the cache for all. Prints a markdown table; paste it
+into bench/RESULTS.md with the machine description.
 """
 
 from __future__ import annotations
@@ -21,15 +23,35 @@ import time
 from pathlib import Path
 
 
+COLD = False
+
+
+def drop_caches() -> None:
+    subprocess.run(["sync"], check=True)
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
 def timed(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB) of a command, from GNU time."""
+    """(wall seconds including the final sync, peak RSS MiB) of a command, from GNU time."""
+    if COLD:
+        drop_caches()
+    else:
+        subprocess.run(["sync"], check=True)
     start = time.perf_counter()
     out = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    subprocess.run(["sync"], check=True)
     wall = time.perf_counter() - start
     if out.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{out.stderr[-3000:]}")
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", out.stderr).group(1))
     return wall, rss_kb / 1024
+
+
+def ensure_space(folder: Path, needed: int) -> None:
+    """Stop before a job that would fill the disk (the output is about the size of the input)."""
+    free = shutil.disk_usage(folder).free
+    if free < needed + (2 << 30):
+        sys.exit(f"only {free / 1e9:.1f} GB free in {folder}; this job needs about {needed / 1e9:.1f} GB")
 
 
 def size_of(path: Path) -> int:
@@ -42,7 +64,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--targets", default="mlx,metal,gguf")
     parser.add_argument("--extra", action="append", default=[], help="target:options, e.g. gguf:--outtype=q8_0")
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before each job (root)")
     args = parser.parse_args()
+    global COLD
+    COLD = args.cold
     work = args.work
     repo = work / f"gpt-oss-{args.preset}"
     exe = shutil.which("oss-convert") or sys.exit("oss-convert is not installed")
@@ -53,8 +78,9 @@ def main() -> None:
     source_bytes = size_of(repo / "original")
     rows = []
     copy = work / "cp-copy"
-    for attempt in range(2):  # the first cp warms the page cache for everyone
+    for attempt in range(1 if COLD else 2):  # warm runs: the first cp warms the page cache for everyone
         shutil.rmtree(copy, ignore_errors=True)
+        ensure_space(work, source_bytes)
         wall, rss = timed(["cp", "-r", str(repo / "original"), str(copy)])
     shutil.rmtree(copy, ignore_errors=True)
     rows.append(("cp -r original/", wall, rss, source_bytes))
@@ -63,12 +89,16 @@ def main() -> None:
     jobs += [(e.split(":", 1)[0], e.split(":", 1)[1].split()) for e in args.extra]
     for target, extra in jobs:
         out = work / f"out-{target}{'.gguf' if target == 'gguf' else ''}"
+        ensure_space(work, source_bytes)
         wall, rss = timed([exe, "convert", str(repo), "--to", target, "-o", str(out), "--force", "--quiet", *extra])
         rows.append((f"convert --to {target} {' '.join(extra)}".strip(), wall, rss, size_of(out)))
         shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink()
+        manifest = out.with_name(out.name + ".manifest.json")
+        manifest.unlink(missing_ok=True)
     print(f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, Python {platform.python_version()}")
-    print(f"Checkpoint: {args.preset}, {source_bytes / 1e9:.2f} GB in original/\n")
+    print(f"Checkpoint: {args.preset}, {source_bytes / 1e9:.2f} GB in original/; "
+          f"page cache {'dropped before each job' if COLD else 'warm'}; times include a final sync\n")
     print("| job | wall s | x cp | GB/s | peak RSS MiB | output GB |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, wall, rss, nbytes in rows:
