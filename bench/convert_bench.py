@@ -72,7 +72,7 @@ def main() -> None:
     repo = work / f"gpt-oss-{args.preset}"
     exe = shutil.which("oss-convert") or sys.exit("oss-convert is not installed")
     if not (repo / "original" / "config.json").exists():
-        print(f"generating {repo} ...", file=sys.stderr)
+        print(f"generating {repo} ...", file=sys.stderr)  # with tokenizer files: Metal and GGUF embed them
         wall, rss = timed([exe, "synth", str(repo), "--preset", args.preset, "--quiet"])
         print(f"synth: {wall:.1f} s, peak RSS {rss:.0f} MiB", file=sys.stderr)
     source_bytes = size_of(repo / "original")
@@ -92,6 +92,7 @@ def main() -> None:
         ensure_space(work, source_bytes)
         wall, rss = timed([exe, "convert", str(repo), "--to", target, "-o", str(out), "--force", "--quiet", *extra])
         rows.append((f"convert --to {target} {' '.join(extra)}".strip(), wall, rss, size_of(out)))
+        print(f"{rows[-1][0]}: {wall:.1f} s, peak RSS {rss:.0f} MiB (cp: {cp_wall:.1f} s)", file=sys.stderr)
         shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink()
         manifest = out.with_name(out.name + ".manifest.json")
         manifest.unlink(missing_ok=True)
