@@ -125,8 +125,9 @@ def _rows_shape(shapes: dict, name: str, rows: slice | None) -> tuple[int, ...]:
 def _copy(src, name: str, rows: slice | None) -> Callable[[], Iterator[np.ndarray]]:
     def chunks() -> Iterator[np.ndarray]:
         data = src.raw(name)
-        yield from iter_chunks(data if rows is None else data[rows])
-        release(src, name)
+        for piece in iter_chunks(data if rows is None else data[rows]):
+            yield piece
+            release(src, name)  # per chunk: a 1.2 GB embedding never becomes resident whole
 
     return chunks
 
@@ -208,7 +209,7 @@ def _quantized_part(src, name: str, rows: slice | None, part: int, group_size: i
             weight = mx.array(np.ascontiguousarray(piece)).view(mx.bfloat16)
             result = mx.quantize(weight, group_size=group_size, bits=bits, mode="affine")[part]
             yield np.array(result if part == 0 else result.view(mx.uint16))
-        release(src, name)
+            release(src, name)
 
     return chunks
 
