@@ -61,6 +61,7 @@ def size_of(path: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="20b")
+    parser.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--targets", default="mlx,metal,gguf")
     parser.add_argument("--extra", action="append", default=[], help="target:options, e.g. gguf:--outtype=q8_0")
@@ -69,11 +70,12 @@ def main() -> None:
     global COLD
     COLD = args.cold
     work = args.work
-    repo = work / f"gpt-oss-{args.preset}"
+    repo = work / f"gpt-oss-{args.preset}{f'-L{args.layers}' if args.layers else ''}"
     exe = shutil.which("oss-convert") or sys.exit("oss-convert is not installed")
     if not (repo / "original" / "config.json").exists():
         print(f"generating {repo} ...", file=sys.stderr)  # with tokenizer files: Metal and GGUF embed them
-        wall, rss = timed([exe, "synth", str(repo), "--preset", args.preset, "--quiet"])
+        layers = ["--layers", str(args.layers)] if args.layers else []
+        wall, rss = timed([exe, "synth", str(repo), "--preset", args.preset, *layers, "--quiet"])
         print(f"synth: {wall:.1f} s, peak RSS {rss:.0f} MiB", file=sys.stderr)
     source_bytes = size_of(repo / "original")
     rows = []
@@ -98,7 +100,7 @@ def main() -> None:
         manifest.unlink(missing_ok=True)
     print(f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, Python {platform.python_version()}")
-    print(f"Checkpoint: {args.preset}, {source_bytes / 1e9:.2f} GB in original/; "
+    print(f"Checkpoint: {repo.name}, {source_bytes / 1e9:.2f} GB in original/; "
           f"page cache {'dropped before each job' if COLD else 'warm'}; times include a final sync\n")
     print("| job | wall s | x cp | GB/s | peak RSS MiB | output GB |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -38,6 +38,8 @@ def cli() -> None:
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--preset", type=click.Choice(sorted(synth.PRESETS)), default="tiny", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--layers", type=int, default=None,
+              help="Override the preset's layer count (e.g. a 120b-shaped model with 4 layers for benchmarks).")
 @click.option("--shards", type=int, default=1, show_default=True, help="Number of safetensors files.")
 @click.option("--experts", type=click.Choice(["mxfp4", "bf16"]), default="mxfp4", show_default=True,
               help="bf16 writes dense experts, like a fine-tune before quantization.")
@@ -45,15 +47,16 @@ def cli() -> None:
               help="Also write tokenizer files in OUT beside original/.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def synth_cmd(out: Path, preset: str, seed: int, shards: int, experts: str, tokenizer: bool, force: bool,
-              quiet: bool) -> None:
+def synth_cmd(out: Path, preset: str, seed: int, layers: int | None, shards: int, experts: str, tokenizer: bool,
+              force: bool, quiet: bool) -> None:
     """Write a synthetic checkpoint in the exact original/ layout to OUT/original/."""
     from ..formats.original import expected_tensors
 
-    total = sum(s.nbytes for s in expected_tensors(synth.PRESETS[preset], experts))
+    config = synth.preset_with(preset, **({"num_hidden_layers": layers} if layers else {}))
+    total = sum(s.nbytes for s in expected_tensors(config, experts))
     bar, update = progress_bar(total, f"synth {preset}", not quiet)
     with bar:
-        synth.generate(out, preset, seed=seed, shards=shards, experts=experts, force=force, progress=update,
+        synth.generate(out, config, seed=seed, shards=shards, experts=experts, force=force, progress=update,
                        tokenizer=tokenizer)
     click.echo(str(out))
 
