@@ -218,5 +218,6 @@ def write_experts(src, layout: Layout, writer: PaddedWriter) -> None:
             for part, array in parts.items():
                 writer.pad_to(layout.expert(n, e, part).offset)
                 writer.write(array[e] + np.uint8(UE8_OFFSET) if part.endswith("_scales") else array[e])
-        for name in ("mlp.mlp1_weight", "mlp.mlp1_bias", "mlp.mlp2_weight", "mlp.mlp2_bias"):
-            _release(src, f"block.{n}.{name}")
+            # per expert: a 120b layer's experts (1.7 GB) would otherwise all become resident
+            for name in ("mlp.mlp1_weight", "mlp.mlp1_bias", "mlp.mlp2_weight", "mlp.mlp2_bias"):
+                _release(src, f"block.{n}.{name}")
