@@ -373,8 +373,8 @@ class HfCheckpoint:
             totals[e.dtype] = totals.get(e.dtype, 0) + e.nbytes
         return totals
 
-    def scan(self) -> list[str]:
-        """Read every byte: NaN/Inf in float tensors, scale byte 255."""
+    def scan(self, progress=None) -> list[str]:
+        """Read every byte: NaN/Inf in float tensors, scale byte 255. ``progress(nbytes)`` per tensor."""
         problems = []
         for name, entry in self.entries.items():
             bad = 0
@@ -388,6 +388,8 @@ class HfCheckpoint:
             if bad:
                 what = "scale bytes are 255 (NaN in E8M0)" if entry.dtype == "U8" else "NaN/Inf values"
                 problems.append(f"file {entry.file}, tensor {name!r}: {bad} {what}")
+            if progress is not None:
+                progress(entry.nbytes)
         return problems
 
     def close(self) -> None:

@@ -126,15 +126,16 @@ class SafetensorsFile:
     def _check_coverage(self, entries: dict[str, TensorEntry], data_start: int, buffer_len: int) -> None:
         position = data_start
         for entry in sorted(entries.values(), key=lambda e: (e.start, e.nbytes)):
-            if entry.start != position:
-                what = "overlaps the previous tensor" if entry.start < position else "leaves a gap before it"
-                raise self._fail(f"data starts at buffer offset {entry.start - data_start}, which {what}", entry.name)
+            # Past the end first: offsets beyond the file also leave a gap, but this says why.
             if entry.start + entry.nbytes > self.file_size:
                 raise self._fail(
                     f"data ends at byte {entry.start + entry.nbytes} but the file has {self.file_size} bytes "
-                    "(file truncated?)",
+                    "(file truncated, or data_offsets out of range?)",
                     entry.name,
                 )
+            if entry.start != position:
+                what = "overlaps the previous tensor" if entry.start < position else "leaves a gap before it"
+                raise self._fail(f"data starts at buffer offset {entry.start - data_start}, which {what}", entry.name)
             position += entry.nbytes
         if position != data_start + buffer_len:
             raise self._fail(f"{data_start + buffer_len - position} bytes after the last tensor are not described")
