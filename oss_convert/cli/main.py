@@ -6,6 +6,7 @@ file and tensor), 130 interrupted. Messages go to stderr; ``--json`` output to s
 
 from __future__ import annotations
 
+import errno
 import json
 import signal
 import sys
@@ -122,37 +123,87 @@ def _human(n) -> str:
               help="Metal: o200k_base.tiktoken vocabulary when there is no tokenizer.json.")
 @click.option("--manifest/--no-manifest", default=True, show_default=True,
               help="Write a provenance manifest (tool, options, sha256 of source and output files).")
-def convert_cmd(source: str, target: str, output: Path, force: bool, quiet: bool, manifest: bool,
+@click.option("--scan/--no-scan", default=True, show_default=True,
+              help="First read every source byte and refuse NaN/Inf weights and scale bytes of 255.")
+def convert_cmd(source: str, target: str, output: Path, force: bool, quiet: bool, manifest: bool, scan: bool,
                 **options) -> None:
     """Convert SOURCE to another format.
 
     SOURCE is an original/ checkpoint (its folder, the repo folder holding it, or a cached repo
     id) or a Hugging Face transformers-layout folder (MXFP4 or dense BF16 experts, e.g. a fine-tune).
     """
-    from ..converters import converter
-    from ..errors import InputError
+    from ..errors import InputError, OutputExistsError
     from ..formats.hf import open_source
 
-    from concurrent.futures import ThreadPoolExecutor
-
-    from ..provenance import file_digest, write_manifest
-
     options = {k: v for k, v in options.items() if v is not None}
-    with open_source(source) as src, ThreadPoolExecutor(1) as pool:
+    if output.exists() and not force:  # before the scan: a refusal should not cost a full read
+        raise OutputExistsError(f"{output} exists; pass --force to replace it")
+    with open_source(source) as src:
         if src.experts == "bf16" and target not in ("original", "hf-bf16"):
             raise InputError(
                 f"the experts are dense BF16; encode them to MXFP4 first: oss-convert convert {source} "
                 f"--to original -o OUT [--recipe ocp|search], then convert OUT --to {target}", file=src.path)
-        source_files = [f.path for f in src.files] + [src.config_path]
-        # Hash the source while converting: both read the same pages, and hashlib drops the GIL.
-        source_hashes = pool.submit(lambda: {p.name: file_digest(p) for p in source_files}) if manifest else None
-        result = Path(converter(target)(src, output, force=force, progress=not quiet, **options))
-        if source_hashes is not None:
-            path = write_manifest(result, target=target, options=options, source_path=src.path,
-                                  source_hashes=source_hashes.result())
-            if not quiet:
-                click.echo(f"manifest: {path}", err=True)
+        if scan:
+            _refuse_non_finite(src, quiet)
+        try:
+            result, manifest_file = _convert_with_manifest(src, target, output, force, quiet, manifest, options)
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL:
+                raise
+            # A full disk is not a bug: say where, without a traceback (the partial output is gone).
+            raise OssConvertError(f"cannot write {output}: {exc.strerror}; nothing was left behind") from exc
+    if manifest_file is not None and not quiet:
+        click.echo(f"manifest: {manifest_file}", err=True)
     click.echo(str(result))
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS)
+
+
+def _refuse_non_finite(src, quiet: bool) -> None:
+    """A NaN weight or a NaN scale converts into an artifact that loads fine and computes garbage."""
+    from ..errors import InputError
+
+    bar, update = progress_bar(src.tensor_bytes, "scan", not quiet)
+    with bar:
+        problems = src.scan(progress=update)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise InputError(f"the source has {len(problems)} tensors with invalid values (pass --no-scan to convert "
+                         f"anyway): {shown}", file=src.path)
+
+
+def _convert_with_manifest(src, target: str, output: Path, force: bool, quiet: bool, manifest: bool,
+                           options: dict) -> tuple[Path, Path | None]:
+    import threading
+    from concurrent.futures import CancelledError, ThreadPoolExecutor
+
+    from ..converters import converter
+    from ..provenance import file_digest, write_manifest
+
+    source_files = [f.path for f in src.files] + [src.config_path]
+    stop = threading.Event()
+
+    def check_stop(_: int) -> None:
+        if stop.is_set():  # the conversion failed or was interrupted: do not finish hashing 65 GB
+            raise CancelledError
+
+    def hash_source() -> dict:
+        return {p.name: file_digest(p, check_stop) for p in source_files}
+
+    with ThreadPoolExecutor(1) as pool:
+        # Hash the source while converting: both read the same pages, and hashlib drops the GIL.
+        source_hashes = pool.submit(hash_source) if manifest else None
+        try:
+            result = Path(converter(target)(src, output, force=force, progress=not quiet, **options))
+        except BaseException:
+            stop.set()
+            raise
+        if source_hashes is None:
+            return result, None
+        path = write_manifest(result, target=target, options=options, source_path=src.path,
+                              source_hashes=source_hashes.result())
+    return result, path
 
 
 def _register_optional_commands() -> None:

