@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
-from ..canonical import CanonicalModel
+from ..canonical import CanonicalModel, logical_names
 from ..formats import mxfp4
 from ..formats.original import ModelConfig
 
@@ -113,6 +113,7 @@ class Runner:
             x = self._attention(layer, x, cos, sin)
             x = self._moe(layer, x)
             mx.eval(x)
+            self._release(n for n in logical_names(self.config) if n.startswith(f"block.{layer}."))
             if progress is not None:
                 progress(1)
         return mx.fast.rms_norm(x, self._w("norm.scale"), RMS_EPS)
@@ -132,6 +133,13 @@ class Runner:
 
     # -- pieces ---------------------------------------------------------------------------
 
+    def _release(self, names) -> None:
+        """Unmap a finished layer's weights where the reader can (mapped pages count as RSS)."""
+        release = getattr(self.model, "release", None)
+        if release is not None:
+            for name in names:
+                release(name)
+
     def _w(self, name: str) -> mx.array:
         return mx.array(np.ascontiguousarray(self.model.f32(name), dtype=np.float32))
 
@@ -139,6 +147,7 @@ class Runner:
         table = self.model.f32("embedding.weight")
         x = mx.array(np.ascontiguousarray(table[chunks], dtype=np.float32))
         del table
+        self._release(["embedding.weight"])
         return x
 
     def _attention(self, layer: int, x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
