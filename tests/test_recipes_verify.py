@@ -251,8 +251,6 @@ def test_fine_tune_recipe_meets_its_bounds(recipe, requantized, dense_192, confi
                 assert set(np.unique(offset).tolist()) <= allowed
 
 
-@pytest.mark.xfail(strict=True, reason="verify/tensors.py reports MXFP4 experts requantized from a dense "
-                   "reference as 'differs' (fail) instead of checking them against the rounding of the source")
 @pytest.mark.parametrize("recipe", quantize.RECIPES)
 def test_fine_tune_recipe_passes_verify_with_tensors(recipe, requantized, dense_192):
     code, report = verify(requantized[recipe], dense_192, BOUNDS[f"original-{recipe}"])

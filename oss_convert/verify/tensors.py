@@ -134,6 +134,8 @@ def compare_experts(ref: CanonicalModel, art: CanonicalModel, layer: int, which:
     got = art.mxfp4(layer, which)
     if want is not None and got is not None:
         return _compare_mxfp4(name, storage, want, got)
+    if want is None and got is not None and ref.mxfp4(layer, "mlp1") is None:
+        return _compare_requantized(name, storage, ref, got)
     # Dense on one side: compare values expert by expert (lossy unless exactly equal).
     a_all, b_all = ref.f32(name), art.f32(name)
     if a_all.shape != b_all.shape:
@@ -144,6 +146,32 @@ def compare_experts(ref: CanonicalModel, art: CanonicalModel, layer: int, which:
     if storage.upper() == "MXFP4":
         return TensorResult(name, storage, "differs", worst, 0.0, "stored as MXFP4 but values differ from the source")
     return TensorResult(name, storage, "lossy", worst, None, "experts not stored as MXFP4; checked by KL only")
+
+
+def _compare_requantized(name: str, storage: str, ref: CanonicalModel, got) -> TensorResult:
+    """MXFP4 experts encoded from a dense source (a fine-tune): each block must be the exact FP4
+    rounding of the source under its stored scale, and that scale the OCP one or a neighbour
+    (``--recipe search`` moves it at most one step). Anything else is a wrong encoding."""
+    from ..quantize import SCALE_BIAS, encode_with_scales, ocp_exponents
+
+    dense = ref.f32(name)
+    if dense.shape[:-1] != got.scales.shape[:-1] or dense.shape[-1] != got.scales.shape[-1] * mxfp4.BLOCK:
+        return TensorResult(name, storage, "differs", float("inf"),
+                            detail=f"scales {list(got.scales.shape)} do not fit the source {list(dense.shape)}")
+    problems, worst = [], 0.0
+    for e in range(dense.shape[0]):
+        values, scales, blocks = dense[e], np.asarray(got.scales[e]), np.asarray(got.blocks[e])
+        offset = scales.astype(np.int32) - SCALE_BIAS - ocp_exponents(values.reshape(*values.shape[:-1], -1, 32))
+        bad_scales = int((np.abs(offset) > 1).sum())
+        bad_blocks = int(np.any(encode_with_scales(values, scales) != blocks, axis=-1).sum())
+        worst = max(worst, float(np.abs(mxfp4.decode(blocks, scales) - values).max()))
+        if bad_scales or bad_blocks:
+            problems.append(f"expert {e}: {bad_blocks} blocks not the rounding of the source, "
+                            f"{bad_scales} scales more than one step from OCP")
+    if problems:
+        return TensorResult(name, storage, "differs", worst, 0.0, "MXFP4 encoding wrong: " + "; ".join(problems[:4]))
+    return TensorResult(name, storage, "within_bound", worst, None,
+                        "MXFP4 encoded from the dense source: every block is its FP4 rounding under an OCP(+-1) scale")
 
 
 def _compare_mxfp4(name: str, storage: str, want, got) -> TensorResult:
