@@ -22,31 +22,10 @@ from oss_convert.formats import hf, mxfp4
 from oss_convert.formats.original import OriginalCheckpoint
 from oss_convert.formats.safetensors import SafetensorsFile, SafetensorsWriter, TensorSpec
 
+from layouts import write_hub_layout
 from oracles import torch_reference_logits
 
 LOGIT_ATOL = 1e-4  # fp32 CPU; measured max |diff| 1.3e-5 with |logits| up to 14
-
-
-def write_hub_layout(src: OriginalCheckpoint, out: Path) -> Path:
-    """The Hub's MXFP4 HF layout (blocks/scales byte-identical to original/), built by renaming."""
-    out.mkdir()
-    specs, arrays = [], []
-    for spec in src.specs:
-        names, data = hf.hf_names(spec.name), src.raw(spec.name)
-        parts = np.split(data, np.cumsum(hf.qkv_split(src.config))[:-1]) if len(names) == 3 else [data]
-        for name, part in zip(names, parts):
-            specs.append(TensorSpec(name, spec.dtype, part.shape))
-            arrays.append(part)
-    with open(out / "model.safetensors", "wb") as fh:
-        writer = SafetensorsWriter(fh, specs, {"format": "pt"})
-        for spec, data in zip(specs, arrays):
-            writer.write(spec.name, data)
-        writer.finish()
-    config = hf.hf_config(src.config)
-    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
-        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
-    (out / "config.json").write_text(json.dumps(config))
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from oss_convert.formats.original import OriginalCheckpoint
 from oss_convert.formats.safetensors import SafetensorsFile, SafetensorsWriter, TensorSpec
 from oss_convert.tokenizer import TOKENIZER_FILES
 
+from layouts import write_hub_layout
 from oracles import torch_reference_logits
 
 pytest.importorskip("mlx.core")
@@ -50,24 +51,8 @@ def convert(repo: Path, out: Path, **options) -> Path:
 def write_hf_layout(repo: Path, out: Path) -> Path:
     """The Hub's MXFP4 transformers layout of ``repo`` (spec §1.5: renames, qkv split by rows,
     blocks/scales copied), with the tokenizer files, as input for ``mlx_lm.convert``."""
-    out.mkdir()
     with OriginalCheckpoint(repo) as src:
-        specs, arrays = [], []
-        for spec in src.specs:
-            names, data = hf.hf_names(spec.name), src.raw(spec.name)
-            parts = np.split(data, np.cumsum(hf.qkv_split(src.config))[:-1]) if len(names) == 3 else [data]
-            for name, part in zip(names, parts):
-                specs.append(TensorSpec(name, spec.dtype, part.shape))
-                arrays.append(part)
-        with open(out / "model.safetensors", "wb") as fh:
-            writer = SafetensorsWriter(fh, specs, {"format": "pt"})
-            for spec, data in zip(specs, arrays):
-                writer.write(spec.name, data)
-            writer.finish()
-        config = hf.hf_config(src.config)
-    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
-        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
-    (out / "config.json").write_text(json.dumps(config))
+        write_hub_layout(src, out)
     for name in TOKENIZER_FILES:
         if (repo / name).is_file():
             shutil.copyfile(repo / name, out / name)
