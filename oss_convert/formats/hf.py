@@ -27,7 +27,7 @@ from ..errors import InputError
 from ..tokenizer import SPECIAL_TOKENS, TOKENIZER_FILES, layout
 from . import mxfp4
 from .original import ModelConfig, Mxfp4Pair, OriginalCheckpoint, expected_tensors, iter_chunks
-from .safetensors import SafetensorsFile, TensorEntry
+from .safetensors import SafetensorsFile, ShardedReader, TensorEntry
 
 MODEL_TYPE = "gpt_oss"
 # Values the torch reference hard-codes; a config that says otherwise describes another model.
@@ -219,7 +219,7 @@ def looks_hf(folder: str | Path) -> bool:
             and any(folder.glob("*.safetensors")))
 
 
-class HfCheckpoint:
+class HfCheckpoint(ShardedReader):
     """A validated, memory-mapped HF-layout folder seen through ``original/`` names.
 
     ``raw(name)`` gives BF16 bits (uint16) of a canonical tensor: zero-copy views for plain
@@ -391,16 +391,6 @@ class HfCheckpoint:
             if progress is not None:
                 progress(entry.nbytes)
         return problems
-
-    def close(self) -> None:
-        for f in self.files:
-            f.close()
-
-    def __enter__(self) -> "HfCheckpoint":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 # --------------------------------------------------------------------------------------

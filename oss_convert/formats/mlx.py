@@ -23,7 +23,7 @@ from ..tokenizer import TOKENIZER_FILES
 from . import mxfp4
 from .hf import model_config_from_hf, qkv_split
 from .original import ModelConfig, Mxfp4Pair, iter_chunks
-from .safetensors import SafetensorsFile, TensorEntry
+from .safetensors import SafetensorsFile, ShardedReader, TensorEntry
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 EXPERT_PROJ = {"mlp1": ("gate_proj", "up_proj"), "mlp2": ("down_proj",)}
@@ -88,7 +88,7 @@ class Quantized:
         return self.mode == "mxfp4" and self.bits == 4 and self.group_size == 32
 
 
-class MlxModel:
+class MlxModel(ShardedReader):
     """A validated, memory-mapped MLX gpt-oss folder under ``original/`` names (``CanonicalModel``)."""
 
     def __init__(self, path: str | Path):
@@ -306,16 +306,6 @@ class MlxModel:
                 what = "scale bytes are 255 (NaN in E8M0)" if name in e8m0 else "NaN/Inf values"
                 problems.append(f"file {entry.file}, tensor {name!r}: {bad} {what}")
         return problems
-
-    def close(self) -> None:
-        for f in self.files:
-            f.close()
-
-    def __enter__(self) -> "MlxModel":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _interleave(even: np.ndarray, odd: np.ndarray, axis: int) -> np.ndarray:

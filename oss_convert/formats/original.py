@@ -18,7 +18,7 @@ import numpy as np
 from ..dtypes import bf16_to_f32
 from ..errors import InputError
 from . import mxfp4
-from .safetensors import SafetensorsFile, TensorEntry, TensorSpec
+from .safetensors import SafetensorsFile, ShardedReader, TensorEntry, TensorSpec
 
 
 @dataclass(frozen=True)
@@ -195,7 +195,7 @@ def _expert_name(name: str) -> tuple[int, str]:
     return int(parts[1]), parts[3].split("_")[0]
 
 
-class OriginalCheckpoint:
+class OriginalCheckpoint(ShardedReader):
     """A validated, memory-mapped ``original/`` checkpoint.
 
     ``raw(name)`` gives zero-copy views (BF16 as uint16 bits, MXFP4 parts as uint8); nothing is
@@ -354,16 +354,6 @@ class OriginalCheckpoint:
             if progress is not None:
                 progress(entry.nbytes)
         return problems
-
-    def close(self) -> None:
-        for f in self.files:
-            f.close()
-
-    def __enter__(self) -> "OriginalCheckpoint":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def iter_chunks(array: np.ndarray, max_bytes: int = 64 << 20) -> Iterator[np.ndarray]:

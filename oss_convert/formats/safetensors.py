@@ -177,6 +177,22 @@ class SafetensorsFile:
         self._fh.close()
 
 
+class ShardedReader:
+    """Closing and ``with`` support for a reader that holds ``self.files`` (SafetensorsFile list)."""
+
+    files: list[SafetensorsFile]
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """A tensor to be written: its name, safetensors dtype and shape."""
