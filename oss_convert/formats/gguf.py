@@ -54,6 +54,7 @@ def _open_reader(path: Path):
         magic = fh.read(4)
     if magic != b"GGUF":
         raise InputError(f"not a GGUF file (magic {magic!r}, expected b'GGUF')", file=path)
+    check_header_bounds(path)
     try:
         reader = g.GGUFReader(path, "r")
     except Exception as exc:  # gguf-py raises ValueError/IndexError/... on a cut header
@@ -64,6 +65,77 @@ def _open_reader(path: Path):
             raise InputError(f"truncated: tensor data ends at byte {end} but the file has {size} bytes",
                              file=path, tensor=t.name)
     return reader
+
+
+# Counts no real file comes near (a 120b GGUF: ~700 tensors, ~50 keys, 201k tokens, 446k merges).
+# gguf-py parses element by element in Python (~25 us each): a corrupt count must be refused
+# before it, or a 65 GB file becomes hours of "parsing".
+MAX_KV = 1 << 16
+MAX_TENSORS = 1 << 20
+MAX_ARRAY = 1 << 22
+MAX_DIMS = 4  # GGML_MAX_DIMS
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+
+
+def check_header_bounds(path: Path) -> None:
+    """Walk the GGUF header (keys, values, tensor infos) checking every count and length against
+    the file and the caps above, so that gguf-py only ever parses a header of sane size."""
+    import mmap
+    import struct
+
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        size = len(data)
+        order = "<"
+
+        def take(fmt: str, at: int) -> tuple[tuple, int]:
+            n = struct.calcsize(order + fmt)
+            if at + n > size:
+                raise InputError(f"truncated: the GGUF header runs past the end of the file (byte {at})", file=path)
+            return struct.unpack_from(order + fmt, data, at), at + n
+
+        def string(at: int) -> int:
+            (length,), at = take("Q", at)
+            if at + length > size:
+                raise InputError(f"string of {length} bytes at byte {at} runs past the end of the file", file=path)
+            return at + length
+
+        def value(kind: int, at: int, depth: int = 0) -> int:
+            if kind in _SCALAR_SIZES:
+                return take(f"{_SCALAR_SIZES[kind]}s", at)[1]
+            if kind == _STRING:
+                return string(at)
+            if kind != _ARRAY or depth > 1:
+                raise InputError(f"unknown GGUF value type {kind} at byte {at}", file=path)
+            (item, count), at = take("IQ", at)
+            if count > MAX_ARRAY:
+                raise InputError(f"array of {count} elements at byte {at} (more than {MAX_ARRAY}: corrupt?)", file=path)
+            if item in _SCALAR_SIZES:
+                end = at + count * _SCALAR_SIZES[item]
+                if end > size:
+                    raise InputError(f"array of {count} values at byte {at} runs past the end of the file", file=path)
+                return end
+            for _ in range(count):
+                at = value(item, at, depth + 1)
+            return at
+
+        (version,), at = take("I", 4)
+        if version & 0xFFFF == 0:  # written on a big-endian machine; gguf-py reads those too
+            order = ">"
+        (tensors, kvs), at = take("QQ", 8)
+        if kvs > MAX_KV or tensors > MAX_TENSORS:
+            raise InputError(f"header claims {kvs} keys and {tensors} tensors (corrupt?)", file=path)
+        for _ in range(kvs):
+            at = string(at)
+            (kind,), at = take("I", at)
+            at = value(kind, at)
+        for _ in range(tensors):
+            at = string(at)
+            (dims,), at = take("I", at)
+            if dims > MAX_DIMS:
+                raise InputError(f"tensor info at byte {at} has {dims} dimensions (at most {MAX_DIMS})", file=path)
+            at = take(f"{dims}Q", at)[1]
+            at = take("IQ", at)[1]
 
 
 class GgufModel:
@@ -94,7 +166,10 @@ class GgufModel:
         field = self.fields.get(key)
         if field is None:
             return default
-        return field.contents()
+        try:
+            return field.contents()
+        except (UnicodeDecodeError, ValueError, TypeError, IndexError) as exc:  # a corrupt string or array
+            raise InputError(f"metadata key {key!r} cannot be read: {exc}", file=self.path) from exc
 
     def _key(self, suffix: str, default=None):
         value = self.value(f"{ARCH}.{suffix}", default)
@@ -103,6 +178,18 @@ class GgufModel:
         return value
 
     def _config(self) -> ModelConfig:
+        try:
+            config = self._read_config()
+        except (TypeError, ValueError, OverflowError) as exc:  # a key of the wrong type (a list, a string)
+            raise InputError(f"gpt-oss metadata is not valid: {exc}", file=self.path) from exc
+        # Every layer has tensors: a corrupt block_count of 4e9 must not drive loops over layers.
+        if config.num_hidden_layers > len(self.tensors):
+            raise InputError(f"{ARCH}.block_count is {config.num_hidden_layers} but the file has only "
+                             f"{len(self.tensors)} tensors", file=self.path)
+        config.check(self.path)
+        return config
+
+    def _read_config(self) -> ModelConfig:
         embd = self.tensors.get("token_embd.weight")
         if embd is None:
             raise InputError("no token_embd.weight tensor", file=self.path)
@@ -126,7 +213,6 @@ class GgufModel:
             rope_ntk_alpha=_integral(float(self._key("rope.scaling.yarn_beta_slow", 1.0))),
             rope_ntk_beta=_integral(float(self._key("rope.scaling.yarn_beta_fast", 32.0))),
         )
-        config.check(self.path)
         return config
 
     # -- tensors ------------------------------------------------------------------------

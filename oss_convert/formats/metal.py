@@ -358,11 +358,21 @@ class MetalModel:
         self.num_special, self.num_text, self.regex_size, self.tokens_size = TOKENIZER_HEADER.unpack(prefix[at:])
         self._check_header()
         tokenizer_end = PREFIX_SIZE + 16 * self.num_special + self.regex_size + self.tokens_size
+        # Bound the header by the file before laying it out: a corrupt num_blocks of 3e8 would
+        # otherwise build 3e8 layers' offsets (a hang) only to find the file too short.
+        h = self.header
+        expert_bytes = h.num_blocks * h.num_experts * (3 * h.mlp_dim * h.embedding_dim // 2)
+        if self.file_size < tokenizer_end + expert_bytes:
+            raise self._fail(f"truncated: {self.file_size:,} bytes, the header implies more than "
+                             f"{tokenizer_end + expert_bytes:,}")
         self.layout = Layout(self.header, self.vocab_rows, tokenizer_end)
         if self.file_size < self.layout.file_size:
             raise self._fail(f"truncated: {self.file_size:,} bytes, the header implies {self.layout.file_size:,}")
+        try:
+            self.config = self.header.to_config(self.vocab_rows)
+        except (ArithmeticError, ValueError) as exc:  # RoPE fields no converter writes: overflow, NaN
+            raise self._fail(f"implausible header: RoPE fields give no config ({exc})") from exc
         self._mmap = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
-        self.config = self.header.to_config(self.vocab_rows)
 
     def _check_header(self) -> None:
         h = self.header
