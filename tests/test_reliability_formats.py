@@ -270,3 +270,200 @@ def test_no_scan_converts_values_as_they_are(defect, bad_repo, tmp_path, monkeyp
     assert code == 0, err
     with OriginalCheckpoint(bad_repo) as a, OriginalCheckpoint(out) as b:
         assert a.raw(tensor).tobytes() == b.raw(tensor).tobytes()
+
+
+# -- broken artifacts through inspect and verify ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_repo, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    assert run_sub("convert", str(tiny_repo), "--to", "gguf", "-o", str(out), "--quiet").returncode == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def metal_bin(metal_repo, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("metal") / "model.bin"
+    result = run_sub("convert", str(metal_repo), "--to", "metal", "-o", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def cut(path: Path, dest: Path, keep: int | None = None, magic: bytes | None = None) -> Path:
+    """A copy of ``path`` cut to ``keep`` bytes (negative: drop that many) and/or with another magic."""
+    size = path.stat().st_size
+    keep = size if keep is None else keep if keep >= 0 else size + keep
+    with open(path, "rb") as src, open(dest, "wb") as out:
+        out.write(src.read(keep))
+        if magic:
+            out.seek(0)
+            out.write(magic)
+    return dest
+
+
+@pytest.mark.parametrize("keep, magic, message", [
+    (-1000, None, "truncated"),         # the last tensor's data is cut short
+    (5000, None, "GGUF header"),       # cut inside the metadata
+    (10, None, "GGUF header"),
+    (None, b"GGML", "magic"),
+    (None, b"\0\0\0\0", "magic"),
+], ids=["data", "metadata", "10-bytes", "ggml-magic", "zero-magic"])
+def test_broken_gguf_exits_2_in_inspect_and_verify(tiny_gguf, tiny_repo, tmp_path, keep, magic, message,
+                                                  monkeypatch, capsys):
+    bad = cut(tiny_gguf, tmp_path / "bad.gguf", keep, magic)
+    for args in (["inspect", str(bad)], ["inspect", "--scan", str(bad)],
+                 ["verify", str(bad), "--reference", str(tiny_repo), "--quiet"]):
+        code, _, err = run_cli(monkeypatch, capsys, *args)
+        assert code == 2, (args, err)
+        assert str(bad) in err and "Traceback" not in err, err
+        if magic != b"\0\0\0\0":  # an unknown magic is not recognised as GGUF at all
+            assert message in err, err
+    assert listing(tmp_path) == ["bad.gguf"]
+
+
+@pytest.mark.parametrize("keep, magic, folder, message", [
+    (50, None, True, "truncated: 50 bytes"),
+    (-4096, None, True, "truncated"),
+    (1 << 20, None, False, "truncated"),
+    (4096, b"GPT-OSS v9.9", True, "not a gpt-oss Metal model.bin"),
+    (4096, b"GPT-OSS v9.9", False, "unrecognised file"),
+], ids=["header", "last-expert", "file-1MiB", "magic-in-folder", "magic-file"])
+def test_broken_model_bin_exits_2_in_inspect_and_verify(metal_bin, tmp_path, keep, magic, folder, message,
+                                                       monkeypatch, capsys):
+    """A folder holding model.bin is read as Metal whatever the magic; a bare file by its magic."""
+    bad = cut(metal_bin, (tmp_path / "metal").mkdir() or tmp_path / "metal" / "model.bin", keep, magic)
+    artifact = bad.parent if folder else bad
+    # verify opens the artifact before computing any reference: the source here is never read.
+    for args in (["inspect", str(artifact)], ["verify", str(artifact), "--reference", str(tmp_path / "unused"),
+                                               "--quiet"]):
+        code, _, err = run_cli(monkeypatch, capsys, *args)
+        assert code == 2, (args, err)
+        assert str(bad) in err and message in err and "Traceback" not in err, err
+
+
+def test_integrity_check_catches_a_cut_artifact(tiny_gguf, tmp_path, monkeypatch, capsys):
+    copy = tmp_path / tiny_gguf.name
+    shutil.copy(tiny_gguf, copy)
+    shutil.copy(tiny_gguf.with_name(tiny_gguf.name + ".manifest.json"), tmp_path)
+    code, out, err = run_cli(monkeypatch, capsys, "verify", "--integrity", str(copy))
+    assert code == 0, out + err
+    cut(tiny_gguf, copy, -1)
+    code, out, _ = run_cli(monkeypatch, capsys, "verify", "--integrity", str(copy))
+    assert code == 1 and f"tiny.gguf: size {copy.stat().st_size}" in out
+
+
+# -- header fuzzing ---------------------------------------------------------------------------------
+
+
+class Hang(Exception):
+    pass
+
+
+class Sample(bytes):
+    """Bytes of a valid file, with a short repr for hypothesis' failure reports."""
+
+    end: int = 0  # where the header region ends
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} bytes, header ends at {self.end}>"
+
+
+def within_seconds(seconds: int, fn, *args):
+    """Run ``fn`` and fail on a hang: SIGALRM raises ``Hang`` (not an InputError) in the main thread."""
+    def alarm(signum, frame):
+        raise Hang(f"still parsing after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        return fn(*args)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(scope="module")
+def small_gguf(tmp_path_factory) -> Sample:
+    """A valid one-layer GGUF (~1 MB) and the end of its header (where tensor data starts)."""
+    import gguf
+
+    folder = tmp_path_factory.mktemp("small-gguf")
+    repo = synth.generate(folder / "repo", synth.preset_with("tiny", num_hidden_layers=1), seed=3, tokenizer=True)
+    out = folder / "small.gguf"
+    assert run_sub("convert", str(repo), "--to", "gguf", "-o", str(out), "--quiet", "--no-manifest").returncode == 0
+    sample = Sample(out.read_bytes())
+    sample.end = min(t.data_offset for t in gguf.GGUFReader(out).tensors)
+    return sample
+
+
+def open_and_describe_gguf(path: Path) -> None:
+    from oss_convert.formats import gguf as gguf_format
+
+    info = gguf_format.describe(path)
+    assert isinstance(info, dict)
+    with gguf_format.GgufModel(path) as model:
+        model.problems()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_gguf_header(small_gguf, tmp_path, data):
+    header_end = small_gguf.end
+    mutated = bytearray(small_gguf)
+    for _ in range(data.draw(st.integers(1, 8), label="edits")):
+        at = data.draw(st.integers(0, header_end - 1), label="offset")
+        value = data.draw(st.binary(min_size=1, max_size=8), label="bytes")
+        mutated[at:at + len(value)] = value
+    if data.draw(st.booleans(), label="cut"):
+        mutated = mutated[:data.draw(st.integers(0, header_end), label="keep")]
+    path = tmp_path / "fuzz.gguf"
+    path.write_bytes(bytes(mutated))
+    try:
+        within_seconds(5, open_and_describe_gguf, path)
+    except InputError as exc:
+        assert str(path) in str(exc)
+
+
+@pytest.fixture(scope="module")
+def metal_head(metal_bin) -> Sample:
+    """model.bin up to the end of its tokenizer section; ``end`` is the full file size."""
+    from oss_convert.formats.metal import MetalModel
+
+    with MetalModel(metal_bin) as model:
+        end = model.layout.shared_start
+    with open(metal_bin, "rb") as fh:
+        sample = Sample(fh.read(end))
+    sample.end = metal_bin.stat().st_size
+    return sample
+
+
+def open_and_describe_metal(path: Path) -> None:
+    from oss_convert.formats import metal
+
+    info = metal.describe(path)
+    assert isinstance(info, dict)
+    with metal.MetalModel(path) as model:
+        model.text_tokens()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_metal_header(metal_head, tmp_path, data):
+    """Mutate the fixed header and the tokenizer section; the weights are a sparse hole of zeros
+    (the reader must not care about their values to parse the header)."""
+    head, size = metal_head, metal_head.end
+    mutated = bytearray(head)
+    for _ in range(data.draw(st.integers(1, 6), label="edits")):
+        near_start = data.draw(st.booleans(), label="in the fixed header")
+        at = data.draw(st.integers(0, 200 if near_start else len(head) - 1), label="offset")
+        value = data.draw(st.binary(min_size=1, max_size=8), label="bytes")
+        mutated[at:at + len(value)] = value
+    path = tmp_path / "model.bin"
+    with open(path, "wb") as fh:
+        fh.write(bytes(mutated))
+        fh.truncate(data.draw(st.sampled_from([size, len(head), size // 2]), label="size"))
+    try:
+        within_seconds(5, open_and_describe_metal, path)
+    except InputError as exc:
+        assert str(path) in str(exc)
