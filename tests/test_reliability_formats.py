@@ -467,3 +467,144 @@ def test_fuzz_metal_header(metal_head, tmp_path, data):
         within_seconds(5, open_and_describe_metal, path)
     except InputError as exc:
         assert str(path) in str(exc)
+
+
+# -- atomic output, per converter -------------------------------------------------------------------
+
+# ~450 MB of MXFP4 experts: every converter takes seconds on it, long enough to interrupt.
+BIG = synth.preset_with("tiny", hidden_size=1024, intermediate_size=1024, num_experts=32, num_hidden_layers=8,
+                        vocab_size=4096)
+# target -> (extra options, output name); the metal converter needs the full-vocabulary preset.
+WRITERS = {
+    "mlx": ([], "model"),
+    "metal": ([], "model.bin"),
+    "gguf": ([], "model.gguf"),
+    "gguf-split": (["--split-max-size", "40M"], "model.gguf"),
+    "hf-bf16": ([], "model"),
+    "original": ([], "model"),
+}
+
+
+@pytest.fixture(scope="module")
+def big_repo(tmp_path_factory) -> Path:
+    return synth.generate(tmp_path_factory.mktemp("big") / "repo", BIG, seed=5, tokenizer=True)
+
+
+def source_for(writer: str, request) -> Path:
+    return request.getfixturevalue("metal_repo" if writer == "metal" else "big_repo")
+
+
+def convert_args(writer: str, source: Path, out: Path, *more: str) -> list[str]:
+    options, _ = WRITERS[writer]
+    if writer == "gguf-split" and sum(
+            p.stat().st_size for p in (source / "original").glob("*.safetensors")) < 40 << 20:
+        options = ["--split-max-size", "1M"]  # several shards of a small model too
+    return ["convert", str(source), "--to", writer.removesuffix("-split"), "-o", str(out), "--quiet",
+            *options, *more]
+
+
+def writing_started(folder: Path) -> bool:
+    """A temporary output with bytes in it exists (the converter is past its checks and the scan)."""
+    for p in folder.glob(".*.partial"):
+        files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
+        if any(f.stat().st_size > 0 for f in files):
+            return True
+    return False
+
+
+def start_and_wait_for_writing(args: list[str], folder: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not writing_started(folder):
+        if proc.poll() is not None:
+            pytest.fail(f"finished before it could be interrupted: {proc.returncode} {proc.stderr.read()}")
+        assert time.time() < deadline, "no output appeared within 60 s"
+        time.sleep(0.005)
+    return proc
+
+
+def plant_old_output(out: Path) -> dict[str, str]:
+    """A previous artifact under the final name, folder or file like the real one."""
+    if out.suffix in (".gguf", ".bin"):
+        out.write_bytes(b"previous artifact")
+    else:
+        out.mkdir()
+        (out / "config.json").write_text('{"previous": "artifact"}')
+    return tree_hashes(out.parent)
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_ctrl_c_keeps_the_old_output_and_leaves_nothing_else(writer, request, tmp_path):
+    source = source_for(writer, request)
+    out = tmp_path / WRITERS[writer][1]
+    old = plant_old_output(out) if writer != "gguf-split" else {}  # split names depend on the count
+    before = listing(tmp_path)
+    proc = start_and_wait_for_writing(convert_args(writer, source, out, "--force"), tmp_path)
+    started = time.time()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130, proc.stderr.read()
+    # It stops at once: the background source hashing is cancelled, not finished.
+    assert time.time() - started < 5
+    assert "interrupted" in proc.stderr.read()
+    assert tree_hashes(tmp_path) == old
+    assert listing(tmp_path) == before  # no .partial, no .old, no manifest
+
+
+@pytest.mark.parametrize("writer", ["mlx", "gguf-split", "original"])
+def test_kill_never_leaves_a_partial_artifact_under_the_final_name(writer, request, tmp_path):
+    source = source_for(writer, request)
+    out = tmp_path / WRITERS[writer][1]
+    old = plant_old_output(out) if writer != "gguf-split" else {}
+    proc = start_and_wait_for_writing(convert_args(writer, source, out, "--force"), tmp_path)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert {k: v for k, v in tree_hashes(tmp_path).items() if not k.startswith(".")} == old
+    visible = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    assert sorted(p.name for p in visible) == sorted({k.split("/")[0] for k in old})
+    assert all(p.name.endswith(".partial") for p in tmp_path.iterdir() if p.name.startswith("."))
+
+
+def split_names(writer: str, source: Path, tmp_path: Path) -> list[str]:
+    """The file names a successful conversion makes (learned from one, in another folder)."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    result = run_sub(*convert_args(writer, source, probe / WRITERS[writer][1], "--no-manifest"))
+    assert result.returncode == 0, result.stderr
+    names = sorted(p.name for p in probe.iterdir())
+    shutil.rmtree(probe)
+    return names
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_existing_output_needs_force_and_survives_a_full_disk(writer, request, tiny_repo, tmp_path):
+    big = source_for(writer, request)
+    small = request.getfixturevalue("metal_repo") if writer == "metal" else tiny_repo
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    out = dest / WRITERS[writer][1]
+    if writer == "gguf-split":  # old shards under the names the new conversion will use
+        names = split_names(writer, small, tmp_path)
+        assert len(names) > 1
+        for name in names:
+            (dest / name).write_bytes(b"previous shard")
+        old = tree_hashes(dest)
+    else:
+        old = plant_old_output(out)
+    before = listing(dest)
+
+    refused = run_sub(*convert_args(writer, small, out))
+    assert refused.returncode == 2 and "--force" in refused.stderr and "Traceback" not in refused.stderr
+    assert tree_hashes(dest) == old
+
+    # A full disk: writes past 20 MB fail with EFBIG.
+    full = run_sub(*convert_args(writer, big, out, "--force"), fsize=20 << 20)
+    assert full.returncode == 2, full.stderr
+    assert "cannot write" in full.stderr and "File too large" in full.stderr and "Traceback" not in full.stderr
+    assert tree_hashes(dest) == old and listing(dest) == before
+
+    done = run_sub(*convert_args(writer, small, out, "--force"))
+    assert done.returncode == 0, done.stderr
+    new = tree_hashes(dest)
+    assert set(new) != set(old) or all(new[k] != old[k] for k in old)
+    assert not [name for name in listing(dest) if name.startswith(".") or "/." in name]
+    assert run_sub("verify", "--integrity", done.stdout.strip()).returncode == 0
