@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +31,7 @@ from .errors import InputError
 SCHEMA = "oss-convert-manifest/1"
 FOLDER_MANIFEST = "oss-convert-manifest.json"
 READ_BYTES = 8 << 20
+_SPLIT = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")  # llama.cpp's split names
 
 
 def manifest_path(artifact: Path) -> Path:
@@ -53,6 +55,11 @@ def artifact_files(artifact: Path) -> dict[str, Path]:
     if artifact.is_dir():
         return {p.relative_to(artifact).as_posix(): p for p in sorted(artifact.rglob("*"))
                 if p.is_file() and p.name != FOLDER_MANIFEST and not p.name.startswith(".")}
+    split = _SPLIT.match(artifact.name)
+    if split:  # a split GGUF is named by its first shard; every shard is part of the artifact
+        count = int(split["count"])
+        shards = [artifact.with_name(f"{split['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+        return {p.name: p for p in shards if p.is_file()}
     return {artifact.name: artifact}
 
 
