@@ -608,3 +608,130 @@ def test_existing_output_needs_force_and_survives_a_full_disk(writer, request, t
     assert set(new) != set(old) or all(new[k] != old[k] for k in old)
     assert not [name for name in listing(dest) if name.startswith(".") or "/." in name]
     assert run_sub("verify", "--integrity", done.stdout.strip()).returncode == 0
+
+
+# -- determinism -------------------------------------------------------------------------------------
+
+# (source fixture, convert options, output name). MLX reads no thread-count variable; its CPU work
+# is varied through the CPU affinity instead.
+RECIPES = {
+    "mlx": ("tiny_repo", ["--to", "mlx"], "model"),
+    "mlx-mxfp4-q4": ("tiny_repo", ["--to", "mlx", "--recipe", "mxfp4-q4"], "model"),
+    "metal": ("metal_repo", ["--to", "metal"], "model.bin"),
+    "gguf-q8_0": ("tiny_repo", ["--to", "gguf", "--outtype", "q8_0"], "model.gguf"),
+    "gguf-split": ("tiny_repo", ["--to", "gguf", "--split-max-size", "1M"], "model.gguf"),
+    "hf-bf16": ("tiny_repo", ["--to", "hf-bf16", "--shard-size", "1M"], "model"),
+    "original-search": ("dense_repo", ["--to", "original", "--recipe", "search"], "model"),
+    "original-from-hf": ("tiny_hf", ["--to", "original"], "model"),
+}
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+@pytest.fixture(scope="module")
+def dense_repo(tmp_path_factory) -> Path:
+    """Dense BF16 experts, as a fine-tune: ``--recipe search`` does real numeric work on them."""
+    return synth.generate(tmp_path_factory.mktemp("dense") / "repo", "tiny", seed=4, experts="bf16", tokenizer=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tiny_repo, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("hf") / "hf"
+    assert run_sub("convert", str(tiny_repo), "--to", "hf-bf16", "-o", str(out), "--quiet").returncode == 0
+    return out
+
+
+def converted_with_threads(source: Path, options: list[str], out: Path, threads: int) -> dict[str, str]:
+    env = {**os.environ, **{name: str(threads) for name in THREAD_VARIABLES}}
+    cpus = sorted(os.sched_getaffinity(0))[:threads]
+
+    def pin() -> None:
+        os.sched_setaffinity(0, cpus)
+
+    result = subprocess.run([*CLI, "convert", str(source), *options, "-o", str(out), "--quiet"], env=env,
+                            preexec_fn=pin, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return tree_hashes(out.parent)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_same_input_gives_identical_bytes_across_runs_and_thread_counts(recipe, request, tmp_path):
+    fixture, options, name = RECIPES[recipe]
+    source = request.getfixturevalue(fixture)
+    one = converted_with_threads(source, options, tmp_path / "one" / name, threads=1)
+    many = converted_with_threads(source, options, tmp_path / "many" / name, threads=8)
+    assert one == many  # every output file and the manifest, byte for byte
+    assert len(one) >= 2  # the artifact and its manifest at least
+
+
+# -- provenance -----------------------------------------------------------------------------------
+
+PROVENANCE = {  # name -> (source fixture, options, output name, files the artifact is made of)
+    "mlx": ("tiny_repo", ["--to", "mlx"], "model", None),
+    "gguf": ("tiny_repo", ["--to", "gguf", "--outtype", "q8_0"], "model.gguf", ["model.gguf"]),
+    "gguf-split": ("tiny_repo", ["--to", "gguf", "--split-max-size", "1M"], "model.gguf",
+                   [f"model-0000{i}-of-00004.gguf" for i in range(1, 5)]),
+    "hf-bf16": ("tiny_repo", ["--to", "hf-bf16", "--shard-size", "1M"], "model", None),
+    "original": ("dense_repo", ["--to", "original", "--recipe", "search"], "model", None),
+}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_provenance(source: Path, result: Path, manifest: Path, options: dict, files: dict[str, Path],
+                     monkeypatch, capsys) -> None:
+    from oss_convert import __version__
+
+    data = json.loads(manifest.read_text())
+    assert data["schema"] == "oss-convert-manifest/1"
+    assert data["tool"] == {"name": "oss-convert", "version": __version__}
+    assert data["options"] == options
+    originals = [*(source / "original").glob("*.safetensors"), source / "original" / "config.json"]
+    if not (source / "original").is_dir():  # an HF-layout source
+        originals = [*source.glob("*.safetensors"), source / "config.json"]
+    assert {k: v["sha256"] for k, v in data["source"]["files"].items()} == {p.name: sha256(p) for p in originals}
+    assert {k: v["sha256"] for k, v in data["outputs"].items()} == {k: sha256(p) for k, p in files.items()}
+
+    code, out, err = run_cli(monkeypatch, capsys, "verify", "--integrity", str(result))
+    assert code == 0 and "integrity pass" in out, out + err
+    for name, path in files.items():  # one flipped bit anywhere is caught, and the file named
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 1
+        path.write_bytes(bytes(data))
+        code, out, _ = run_cli(monkeypatch, capsys, "verify", "--integrity", str(result))
+        assert code == 1 and f"{name}: sha256 differs" in out, (name, out)
+        data[len(data) // 2] ^= 1
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("target", PROVENANCE)
+def test_every_target_gets_a_manifest_that_verify_integrity_checks(target, request, tmp_path, monkeypatch, capsys):
+    fixture, options, name, file_names = PROVENANCE[target]
+    source = request.getfixturevalue(fixture)
+    out = tmp_path / name
+    code, stdout, err = run_cli(monkeypatch, capsys, "convert", str(source), *options, "-o", str(out), "--quiet")
+    assert code == 0, err
+    result = Path(stdout.strip())
+    if file_names is None:  # a folder: the manifest inside it, covering every other file
+        manifest = out / "oss-convert-manifest.json"
+        files = {p.relative_to(out).as_posix(): p for p in out.rglob("*") if p.is_file() and p != manifest}
+    else:  # single files: OUT.manifest.json beside the first one, covering every shard
+        manifest = result.with_name(result.name + ".manifest.json")
+        files = {n: tmp_path / n for n in file_names}
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*file_names, manifest.name])
+    assert manifest.is_file()
+    given = dict(zip(options[2::2], options[3::2]))
+    recorded = {k.removeprefix("--").replace("-", "_"): v for k, v in given.items()}
+    check_provenance(source, result, manifest, recorded, files, monkeypatch, capsys)
+    if target == "gguf-split":
+        (tmp_path / file_names[2]).unlink()
+        code, out, _ = run_cli(monkeypatch, capsys, "verify", "--integrity", str(result))
+        assert code == 1 and f"{file_names[2]}: missing" in out
+
+
+def test_metal_manifest(metal_repo, metal_bin, tmp_path, monkeypatch, capsys):
+    shutil.copy(metal_bin, tmp_path / "model.bin")
+    shutil.copy(metal_bin.with_name("model.bin.manifest.json"), tmp_path)
+    check_provenance(metal_repo, tmp_path / "model.bin", tmp_path / "model.bin.manifest.json", {},
+                     {"model.bin": tmp_path / "model.bin"}, monkeypatch, capsys)
