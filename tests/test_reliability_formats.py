@@ -735,3 +735,72 @@ def test_metal_manifest(metal_repo, metal_bin, tmp_path, monkeypatch, capsys):
     shutil.copy(metal_bin.with_name("model.bin.manifest.json"), tmp_path)
     check_provenance(metal_repo, tmp_path / "model.bin", tmp_path / "model.bin.manifest.json", {},
                      {"model.bin": tmp_path / "model.bin"}, monkeypatch, capsys)
+
+
+# -- the input is only ever read ---------------------------------------------------------------------
+
+# Runs the CLI under an audit hook that sees every open(), mmap and file-system change, and records
+# those touching the source with write access. Root ignores file permissions, so a chmod-ed
+# source would prove nothing on CI runners that run as root; the hook does.
+AUDITED_CLI = r"""
+import json, mmap, os, sys
+source, log_path = os.path.realpath(sys.argv[1]), sys.argv[2]
+del sys.argv[1:3]
+writes, reads = [], []
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+CHANGES = {"os.rename", "os.replace", "os.remove", "os.rmdir", "os.truncate", "os.chmod", "os.chown",
+           "os.utime", "os.link", "os.symlink", "os.mkdir", "shutil.rmtree", "shutil.move", "shutil.copyfile"}
+
+def inside(path):
+    try:
+        path = os.readlink(f"/proc/self/fd/{path}") if isinstance(path, int) else os.fsdecode(path)
+    except (TypeError, OSError):
+        return None
+    path = os.path.realpath(path)
+    return path if path == source or path.startswith(source + os.sep) else None
+
+def hook(event, args):
+    if event == "open":
+        path, mode, flags = args
+        where = inside(path)
+        if where:
+            writing = (mode is not None and any(c in str(mode) for c in "wax+")) or bool((flags or 0) & WRITE_FLAGS)
+            (writes if writing else reads).append(f"open({mode or flags}) {where}")
+    elif event == "mmap.__new__":
+        fileno, length, access, offset = args
+        where = inside(fileno) if fileno != -1 else None
+        if where and access not in (mmap.ACCESS_READ, mmap.ACCESS_COPY):
+            writes.append(f"mmap(access={access}) {where}")
+    elif event in CHANGES:
+        touched = args[1:2] if event == "shutil.copyfile" else args[:2]  # copying from the source is reading
+        for arg in touched:
+            where = inside(arg) if isinstance(arg, (str, bytes, os.PathLike)) else None
+            if where:
+                writes.append(f"{event} {where}")
+
+sys.addaudithook(hook)
+from oss_convert.cli.main import main
+try:
+    main()
+finally:
+    with open(log_path, "w") as fh:
+        json.dump({"writes": writes, "reads": reads}, fh)
+"""
+
+
+@pytest.mark.parametrize("source_fixture, target, name", [
+    ("tiny_repo", "mlx", "model"), ("tiny_repo", "gguf", "model.gguf"), ("tiny_repo", "hf-bf16", "model"),
+    ("tiny_repo", "original", "model"), ("metal_repo", "metal", "model.bin"), ("tiny_hf", "original", "model"),
+])
+def test_the_source_is_never_opened_for_writing(source_fixture, target, name, request, tmp_path):
+    source = request.getfixturevalue(source_fixture)
+    before = tree_hashes(source)
+    log = tmp_path / "audit.json"
+    result = subprocess.run([sys.executable, "-c", AUDITED_CLI, str(source), str(log), "convert", str(source),
+                             "--to", target, "-o", str(tmp_path / "out" / name), "--quiet"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    audit = json.loads(log.read_text())
+    assert audit["writes"] == []
+    assert any(".safetensors" in r for r in audit["reads"]) and any("config.json" in r for r in audit["reads"])
+    assert tree_hashes(source) == before
