@@ -27,7 +27,7 @@ from ..errors import InputError
 from ..tokenizer import SPECIAL_TOKENS, TOKENIZER_FILES, layout
 from . import mxfp4
 from .original import ModelConfig, Mxfp4Pair, OriginalCheckpoint, expected_tensors, iter_chunks
-from .safetensors import SafetensorsFile, ShardedReader, TensorEntry
+from .safetensors import ShardedReader
 
 MODEL_TYPE = "gpt_oss"
 # Values the torch reference hard-codes; a config that says otherwise describes another model.
@@ -232,18 +232,9 @@ class HfCheckpoint(ShardedReader):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.config_path = self.path / "config.json"
-        try:
-            self.hf_config = json.loads(self.config_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"cannot read config: {exc}", file=self.config_path) from exc
-        if not isinstance(self.hf_config, dict):
-            raise InputError("config must be a JSON object", file=self.config_path)
+        self.hf_config = self._read_config(self.config_path)
         self.config = model_config_from_hf(self.hf_config, file=self.config_path)
-        shard_paths = sorted(self.path.glob("*.safetensors"))
-        if not shard_paths:
-            raise InputError("no *.safetensors files", file=self.path)
-        self.files = [SafetensorsFile(p) for p in shard_paths]
-        self.entries = self._index()
+        self._open_shards(self.path, "*.safetensors")
         self.tied = bool(self.hf_config.get("tie_word_embeddings", False)) and "lm_head.weight" not in self.entries
         self.experts = "mxfp4" if "model.layers.0.mlp.experts.gate_up_proj_blocks" in self.entries else "bf16"
         self.specs = expected_tensors(self.config, self.experts)
@@ -255,15 +246,6 @@ class HfCheckpoint(ShardedReader):
     @property
     def repo_root(self) -> Path:
         return self.path
-
-    def _index(self) -> dict[str, TensorEntry]:
-        entries: dict[str, TensorEntry] = {}
-        for f in self.files:
-            for name, entry in f.entries.items():
-                if name in entries:
-                    raise InputError(f"tensor is also in {entries[name].file.name}", file=f.path, tensor=name)
-                entries[name] = entry
-        return entries
 
     def _expected_hf(self) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
         """HF name -> (shape, allowed dtypes) implied by config.json."""
@@ -362,16 +344,6 @@ class HfCheckpoint(ShardedReader):
         if is_dense_expert(name) and self.experts == "mxfp4":
             return "MXFP4"
         return self.entries[self._sources(name)[0]].dtype
-
-    @property
-    def tensor_bytes(self) -> int:
-        return sum(e.nbytes for e in self.entries.values())
-
-    def bytes_by_dtype(self) -> dict[str, int]:
-        totals: dict[str, int] = {}
-        for e in self.entries.values():
-            totals[e.dtype] = totals.get(e.dtype, 0) + e.nbytes
-        return totals
 
     def scan(self, progress=None) -> list[str]:
         """Read every byte: NaN/Inf in float tensors, scale byte 255. ``progress(nbytes)`` per tensor."""

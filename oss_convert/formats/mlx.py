@@ -23,7 +23,7 @@ from ..tokenizer import TOKENIZER_FILES
 from . import mxfp4
 from .hf import model_config_from_hf, qkv_split
 from .original import ModelConfig, Mxfp4Pair, iter_chunks
-from .safetensors import SafetensorsFile, ShardedReader, TensorEntry
+from .safetensors import SafetensorsFile, ShardedReader
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 EXPERT_PROJ = {"mlp1": ("gate_proj", "up_proj"), "mlp2": ("down_proj",)}
@@ -94,33 +94,15 @@ class MlxModel(ShardedReader):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.config_path = self.path / "config.json"
-        try:
-            self.mlx_config = json.loads(self.config_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"cannot read config: {exc}", file=self.config_path) from exc
-        if not isinstance(self.mlx_config, dict):
-            raise InputError("config must be a JSON object", file=self.config_path)
+        self.mlx_config = self._read_config(self.config_path)
         self.config = model_config_from_hf(self.mlx_config, file=self.config_path)
         # mlx_lm.utils.load_model globs model*.safetensors and ignores the index
-        shard_paths = sorted(self.path.glob("model*.safetensors"))
-        if not shard_paths:
-            raise InputError("no model*.safetensors files", file=self.path)
-        self.files = [SafetensorsFile(p) for p in shard_paths]
-        self.entries = self._index()
+        self._open_shards(self.path, "model*.safetensors")
         self.quant = self._check()
 
     @property
     def repo_root(self) -> Path:
         return self.path
-
-    def _index(self) -> dict[str, TensorEntry]:
-        entries: dict[str, TensorEntry] = {}
-        for f in self.files:
-            for name, entry in f.entries.items():
-                if name in entries:
-                    raise InputError(f"tensor is also in {entries[name].file.name}", file=f.path, tensor=name)
-                entries[name] = entry
-        return entries
 
     # -- validation -----------------------------------------------------------------------
 
@@ -278,16 +260,6 @@ class MlxModel(ShardedReader):
                 if tensor in self.entries:
                     entry = self.entries[tensor]
                     next(f for f in self.files if f.path == entry.file).release(tensor)
-
-    @property
-    def tensor_bytes(self) -> int:
-        return sum(e.nbytes for e in self.entries.values())
-
-    def bytes_by_dtype(self) -> dict[str, int]:
-        totals: dict[str, int] = {}
-        for e in self.entries.values():
-            totals[e.dtype] = totals.get(e.dtype, 0) + e.nbytes
-        return dict(sorted(totals.items()))
 
     def scan(self) -> list[str]:
         """Read every byte: NaN/Inf in float tensors, E8M0 scale byte 255 (NaN) in MXFP layers."""

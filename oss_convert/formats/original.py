@@ -207,18 +207,8 @@ class OriginalCheckpoint(ShardedReader):
     def __init__(self, source: str | Path):
         self.path = resolve(source)
         self.config_path = self.path / "config.json"
-        try:
-            raw_config = json.loads(self.config_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"cannot read config: {exc}", file=self.config_path) from exc
-        if not isinstance(raw_config, dict):
-            raise InputError("config must be a JSON object", file=self.config_path)
-        self.config = ModelConfig.from_dict(raw_config, file=self.config_path)
-        shard_paths = sorted(self.path.glob("*.safetensors"))
-        if not shard_paths:
-            raise InputError("no *.safetensors files", file=self.path)
-        self.files = [SafetensorsFile(p) for p in shard_paths]
-        self.entries = self._index()
+        self.config = ModelConfig.from_dict(self._read_config(self.config_path), file=self.config_path)
+        self._open_shards(self.path, "*.safetensors")
         # A checkpoint whose experts are dense BF16 (a fine-tune) has no .blocks/.scales.
         self.experts = "bf16" if "block.0.mlp.mlp1_weight" in self.entries else "mxfp4"
         self.specs = expected_tensors(self.config, self.experts)
@@ -228,15 +218,6 @@ class OriginalCheckpoint(ShardedReader):
     def repo_root(self) -> Path:
         """The folder holding ``tokenizer.json`` and the chat template, beside ``original/``."""
         return self.path.parent if self.path.name == "original" else self.path
-
-    def _index(self) -> dict[str, TensorEntry]:
-        entries: dict[str, TensorEntry] = {}
-        for f in self.files:
-            for name, entry in f.entries.items():
-                if name in entries:
-                    raise InputError(f"tensor is also in {entries[name].file.name}", file=f.path, tensor=name)
-                entries[name] = entry
-        return entries
 
     def _check_against_config(self) -> None:
         expected = {s.name: s for s in self.specs}
@@ -325,16 +306,6 @@ class OriginalCheckpoint(ShardedReader):
             if f.path == entry.file:
                 return f
         raise AssertionError(entry.file)
-
-    @property
-    def tensor_bytes(self) -> int:
-        return sum(e.nbytes for e in self.entries.values())
-
-    def bytes_by_dtype(self) -> dict[str, int]:
-        totals: dict[str, int] = {}
-        for e in self.entries.values():
-            totals[e.dtype] = totals.get(e.dtype, 0) + e.nbytes
-        return totals
 
     def scan(self, progress=None) -> list[str]:
         """Read every byte; return problems (NaN/Inf in BF16, scale byte 255) naming file and tensor."""

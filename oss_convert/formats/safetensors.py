@@ -178,9 +178,44 @@ class SafetensorsFile:
 
 
 class ShardedReader:
-    """Closing and ``with`` support for a reader that holds ``self.files`` (SafetensorsFile list)."""
+    """What every folder-of-safetensors reader shares: its JSON config, its shards opened and
+    indexed by tensor name (a name in two shards is an error), byte totals, closing."""
 
     files: list[SafetensorsFile]
+    entries: dict[str, TensorEntry]
+
+    @staticmethod
+    def _read_config(path: Path) -> dict:
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"cannot read config: {exc}", file=path) from exc
+        if not isinstance(config, dict):
+            raise InputError("config must be a JSON object", file=path)
+        return config
+
+    def _open_shards(self, folder: Path, pattern: str) -> None:
+        """Open every ``pattern`` file in ``folder`` and index their tensors into ``self.entries``."""
+        paths = sorted(folder.glob(pattern))
+        if not paths:
+            raise InputError(f"no {pattern} files", file=folder)
+        self.files = [SafetensorsFile(p) for p in paths]
+        self.entries = {}
+        for f in self.files:
+            for name, entry in f.entries.items():
+                if name in self.entries:
+                    raise InputError(f"tensor is also in {self.entries[name].file.name}", file=f.path, tensor=name)
+                self.entries[name] = entry
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+    def bytes_by_dtype(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for e in self.entries.values():
+            totals[e.dtype] = totals.get(e.dtype, 0) + e.nbytes
+        return dict(sorted(totals.items()))  # stable order in inspect --json
 
     def close(self) -> None:
         for f in self.files:
