@@ -31,8 +31,7 @@ import time
 from pathlib import Path
 
 from oss_convert import artifacts, synth
-from oss_convert.canonical import logical_names
-from oss_convert.formats.original import expected_tensors
+from oss_convert.model import expected_tensors, logical_names
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERT_TENSORS = ("mlp1_weight", "mlp1_bias", "mlp2_weight", "mlp2_bias")

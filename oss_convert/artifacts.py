@@ -11,8 +11,6 @@ from pathlib import Path
 
 from .errors import InputError
 
-KINDS = ("original", "hf", "mlx", "metal", "gguf")
-
 
 def detect(path: str | Path) -> str:
     """Which kind of artifact ``path`` is, from its files and magic bytes, not its name."""
@@ -59,9 +57,10 @@ def _module(kind: str):
     return importlib.import_module(f".formats.{kind}", __package__)
 
 
-def describe(path: str | Path) -> dict:
+def describe(path: str | Path, *, scan: bool = False) -> dict:
+    """``inspect``'s summary: the kind, then the format module's description (``scan`` reads every byte)."""
     kind = detect(path)
-    return {"kind": kind, **_module(kind).describe(path)}
+    return {"kind": kind, **_module(kind).describe(path, scan=scan)}
 
 
 def open_canonical(path: str | Path):

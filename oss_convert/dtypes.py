@@ -9,6 +9,25 @@ from __future__ import annotations
 
 import numpy as np
 
+# safetensors dtype -> numpy dtype of the raw bits we hand out (BF16 stays uint16 bits).
+DTYPES: dict[str, np.dtype] = {
+    "BF16": np.dtype("<u2"),
+    "F16": np.dtype("<f2"),
+    "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
+    "U8": np.dtype("u1"),
+    "I8": np.dtype("i1"),
+    "U16": np.dtype("<u2"),
+    "I16": np.dtype("<i2"),
+    "U32": np.dtype("<u4"),
+    "I32": np.dtype("<i4"),
+    "U64": np.dtype("<u8"),
+    "I64": np.dtype("<i8"),
+    "BOOL": np.dtype("?"),
+    "F8_E4M3": np.dtype("u1"),
+    "F8_E5M2": np.dtype("u1"),
+}
+
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     """Exact widening: a BF16 value is the top half of the float32 with the same bits."""

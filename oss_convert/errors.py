@@ -31,3 +31,7 @@ class InputError(OssConvertError):
 
 class OutputExistsError(OssConvertError):
     """The destination exists and --force was not given."""
+
+
+class UsageError(OssConvertError):
+    """The call itself is wrong: an unknown target, an option the target does not take."""

@@ -13,15 +13,18 @@ import json
 import math
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from functools import partial
+from typing import Iterator
 
 import numpy as np
 
 from .atomic import atomic_output
 from .dtypes import f32_to_bf16
 from .formats import mxfp4
-from .formats.original import ModelConfig, dtypes_json, expected_tensors
-from .formats.safetensors import SafetensorsWriter, TensorSpec
+from .formats.original import dtypes_json
+from .model import ModelConfig, TensorSpec, expected_tensors
+from .progress import SILENT, Progress
+from .shards import Planned, shard_names, total_bytes, write_shards
 from .tokenizer import write_tokenizer_files
 
 PRESETS: dict[str, ModelConfig] = {
@@ -43,28 +46,21 @@ PRESETS: dict[str, ModelConfig] = {
 CHUNK_BYTES = 32 << 20
 
 
-def _shard_names(count: int) -> list[str]:
-    if count == 1:
-        return ["model.safetensors"]
-    # The 120b repo's own naming, double dash included.
-    return [f"model--{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-
-
-def _split(specs: list[TensorSpec], count: int) -> list[list[TensorSpec]]:
+def _split(planned: list[Planned], count: int) -> list[list[Planned]]:
     """Consecutive groups of roughly equal bytes; never an empty shard."""
-    count = max(1, min(count, len(specs)))
-    total = sum(s.nbytes for s in specs)
-    groups: list[list[TensorSpec]] = [[] for _ in range(count)]
+    count = max(1, min(count, len(planned)))
+    total = total_bytes(planned)
+    groups: list[list[Planned]] = [[] for _ in range(count)]
     done = 0
-    for i, spec in enumerate(specs):
-        remaining_specs = len(specs) - i
+    for i, item in enumerate(planned):
+        remaining_specs = len(planned) - i
         target = min(int(done * count / max(total, 1)), count - 1)
         # keep enough tensors for the shards still empty
         empty_after = sum(1 for g in groups[target + 1:] if not g)
         if remaining_specs <= empty_after and groups[target]:
             target = next(j for j in range(target + 1, count) if not groups[j])
-        groups[target].append(spec)
-        done += spec.nbytes
+        groups[target].append(item)
+        done += item.spec.nbytes
     return groups
 
 
@@ -91,8 +87,8 @@ def _scale_centre(fan_in: int) -> int:
     return int(round(127 + math.log2(1 / (2.93 * math.sqrt(fan_in)))))
 
 
-def _fill(writer: SafetensorsWriter, spec: TensorSpec, config: ModelConfig, rng: np.random.Generator,
-          progress: Callable[[int], None]) -> None:
+def _values(spec: TensorSpec, config: ModelConfig, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """The tensor's synthetic bytes in row chunks of about ``CHUNK_BYTES``."""
     rows = spec.shape[0]
     row_bytes = spec.nbytes // rows
     step = max(1, CHUNK_BYTES // row_bytes)
@@ -100,20 +96,18 @@ def _fill(writer: SafetensorsWriter, spec: TensorSpec, config: ModelConfig, rng:
         shape = (min(step, rows - start),) + spec.shape[1:]
         if spec.name.endswith(".blocks"):
             chunk = np.frombuffer(rng.bytes(math.prod(shape)), dtype=np.uint8).reshape(shape).copy()
-            chunk = mxfp4.tighten(chunk, rng)
+            yield mxfp4.tighten(chunk, rng)
         elif spec.name.endswith(".scales"):
             fan_in = spec.shape[-1] * mxfp4.BLOCK
-            chunk = (_scale_centre(fan_in) + rng.integers(-2, 3, size=shape)).astype(np.uint8)
+            yield (_scale_centre(fan_in) + rng.integers(-2, 3, size=shape)).astype(np.uint8)
         else:
             mean, std = _std(spec.name, config, spec.shape)
             values = rng.standard_normal(shape, dtype=np.float32) * np.float32(std) + np.float32(mean)
-            chunk = f32_to_bf16(values)
-        writer.write(spec.name, chunk)
-        progress(chunk.nbytes)
+            yield f32_to_bf16(values)
 
 
 def generate(out: str | Path, config: ModelConfig | str = "tiny", *, seed: int = 0, shards: int = 1, experts: str = "mxfp4",
-             force: bool = False, progress: Callable[[int], None] | None = None, tokenizer: bool = False) -> Path:
+             force: bool = False, progress: Progress = SILENT, tokenizer: bool = False) -> Path:
     """Write ``out/original/{config.json,dtypes.json,*.safetensors}``; returns ``out``.
 
     With ``tokenizer``, also the Hugging Face tokenizer files in ``out`` (beside ``original/``), as
@@ -126,28 +120,19 @@ def generate(out: str | Path, config: ModelConfig | str = "tiny", *, seed: int =
         config = PRESETS[config]
     config.check()
     specs = expected_tensors(config, experts)
-    groups = _split(specs, shards)
-    names = _shard_names(len(groups))
-    progress = progress or (lambda n: None)
     seeds = np.random.SeedSequence(seed).spawn(len(specs))
-    stream = {spec.name: np.random.default_rng(s) for spec, s in zip(specs, seeds)}
+    planned = [Planned(spec, partial(_values, spec, config, np.random.default_rng(s))) for spec, s in zip(specs, seeds)]
+    groups = _split(planned, shards)
+    names = shard_names(len(groups), separator="--")  # the 120b repo's own naming, double dash included
     out = Path(out)
-    with atomic_output(out, force=force, is_dir=True) as tmp:
+    with atomic_output(out, force=force, is_dir=True) as tmp, progress.task("synth", total_bytes(planned)) as advance:
         original = tmp / "original"
         original.mkdir()
         (original / "config.json").write_text(config.to_json())
         (original / "dtypes.json").write_text(dtypes_json(config))
-        for name, group in zip(names, groups):
-            with open(original / name, "wb") as fh:
-                writer = SafetensorsWriter(fh, group, {"format": "pt"})
-                for spec in group:
-                    _fill(writer, spec, config, stream[spec.name], progress)
-                writer.finish()
+        weight_map = write_shards(original, groups, names, {"format": "pt"}, advance)
         if len(groups) > 1:
-            index = {
-                "metadata": {"total_size": sum(s.nbytes for s in specs)},
-                "weight_map": {spec.name: name for name, group in zip(names, groups) for spec in group},
-            }
+            index = {"metadata": {"total_size": total_bytes(planned)}, "weight_map": weight_map}
             (original / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         if tokenizer:
             write_tokenizer_files(tmp, config.vocab_size)

@@ -144,7 +144,9 @@ def tokenizer_json(vocab_size: int, vocab_file: str | Path | None = None) -> str
             {"type": "Split", "pattern": {"Regex": O200K_PATTERN}, "behavior": "Isolated", "invert": False},
             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
         ]},
-        "post_processor": None,
+        # transformers' TikTokenConverter (how gpt-oss's tokenizer.json was made) sets
+        # processors.ByteLevel(trim_offsets=False); llama.cpp's converter reads add_bos/eos from it.
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,

@@ -9,7 +9,8 @@ import numpy as np
 
 from oss_convert.formats import hf
 from oss_convert.formats.original import OriginalCheckpoint
-from oss_convert.formats.safetensors import SafetensorsWriter, TensorSpec
+from oss_convert.formats.safetensors import SafetensorsWriter
+from oss_convert.model import TensorSpec
 
 
 def write_hub_layout(src: OriginalCheckpoint, out: Path) -> Path:

@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from oss_convert import artifacts, synth
-from oss_convert.canonical import logical_names
+from oss_convert.model import logical_names
 from oss_convert.cli.main import cli
 from oss_convert.converters import metal as metal_converter
 from oss_convert.errors import InputError, OutputExistsError
@@ -89,7 +89,7 @@ def test_vocab_file_gives_the_same_bytes_and_bin_output_path(metal_repo, convert
     vocab = o200k_file(tmp_path / "vocab")
     out = tmp_path / "deep" / "gpt-oss.bin"
     with OriginalCheckpoint(metal_repo) as src:
-        assert metal_converter.convert(src, out, progress=False, vocab=vocab) == out
+        assert metal_converter.convert(src, out, vocab=vocab) == out
     assert out.is_file()
     assert sha256(out) == sha256(converted)
 
@@ -226,7 +226,7 @@ def test_reader_refuses_truncated_file(converted, tmp_path, keep):
 
 def test_tiny_vocab_is_refused(tiny_repo, tmp_path):
     with OriginalCheckpoint(tiny_repo) as src, pytest.raises(InputError, match="vocab_size is 1024.*200014"):
-        metal_converter.convert(src, tmp_path / "out", progress=False)
+        metal_converter.convert(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -266,7 +266,7 @@ def test_scale_above_240_is_refused(metal_repo, tmp_path):
     with OriginalCheckpoint(metal_repo) as src:
         metal_converter.check_scales(np.array([0, 240], np.uint8), "x", None)  # 240 + 14 = 254: still finite
         with pytest.raises(InputError, match="block.1.mlp.mlp2_weight.scales.*scale byte of 241"):
-            metal_converter.convert(_Edited(src, scale=(1, "mlp2", 241)), tmp_path / "m.bin", progress=False)
+            metal_converter.convert(_Edited(src, scale=(1, "mlp2", 241)), tmp_path / "m.bin")
     assert not list(tmp_path.iterdir())  # nothing half-written is left
 
 
@@ -275,20 +275,20 @@ def test_missing_tokenizer_is_refused_with_advice(metal_repo, tmp_path):
     empty.mkdir()
     with OriginalCheckpoint(metal_repo) as src:
         with pytest.raises(InputError, match="no tokenizer.json beside original/.*--vocab"):
-            metal_converter.convert(_Edited(src, repo_root=empty), tmp_path / "m.bin", progress=False)
+            metal_converter.convert(_Edited(src, repo_root=empty), tmp_path / "m.bin")
         broken = tmp_path / "broken"
         broken.mkdir()
         doc = json.loads((metal_repo / "tokenizer.json").read_text(encoding="utf-8"))
         del doc["model"]["vocab"][next(iter(doc["model"]["vocab"]))]
         (broken / "tokenizer.json").write_text(json.dumps(doc), encoding="utf-8")
         with pytest.raises(InputError, match="has no text token for ids"):
-            metal_converter.convert(_Edited(src, repo_root=broken), tmp_path / "m.bin", progress=False)
+            metal_converter.convert(_Edited(src, repo_root=broken), tmp_path / "m.bin")
 
 
 def test_existing_output_needs_force(metal_repo, converted):
     with OriginalCheckpoint(metal_repo) as src:
         with pytest.raises(OutputExistsError):
-            metal_converter.convert(src, converted, progress=False)
+            metal_converter.convert(src, converted)
 
 
 @pytest.mark.oracle

@@ -12,7 +12,8 @@ import pytest
 
 from oss_convert import synth
 from oss_convert.errors import InputError
-from oss_convert.formats.original import ModelConfig, OriginalCheckpoint, expected_tensors, resolve
+from oss_convert.formats.original import OriginalCheckpoint, resolve
+from oss_convert.model import ModelConfig, expected_tensors
 from oss_convert.formats.safetensors import SafetensorsFile
 
 from oracles import torch_reference_logits

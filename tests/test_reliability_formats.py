@@ -104,7 +104,7 @@ def rewrite_shard(repo: Path, index: int, drop: str | None = None, add: dict | N
     with OriginalCheckpoint(repo) as ckpt:
         arrays = {n: np.array(ckpt.raw(n)) for n, e in ckpt.entries.items() if e.file == path and n != drop}
         specs = [ckpt.entries[n] for n in arrays]
-    from oss_convert.formats.safetensors import TensorSpec
+    from oss_convert.model import TensorSpec
 
     arrays.update(add or {})
     specs = [TensorSpec(s.name, s.dtype, s.shape) for s in specs]

@@ -13,7 +13,8 @@ import pytest
 
 from oss_convert import synth
 from oss_convert.formats import mxfp4
-from oss_convert.formats.original import OriginalCheckpoint, expected_tensors
+from oss_convert.formats.original import OriginalCheckpoint
+from oss_convert.model import expected_tensors
 
 
 def digest(folder: Path) -> dict[str, str]:

@@ -1,19 +1,187 @@
-"""Streaming plans from an ``original/`` checkpoint to each target format.
+"""The targets, declared once, and the one ``convert`` job that every caller uses.
 
-Every target module exposes ``convert(src: OriginalCheckpoint, out: Path, *, force=False,
-progress=True, **options) -> Path``; options are the target's own (see ``cli/main.py``).
+``TARGETS`` is the registry: each target's name (``--to``), what it writes, the options it
+takes, its recipes and whether it accepts dense BF16 experts. The command line builds its
+``--to``, ``--outtype`` and ``--recipe`` choices from it; ``convert`` refuses an option that
+does not apply to the target (``UsageError``, exit 2) in one place.
+
+``convert(source, target, output, **options)`` is the whole job, for the CLI, the benches and
+library callers alike: open the source, refuse dense experts where the target needs MXFP4,
+scan it (NaN/Inf, scale 255), run the target's plan (``converters/<target>.py``, imported on
+demand; each exposes ``convert(src, out, *, force, progress, **its options)``), report a full
+disk as an error that says nothing was left behind, and write the provenance manifest.
+Imports: support and base modules, ``formats``; never a target module by name.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
+import threading
+from concurrent.futures import CancelledError, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
-TARGETS = ("mlx", "metal", "gguf", "hf-bf16", "original")
+from .. import quantize
+from ..errors import InputError, OssConvertError, OutputExistsError, UsageError
+from ..formats.gguf import OUTTYPES
+from ..formats.mlx import AFFINE_RECIPES
+from ..model import Source
+from ..progress import SILENT, Progress
 
 
-def converter(target: str) -> Callable:
-    if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; choose one of {TARGETS}")
-    module = importlib.import_module(f".{target.replace('-', '_')}", __name__)
-    return module.convert
+@dataclass(frozen=True)
+class Option:
+    """A conversion option: its CLI flag and help."""
+
+    flag: str
+    help: str
+
+
+OPTIONS = {
+    "outtype": Option("--outtype", "GGUF: type of the non-expert weights (experts stay MXFP4)."),
+    "recipe": Option("--recipe", "How to quantize: see the recipes of each target in the README."),
+    "split_max_size": Option("--split-max-size", "GGUF: split into shards of at most this size (e.g. 5G)."),
+    "shard_size": Option("--shard-size", "Max size of one safetensors shard (e.g. 5G)."),
+    "vocab": Option("--vocab", "Metal: o200k_base.tiktoken vocabulary when there is no tokenizer.json."),
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One ``--to`` value: what it writes and what it accepts."""
+
+    name: str
+    writes: str
+    options: tuple[str, ...]
+    recipes: dict[str, str] = field(default_factory=dict)  # recipe -> what it does
+    outtypes: tuple[str, ...] = ()
+    dense_experts: bool = False  # accepts a source whose experts are dense BF16
+
+    @property
+    def module(self) -> str:
+        return self.name.replace("-", "_")
+
+
+TARGETS = {t.name: t for t in (
+    Target("mlx", "a folder mlx_lm.load opens (MXFP4 experts)", ("shard_size", "recipe"),
+           recipes={name: f"MXFP4 experts, other linear layers affine {bits}-bit (mlx_lm.convert -q --q-bits {bits})"
+                    for name, bits in AFFINE_RECIPES.items()}),
+    Target("metal", "the gpt-oss Metal model.bin", ("vocab",)),
+    Target("gguf", "a GGUF file llama.cpp runs (MXFP4 experts)", ("outtype", "split_max_size"), outtypes=OUTTYPES),
+    Target("hf-bf16", "a transformers folder, every weight BF16", ("shard_size",), dense_experts=True),
+    Target("original", "OpenAI's original/ layout (experts encoded to MXFP4 from dense BF16)",
+           ("recipe", "shard_size"), recipes={name: f"MXFP4 scales by {name} rounding" for name in quantize.RECIPES},
+           dense_experts=True),
+)}
+ALL_RECIPES = tuple(dict.fromkeys(r for t in TARGETS.values() for r in t.recipes))
+ALL_OUTTYPES = tuple(dict.fromkeys(o for t in TARGETS.values() for o in t.outtypes))
+
+
+def target(name: str) -> Target:
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise UsageError(f"unknown target {name!r}; choose one of {list(TARGETS)}") from None
+
+
+def check_options(spec: Target, options: dict) -> dict:
+    """The options given (``None`` means not given), refused where they do not apply to ``spec``."""
+    given = {k: v for k, v in options.items() if v is not None}
+    for name, value in given.items():
+        if name not in OPTIONS:
+            raise UsageError(f"unknown option {name!r}")
+        if name not in spec.options:
+            takes = ", ".join(OPTIONS[o].flag for o in spec.options) or "no options"
+            raise UsageError(f"{OPTIONS[name].flag} does not apply to --to {spec.name} (it takes {takes})")
+    if "recipe" in given and given["recipe"] not in spec.recipes:
+        raise UsageError(f"--recipe {given['recipe']} does not apply to --to {spec.name}; "
+                         f"choose one of {list(spec.recipes)}")
+    if "outtype" in given and given["outtype"] not in spec.outtypes:
+        raise UsageError(f"--outtype {given['outtype']} is not one of {list(spec.outtypes)}")
+    return given
+
+
+def converter(name: str) -> Callable:
+    """The target module's own ``convert(src, out, *, force, progress, **options)``."""
+    return importlib.import_module(f".{target(name).module}", __name__).convert
+
+
+# --------------------------------------------------------------------------------------
+# The job
+
+
+@dataclass(frozen=True)
+class Converted:
+    output: Path  # what to hand the runtime: the folder, the file, or a split's first shard
+    manifest: Path | None
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS)
+
+
+def convert(source: str | Path, target_name: str, output: str | Path, *, force: bool = False, scan: bool = True,
+            manifest: bool = True, progress: Progress = SILENT, **options) -> Converted:
+    """Convert ``source`` (an ``original/`` checkpoint, its repo, a cached repo id, or a
+    transformers-layout folder) to ``target_name`` at ``output``."""
+    from ..formats.hf import open_source
+
+    spec = target(target_name)
+    options = check_options(spec, options)
+    output = Path(output)
+    if output.exists() and not force:  # before the scan: a refusal should not cost a full read
+        raise OutputExistsError(f"{output} exists; pass --force to replace it")
+    with open_source(source) as src:
+        if src.experts == "bf16" and not spec.dense_experts:
+            raise InputError(
+                f"the experts are dense BF16; encode them to MXFP4 first: oss-convert convert {source} "
+                f"--to original -o OUT [--recipe ocp|search], then convert OUT --to {spec.name}", file=src.path)
+        if scan:
+            refuse_invalid_values(src, progress)
+        try:
+            return _convert_with_manifest(src, spec, output, force, progress, manifest, options)
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL:
+                raise
+            # A full disk is not a bug: say where, without a traceback (the partial output is gone).
+            raise OssConvertError(f"cannot write {output}: {exc.strerror}; nothing was left behind") from exc
+
+
+def refuse_invalid_values(src: Source, progress: Progress = SILENT) -> None:
+    """A NaN weight or a NaN scale converts into an artifact that loads fine and computes garbage."""
+    with progress.task("scan", src.tensor_bytes) as advance:
+        problems = src.scan(progress=advance)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise InputError(f"the source has {len(problems)} tensors with invalid values (pass --no-scan to convert "
+                         f"anyway): {shown}", file=src.path)
+
+
+def _convert_with_manifest(src: Source, spec: Target, output: Path, force: bool, progress: Progress,
+                           manifest: bool, options: dict) -> Converted:
+    from ..provenance import file_digest, write_manifest
+
+    source_files = [f.path for f in src.files] + [src.config_path]
+    stop = threading.Event()
+
+    def check_stop(_: int) -> None:
+        if stop.is_set():  # the conversion failed or was interrupted: do not finish hashing 65 GB
+            raise CancelledError
+
+    def hash_source() -> dict:
+        return {p.name: file_digest(p, check_stop) for p in source_files}
+
+    with ThreadPoolExecutor(1) as pool:
+        # Hash the source while converting: both read the same pages, and hashlib drops the GIL.
+        source_hashes = pool.submit(hash_source) if manifest else None
+        try:
+            result = Path(converter(spec.name)(src, output, force=force, progress=progress, **options))
+        except BaseException:
+            stop.set()
+            raise
+        if source_hashes is None:
+            return Converted(result, None)
+        path = write_manifest(result, target=spec.name, options=options, source_path=src.path,
+                              source_hashes=source_hashes.result())
+    return Converted(result, path)

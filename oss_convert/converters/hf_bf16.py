@@ -12,44 +12,18 @@ plus ``model.safetensors.index.json``, and the source's tokenizer files.
 from __future__ import annotations
 
 import json
-import re
-import shutil
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-from tqdm import tqdm
 
 from ..atomic import atomic_output
-from ..errors import InputError
 from ..formats import mxfp4
 from ..formats.hf import hf_config, hf_names, is_dense_expert, qkv_split
-from ..formats.original import expected_tensors, iter_chunks
-from ..formats.safetensors import SafetensorsWriter, TensorSpec
-from ..tokenizer import TOKENIZER_FILES
-
-DEFAULT_SHARD_SIZE = "5G"
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str | int) -> int:
-    """``"5G"`` -> 5 GiB; plain integers are bytes."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", str(text).upper())
-    if not match or float(match.group(1)) <= 0:
-        raise InputError(f"cannot read size {text!r}; write e.g. 5G, 500M or a number of bytes")
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
-
-
-@dataclass(frozen=True)
-class Planned:
-    """One output tensor and how to produce its data, chunk by chunk."""
-
-    spec: TensorSpec
-    chunks: Callable[[], Iterator[np.ndarray]]
+from ..model import Source, TensorSpec, expected_tensors, expert_name, iter_chunks
+from ..progress import SILENT, Progress
+from ..shards import (DEFAULT_SHARD_SIZE, Planned, copy_tokenizer_files, group_by_size, parse_size, shard_names,
+                      total_bytes, write_shards)
 
 
 def plan(src) -> list[Planned]:
@@ -75,7 +49,7 @@ def plan(src) -> list[Planned]:
 def _whole(src, name: str) -> Callable[[], Iterator[np.ndarray]]:
     def chunks() -> Iterator[np.ndarray]:
         yield from iter_chunks(src.raw(name))
-        release(src, name)
+        src.release(name)
 
     return chunks
 
@@ -83,14 +57,14 @@ def _whole(src, name: str) -> Callable[[], Iterator[np.ndarray]]:
 def _rows(src, name: str, start: int, stop: int) -> Callable[[], Iterator[np.ndarray]]:
     def chunks() -> Iterator[np.ndarray]:
         yield src.raw(name)[start:stop]
-        release(src, name)
+        src.release(name)
 
     return chunks
 
 
 def _experts_transposed(src, name: str) -> Callable[[], Iterator[np.ndarray]]:
     """One expert at a time: dequantize (or take the dense BF16) and transpose to ``x @ W``."""
-    layer, which = int(name.split(".")[1]), name.split(".")[3].split("_")[0]
+    layer, which = expert_name(name)
 
     def chunks() -> Iterator[np.ndarray]:
         pair = src.mxfp4(layer, which)
@@ -101,71 +75,23 @@ def _experts_transposed(src, name: str) -> Callable[[], Iterator[np.ndarray]]:
             else:
                 bits = dense[e]
             yield np.ascontiguousarray(bits.T)
-            release(src, name)  # keep RSS at about one expert, not one layer
+            src.release(name)  # keep RSS at about one expert, not one layer
 
     return chunks
 
 
-def release(src, name: str) -> None:
-    """Unmap the source pages of a tensor we are done with, if the reader supports it."""
-    if hasattr(src, "release"):
-        src.release(name)
-
-
-def shard(planned: list[Planned], max_bytes: int) -> list[list[Planned]]:
-    """Consecutive groups of at most ``max_bytes`` (a larger tensor gets a shard of its own)."""
-    groups: list[list[Planned]] = [[]]
-    size = 0
-    for item in planned:
-        if groups[-1] and size + item.spec.nbytes > max_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(item)
-        size += item.spec.nbytes
-    return groups
-
-
-def shard_names(count: int) -> list[str]:
-    if count == 1:
-        return ["model.safetensors"]
-    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-
-
-def convert(src, out: Path, *, force: bool = False, progress: bool = True,
-            shard_size: str | int = DEFAULT_SHARD_SIZE, **options) -> Path:
+def convert(src: Source, out: Path, *, force: bool = False, progress: Progress = SILENT,
+            shard_size: str | int = DEFAULT_SHARD_SIZE) -> Path:
     """Write the HF BF16 folder for ``src`` (``OriginalCheckpoint`` or ``formats.hf.HfCheckpoint``)."""
-    if options:
-        raise InputError(f"options {sorted(options)} do not apply to --to hf-bf16 (it takes --shard-size)")
     planned = plan(src)
-    groups = shard(planned, parse_size(shard_size))
+    groups = group_by_size(planned, parse_size(shard_size))
     names = shard_names(len(groups))
-    total = sum(p.spec.nbytes for p in planned)
     out = Path(out)
-    with atomic_output(out, force=force, is_dir=True) as tmp, \
-            tqdm(total=total, desc="hf-bf16", unit="B", unit_scale=True, unit_divisor=1024,
-                 disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
-        for file_name, group in zip(names, groups):
-            with open(tmp / file_name, "wb") as fh:
-                writer = SafetensorsWriter(fh, [p.spec for p in group], {"format": "pt"})
-                for item in group:
-                    for chunk in item.chunks():
-                        writer.write(item.spec.name, chunk)
-                        bar.update(chunk.nbytes)
-                writer.finish()
+    with atomic_output(out, force=force, is_dir=True) as tmp, progress.task("hf-bf16", total_bytes(planned)) as advance:
+        weight_map = write_shards(tmp, groups, names, {"format": "pt"}, advance)
         if len(groups) > 1:
-            index = {"metadata": {"total_size": total},
-                     "weight_map": {p.spec.name: n for n, g in zip(names, groups) for p in g}}
+            index = {"metadata": {"total_size": total_bytes(planned)}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(hf_config(src.config), indent=2) + "\n")
         copy_tokenizer_files(Path(src.repo_root), tmp)
     return out
-
-
-def copy_tokenizer_files(root: Path, dest: Path) -> list[str]:
-    """Copy the tokenizer and chat template files the source has (none is an error only later)."""
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (root / name).is_file():
-            shutil.copyfile(root / name, dest / name)
-            copied.append(name)
-    return copied

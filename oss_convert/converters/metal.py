@@ -17,43 +17,35 @@ Deliberate differences from upstream, none of which changes the bytes of a valid
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 import numpy as np
-from tqdm import tqdm
 
 from ..atomic import atomic_output
 from ..errors import InputError
 from ..formats.metal import (ACTIVE_EXPERTS, HEAD_DIM, LAYOUT_UUID, MAGIC, MAX_SCALE, MODEL_UUID, NUM_INCLUDED_TOKENS,
                              NUM_TEXT_TOKENS, UE8_OFFSET, Layout, MetalHeader, permute_qkv, tokenizer_section)
-from ..formats.original import ModelConfig, iter_chunks
+from ..model import ModelConfig, Source
+from ..progress import SILENT, Progress
 from ..tokenizer import O200K_PATTERN, _byte_to_unicode, load_ranks
 
 
-def convert(src, out: Path, *, force: bool = False, progress: bool = True, vocab: str | Path | None = None,
-            **options) -> Path:
+def convert(src: Source, out: Path, *, force: bool = False, progress: Progress = SILENT,
+            vocab: str | Path | None = None) -> Path:
     """Write ``out`` (a ``.bin`` file) or ``out/model.bin`` from an MXFP4 checkpoint."""
-    if options:
-        raise InputError(f"options {sorted(options)} do not apply to --to metal (it takes --vocab)")
-    if getattr(src, "experts", "mxfp4") != "mxfp4":
-        raise InputError("the Metal model.bin stores MXFP4 experts; encode dense experts first with --to original",
-                         file=src.path)
     check_config(src.config, src.path)
     for warning in runtime_warnings(src.config):
-        print(f"warning: {warning}", file=sys.stderr)
+        progress.note(f"warning: {warning}")
     tokens = text_tokens(src, vocab)
     header = MetalHeader.from_config(src.config)
     prefix = MAGIC + bytes(4) + MODEL_UUID + header.pack() + LAYOUT_UUID + tokenizer_section(tokens, O200K_PATTERN)
     layout = Layout(header, NUM_INCLUDED_TOKENS, len(prefix))
     out = Path(out)
     is_dir = out.suffix != ".bin"  # OUT/model.bin, as the Hub repo's metal/model.bin
-    with atomic_output(out, force=force, is_dir=is_dir) as tmp, \
-            tqdm(total=layout.file_size, desc="metal", unit="B", unit_scale=True, unit_divisor=1024,
-                 disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
+    with atomic_output(out, force=force, is_dir=is_dir) as tmp, progress.task("metal", layout.file_size) as advance:
         with open(tmp / "model.bin" if is_dir else tmp, "wb") as fh:
-            writer = PaddedWriter(fh, bar.update)
+            writer = PaddedWriter(fh, advance)
             writer.write(prefix)
             write_shared(src, layout, writer)
             write_experts(src, layout, writer)
@@ -109,7 +101,7 @@ def check_scales(scales: np.ndarray, name: str, file) -> None:
 # Tokenizer
 
 
-def text_tokens(src, vocab: str | Path | None) -> list[bytes]:
+def text_tokens(src: Source, vocab: str | Path | None) -> list[bytes]:
     """The 199998 o200k text tokens: from ``--vocab`` if given, else ``tokenizer.json`` beside ``original/``."""
     if vocab is not None:
         return load_ranks(NUM_TEXT_TOKENS, vocab)
@@ -171,30 +163,22 @@ class PaddedWriter:
             self.write(bytes(offset - self.position))
 
 
-def _release(src, name: str) -> None:
-    if hasattr(src, "release"):
-        src.release(name)
-
-
-def _dense_chunks(src, name: str, rows: int | None = None) -> Iterator[np.ndarray]:
+def _dense_chunks(src: Source, name: str, rows: int | None = None) -> Iterator[np.ndarray]:
     """The tensor's BF16 bits as stored in model.bin (qkv transformed, vocabularies truncated)."""
     config = src.config
     if name.endswith(("attn.qkv.weight", "attn.qkv.bias")):
         yield permute_qkv(src.raw(name), config.num_attention_heads, config.num_key_value_heads)
-    elif hasattr(src, "chunks"):  # unmaps each piece once written: the 1.2 GB vocabularies never sit in RSS
+    else:  # chunks unmap each piece once written: the 1.2 GB vocabularies never sit in RSS
         left = rows if rows is not None else src.raw(name).shape[0]
         for piece in src.chunks(name):
             if left <= 0:
                 break
             yield piece[:left]
             left -= piece.shape[0]
-    else:
-        bits = src.raw(name)
-        yield from iter_chunks(bits[:rows] if rows is not None else bits)
-    _release(src, name)
+    src.release(name)
 
 
-def write_shared(src, layout: Layout, writer: PaddedWriter) -> None:
+def write_shared(src: Source, layout: Layout, writer: PaddedWriter) -> None:
     for name, slot in layout.dense.items():
         writer.pad_to(slot.offset)
         rows = slot.shape[0] if name in ("embedding.weight", "unembedding.weight") else None
@@ -202,12 +186,12 @@ def write_shared(src, layout: Layout, writer: PaddedWriter) -> None:
             writer.write(chunk)
 
 
-def write_experts(src, layout: Layout, writer: PaddedWriter) -> None:
+def write_experts(src: Source, layout: Layout, writer: PaddedWriter) -> None:
     """Per layer, regroup mlp1/mlp2 blocks, scales + 14 and biases expert by expert."""
     for n in range(layout.header.num_blocks):
         pairs = {which: src.mxfp4(n, which) for which in ("mlp1", "mlp2")}
         for which, pair in pairs.items():
-            check_scales(pair.scales, f"block.{n}.mlp.{which}_weight.scales", getattr(src, "path", None))
+            check_scales(pair.scales, f"block.{n}.mlp.{which}_weight.scales", src.path)
         parts = {
             "mlp1_blocks": pairs["mlp1"].blocks, "mlp1_scales": pairs["mlp1"].scales,
             "mlp1_bias": src.raw(f"block.{n}.mlp.mlp1_bias"),
@@ -220,4 +204,4 @@ def write_experts(src, layout: Layout, writer: PaddedWriter) -> None:
                 writer.write(array[e] + np.uint8(UE8_OFFSET) if part.endswith("_scales") else array[e])
             # per expert: a 120b layer's experts (1.7 GB) would otherwise all become resident
             for name in ("mlp.mlp1_weight", "mlp.mlp1_bias", "mlp.mlp2_weight", "mlp.mlp2_bias"):
-                _release(src, f"block.{n}.{name}")
+                src.release(f"block.{n}.{name}")

@@ -1,11 +1,9 @@
-"""``--to mlx``: a folder ``mlx_lm.load`` opens, experts kept as lossless MXFP4.
+"""``--to mlx``: the plan of a folder ``mlx_lm.load`` opens, experts kept as lossless MXFP4.
 
-Layout (spec mlx-gpt-oss.md §1.2, §2, §7): mlx-lm's ``gpt_oss`` names; the MoE experts as
-``QuantizedSwitchLinear(mode="mxfp4")`` parameters, i.e. OpenAI's ``.blocks`` bytes viewed as
-uint32 (``[E, O, H/32, 16]`` u8 -> ``[E, O, H/8]`` u32, a pure byte view) with the uint8 scales
-as they are, ``mlp1`` split into ``gate_proj`` (even rows) and ``up_proj`` (odd rows) as
-mlx-lm's ``sanitize`` does; every other tensor BF16, bytes copied (``attn.qkv`` split by rows).
-The experts are never dequantized.
+The format (names, the uint32 view of the expert blocks, the gate/up split, config.json) is
+``formats/mlx.py``'s; this module only orders the tensors and says where each one's bytes
+come from. Every non-expert tensor is BF16, bytes copied (``attn.qkv`` split by rows); the
+experts are never dequantized.
 
 Recipes ``mxfp4-q8`` / ``mxfp4-q4`` additionally quantize the non-expert linear layers and the
 embeddings affine 8/4-bit with group size 64 through ``mx.quantize``, exactly what
@@ -22,60 +20,36 @@ even for one file) and the tokenizer / chat template files from the source's rep
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-from tqdm import tqdm
 
 from ..atomic import atomic_output
 from ..errors import InputError
-from ..formats.hf import hf_config, qkv_split
-from ..formats.original import expected_tensors, iter_chunks
-from ..formats.safetensors import SafetensorsWriter, TensorSpec
-from ..tokenizer import TOKENIZER_FILES
-from .hf_bf16 import DEFAULT_SHARD_SIZE, Planned, copy_tokenizer_files, parse_size, release, shard, shard_names
-
-MXFP4_QUANTIZATION = {"group_size": 32, "bits": 4, "mode": "mxfp4"}
-AFFINE_GROUP_SIZE = 64
-ROUTER_QUANTIZATION = {"group_size": 64, "bits": 8}  # gpt_oss Model.quant_predicate: no "mode" key
-RECIPES = {"mxfp4-q8": 8, "mxfp4-q4": 4}
-# Needed for mlx_lm.load to build a tokenizer at all; the others only add chat/generation defaults.
-REQUIRED_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-# generation_config.json only overrides eos_token_id, which config.json already carries: no warning.
-OPTIONAL_TOKENIZER_FILES = ("generation_config.json",)
-
-
-# --------------------------------------------------------------------------------------
-# Names
-
-
-def layer_names(n: int) -> dict[str, str]:
-    """``original/`` suffix -> mlx-lm module path for the plain (renamed) tensors of layer ``n``."""
-    p = f"model.layers.{n}."
-    return {
-        "attn.norm.scale": p + "input_layernorm.weight",
-        "attn.sinks": p + "self_attn.sinks",
-        "attn.out.weight": p + "self_attn.o_proj.weight",
-        "attn.out.bias": p + "self_attn.o_proj.bias",
-        "mlp.norm.scale": p + "post_attention_layernorm.weight",
-        "mlp.gate.weight": p + "mlp.router.weight",
-        "mlp.gate.bias": p + "mlp.router.bias",
-    }
+from ..formats.hf import qkv_split
+from ..formats.mlx import (AFFINE_GROUP_SIZE, AFFINE_RECIPES, ROUTER_QUANTIZATION, as_mlx_words,
+                           missing_tokenizer_warning, mlx_config, mlx_names, total_parameters)
+from ..model import Source, TensorSpec, expected_tensors, gate_up_rows, iter_chunks
+from ..progress import SILENT, Progress
+from ..shards import (DEFAULT_SHARD_SIZE, Planned, copy_tokenizer_files, group_by_size, parse_size, shard_names,
+                      total_bytes, write_shards)
 
 
 # --------------------------------------------------------------------------------------
 # Plan: every output tensor with a function producing its bytes chunk by chunk
 
 
-def plan(src, recipe: str | None = None) -> tuple[list[Planned], dict]:
+def plan(src: Source, recipe: str | None = None) -> tuple[list[Planned], dict]:
     """Output tensors in model order, and the per-layer quantization entries for config.json."""
-    bits = RECIPES[recipe] if recipe else None
+    bits = AFFINE_RECIPES[recipe] if recipe else None
     c = src.config
     shapes = {s.name: s.shape for s in expected_tensors(c)}
     out: list[Planned] = []
     overrides: dict[str, dict] = {}
+
+    def names(name: str) -> list[str]:
+        return mlx_names(name, c.num_hidden_layers)
 
     def linear(module: str, name: str, rows: slice | None = None, params: dict | None = None) -> None:
         """A BF16 weight ``[out, in]``, or its affine-quantized triple when the recipe says so."""
@@ -88,30 +62,30 @@ def plan(src, recipe: str | None = None) -> tuple[list[Planned], dict]:
         overrides[module] = params
         out.extend(_affine(src, name, rows, module, shape, params["group_size"], params["bits"]))
 
-    def plain(mlx_name: str, name: str, rows: slice | None = None) -> None:
+    def plain(name: str, rows: slice | None = None, mlx_name: str | None = None) -> None:
+        mlx_name = mlx_name or names(name)[0]
         out.append(Planned(TensorSpec(mlx_name, "BF16", _rows_shape(shapes, name, rows)), _copy(src, name, rows)))
 
-    linear("model.embed_tokens", "embedding.weight")
+    linear(names("embedding.weight")[0], "embedding.weight")
     for n in range(c.num_hidden_layers):
-        p, names = f"block.{n}.", layer_names(n)
-        attn = f"model.layers.{n}.self_attn."
-        plain(names["attn.norm.scale"], p + "attn.norm.scale")
+        p = f"block.{n}."
+        plain(p + "attn.norm.scale")
         start = 0
-        for proj, size in zip("qkv", qkv_split(c)):
+        for module, bias, size in zip(names(p + "attn.qkv.weight"), names(p + "attn.qkv.bias"), qkv_split(c)):
             rows = slice(start, start + size)
-            linear(f"{attn}{proj}_proj", p + "attn.qkv.weight", rows)
-            plain(f"{attn}{proj}_proj.bias", p + "attn.qkv.bias", rows)
+            linear(module, p + "attn.qkv.weight", rows)
+            plain(p + "attn.qkv.bias", rows, bias)
             start += size
-        linear(attn + "o_proj", p + "attn.out.weight")
-        plain(names["attn.out.bias"], p + "attn.out.bias")
-        plain(names["attn.sinks"], p + "attn.sinks")
-        plain(names["mlp.norm.scale"], p + "mlp.norm.scale")
-        linear(f"model.layers.{n}.mlp.router", p + "mlp.gate.weight",
+        linear(names(p + "attn.out.weight")[0], p + "attn.out.weight")
+        plain(p + "attn.out.bias")
+        plain(p + "attn.sinks")
+        plain(p + "mlp.norm.scale")
+        linear(names(p + "mlp.gate.weight")[0], p + "mlp.gate.weight",
                params=dict(ROUTER_QUANTIZATION) if bits else None)
-        plain(names["mlp.gate.bias"], p + "mlp.gate.bias")
+        plain(p + "mlp.gate.bias")
         out.extend(_experts(src, n))
-    plain("model.norm.weight", "norm.scale")
-    linear("lm_head", "unembedding.weight")
+    plain("norm.scale")
+    linear(names("unembedding.weight")[0], "unembedding.weight")
     return out, overrides
 
 
@@ -122,33 +96,35 @@ def _rows_shape(shapes: dict, name: str, rows: slice | None) -> tuple[int, ...]:
     return (rows.stop - rows.start,) + shape[1:]
 
 
-def _copy(src, name: str, rows: slice | None) -> Callable[[], Iterator[np.ndarray]]:
+def _copy(src: Source, name: str, rows: slice | None) -> Callable[[], Iterator[np.ndarray]]:
     def chunks() -> Iterator[np.ndarray]:
         data = src.raw(name)
         for piece in iter_chunks(data if rows is None else data[rows]):
             yield piece
-            release(src, name)  # per chunk: a 1.2 GB embedding never becomes resident whole
+            src.release(name)  # per chunk: a 1.2 GB embedding never becomes resident whole
 
     return chunks
 
 
-def _experts(src, n: int) -> list[Planned]:
+def _experts(src: Source, n: int) -> list[Planned]:
     """gate/up/down weight (u32 view), scales (u8) and bias (BF16) of layer ``n``, one expert per chunk."""
     c = src.config
     E, H, I = c.num_experts, c.hidden_size, c.intermediate_size
-    p, q = f"block.{n}.mlp.", f"model.layers.{n}.mlp.experts."
+    p = f"block.{n}.mlp."
+    gate, up = mlx_names(p + "mlp1_weight", c.num_hidden_layers)
+    (down,) = mlx_names(p + "mlp2_weight", c.num_hidden_layers)
     out = []
-    for proj, which, parity, (rows, cols) in (("gate_proj", "mlp1", 0, (I, H)), ("up_proj", "mlp1", 1, (I, H)),
-                                              ("down_proj", "mlp2", None, (H, I))):
+    for module, which, parity, (rows, cols) in ((gate, "mlp1", 0, (I, H)), (up, "mlp1", 1, (I, H)),
+                                                (down, "mlp2", None, (H, I))):
         out += [
-            Planned(TensorSpec(q + proj + ".weight", "U32", (E, rows, cols // 8)), _expert_part(src, n, which, "blocks", parity)),
-            Planned(TensorSpec(q + proj + ".scales", "U8", (E, rows, cols // 32)), _expert_part(src, n, which, "scales", parity)),
-            Planned(TensorSpec(q + proj + ".bias", "BF16", (E, rows)), _bias(src, p + which + "_bias", parity)),
+            Planned(TensorSpec(module + ".weight", "U32", (E, rows, cols // 8)), _expert_part(src, n, which, "blocks", parity)),
+            Planned(TensorSpec(module + ".scales", "U8", (E, rows, cols // 32)), _expert_part(src, n, which, "scales", parity)),
+            Planned(TensorSpec(module + ".bias", "BF16", (E, rows)), _bias(src, p + which + "_bias", parity)),
         ]
     return out
 
 
-def _expert_part(src, n: int, which: str, part: str, parity: int | None) -> Callable[[], Iterator[np.ndarray]]:
+def _expert_part(src: Source, n: int, which: str, part: str, parity: int | None) -> Callable[[], Iterator[np.ndarray]]:
     def chunks() -> Iterator[np.ndarray]:
         pair = src.mxfp4(n, which)
         if pair is None:
@@ -156,28 +132,16 @@ def _expert_part(src, n: int, which: str, part: str, parity: int | None) -> Call
                              tensor=f"block.{n}.mlp.{which}_weight")
         data = pair.blocks if part == "blocks" else pair.scales
         for e in range(data.shape[0]):
-            yield _select_rows(_as_mlx(data[e]) if part == "blocks" else data[e], parity)
-            release(src, f"block.{n}.mlp.{which}_weight")  # about one expert resident at a time
+            yield gate_up_rows(as_mlx_words(data[e]) if part == "blocks" else data[e], parity)
+            src.release(f"block.{n}.mlp.{which}_weight")  # about one expert resident at a time
 
     return chunks
 
 
-def _as_mlx(blocks: np.ndarray) -> np.ndarray:
-    """OpenAI ``[O, G, 16]`` uint8 -> MLX ``[O, G*4]`` uint32: the same bytes (little-endian host)."""
-    words = np.ascontiguousarray(blocks).view("<u4")
-    return words.reshape(*blocks.shape[:-2], blocks.shape[-2] * 4)
-
-
-def _select_rows(data: np.ndarray, parity: int | None) -> np.ndarray:
-    """mlp1 rows interleave gate (even) and linear/up (odd); mlp2 is taken whole."""
-    return data if parity is None else np.ascontiguousarray(data[parity::2])
-
-
-def _bias(src, name: str, parity: int | None) -> Callable[[], Iterator[np.ndarray]]:
+def _bias(src: Source, name: str, parity: int | None) -> Callable[[], Iterator[np.ndarray]]:
     def chunks() -> Iterator[np.ndarray]:
-        data = src.raw(name)
-        yield data if parity is None else np.ascontiguousarray(data[:, parity::2])
-        release(src, name)
+        yield gate_up_rows(src.raw(name), parity, axis=1)
+        src.release(name)
 
     return chunks
 
@@ -209,94 +173,33 @@ def _quantized_part(src, name: str, rows: slice | None, part: int, group_size: i
             weight = mx.array(np.ascontiguousarray(piece)).view(mx.bfloat16)
             result = mx.quantize(weight, group_size=group_size, bits=bits, mode="affine")[part]
             yield np.array(result if part == 0 else result.view(mx.uint16))
-            release(src, name)
+            src.release(name)
 
     return chunks
-
-
-# --------------------------------------------------------------------------------------
-# Config and index
-
-
-def mlx_config(config, overrides: dict[str, dict] | None = None) -> dict:
-    """HF ``GptOssForCausalLM`` keys plus the quantization block both old and new mlx-lm accept.
-
-    ``quantization`` carries ``mode`` (mlx-lm 0.28 assumes affine without it) and is repeated as
-    ``quantization_config``, as ``mlx_lm.utils.save_config`` writes it.
-    """
-    doc = hf_config(config)
-    quantization = dict(MXFP4_QUANTIZATION)
-    quantization.update(overrides or {})
-    doc["quantization"] = quantization
-    doc["quantization_config"] = quantization
-    return dict(sorted(doc.items()))
-
-
-def total_parameters(planned: list[Planned]) -> int:
-    """``mlx_lm.utils.get_total_parameters``: quantized weights count ``size * 32 / bits``; scales
-    and affine biases are not parameters, and neither are the attention sinks (it counts only
-    leaf modules' parameters, and ``sinks`` belongs to the non-leaf ``Attention``)."""
-    specs = {p.spec.name: p.spec for p in planned}
-    total = 0
-    for name, spec in specs.items():
-        size = int(np.prod(spec.shape))
-        if name.endswith((".scales", ".biases", ".sinks")):
-            continue
-        if spec.dtype == "U32":
-            module = name.rsplit(".", 1)[0]
-            scales = specs[module + ".scales"]
-            in_dim = scales.shape[-1] * (AFFINE_GROUP_SIZE if module + ".biases" in specs else 32)
-            bits = spec.shape[-1] * 32 // in_dim
-            size = size * 32 // bits
-        total += size
-    return total
 
 
 # --------------------------------------------------------------------------------------
 # Convert
 
 
-def convert(src, out: Path, *, force: bool = False, progress: bool = True,
-            shard_size: str | int = DEFAULT_SHARD_SIZE, recipe: str | None = None, **options) -> Path:
+def convert(src: Source, out: Path, *, force: bool = False, progress: Progress = SILENT,
+            shard_size: str | int = DEFAULT_SHARD_SIZE, recipe: str | None = None) -> Path:
     """Write the MLX folder for ``src`` (``OriginalCheckpoint`` or ``formats.hf.HfCheckpoint``)."""
-    if options:
-        raise InputError(f"options {sorted(options)} do not apply to --to mlx (it takes --shard-size and --recipe)")
-    if recipe is not None and recipe not in RECIPES:
-        raise InputError(f"unknown MLX recipe {recipe!r}; choose one of {sorted(RECIPES)}")
-    if getattr(src, "experts", "mxfp4") != "mxfp4":
-        raise InputError("experts are dense BF16; --to mlx keeps experts as MXFP4 and never quantizes them itself: "
-                         "run convert --to original first", file=getattr(src, "path", None))
+    if recipe is not None and recipe not in AFFINE_RECIPES:
+        raise InputError(f"unknown MLX recipe {recipe!r}; choose one of {sorted(AFFINE_RECIPES)}")
     planned, overrides = plan(src, recipe)
-    groups = shard(planned, parse_size(shard_size))
+    groups = group_by_size(planned, parse_size(shard_size))
     names = shard_names(len(groups))
-    total = sum(p.spec.nbytes for p in planned)
     out = Path(out)
-    warn_missing_tokenizer(Path(src.repo_root))
-    with atomic_output(out, force=force, is_dir=True) as tmp, \
-            tqdm(total=total, desc="mlx", unit="B", unit_scale=True, unit_divisor=1024,
-                 disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
-        for file_name, group in zip(names, groups):
-            with open(tmp / file_name, "wb") as fh:
-                writer = SafetensorsWriter(fh, [p.spec for p in group], {"format": "mlx"})
-                for item in group:
-                    for chunk in item.chunks():
-                        writer.write(item.spec.name, chunk)
-                        bar.update(chunk.nbytes)
-                writer.finish()
-        index = {"metadata": {"total_size": total, "total_parameters": total_parameters(planned)},
-                 "weight_map": dict(sorted((p.spec.name, n) for n, g in zip(names, groups) for p in g))}
+    warning = missing_tokenizer_warning(Path(src.repo_root))
+    if warning:
+        progress.note(f"warning: {warning}")
+    with atomic_output(out, force=force, is_dir=True) as tmp, progress.task("mlx", total_bytes(planned)) as advance:
+        weight_map = write_shards(tmp, groups, names, {"format": "mlx"}, advance)
+        index = {"metadata": {"total_size": total_bytes(planned),
+                              "total_parameters": total_parameters([p.spec for p in planned])},
+                 "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=4) + "\n")
         (tmp / "config.json").write_text(json.dumps(mlx_config(src.config, overrides), indent=4) + "\n")
         copy_tokenizer_files(Path(src.repo_root), tmp)
     return out
-
-
-def warn_missing_tokenizer(root: Path) -> None:
-    """Say on stderr which tokenizer / chat template files the source lacks (they are copied if present)."""
-    missing = [n for n in TOKENIZER_FILES if not (root / n).is_file() and n not in OPTIONAL_TOKENIZER_FILES]
-    if any(n in missing for n in REQUIRED_TOKENIZER_FILES):
-        print(f"warning: no {' or '.join(n for n in REQUIRED_TOKENIZER_FILES if n in missing)} in {root}: "
-              "mlx_lm.load and the mlx_lm CLI tools will not open the output until you add the tokenizer files "
-              "(mlx_lm.utils.load_model still loads the weights)", file=sys.stderr)
-    elif missing:
-        print(f"warning: {', '.join(missing)} not found in {root}; not copied", file=sys.stderr)

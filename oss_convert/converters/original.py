@@ -12,51 +12,27 @@ the expert bytes are copied. Every other tensor is copied as BF16 bits. Output:
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from tqdm import tqdm
 
 from .. import quantize
 from ..atomic import atomic_output
 from ..dtypes import bf16_to_f32
 from ..errors import InputError
-from ..formats.original import dtypes_json, expected_tensors, iter_chunks
-from ..formats.safetensors import SafetensorsWriter, TensorSpec
-from .hf_bf16 import copy_tokenizer_files, parse_size, release
+from ..formats.original import dtypes_json
+from ..model import Source, expected_tensors, iter_chunks
+from ..progress import SILENT, Progress
+from ..shards import Planned, copy_tokenizer_files, group_by_size, parse_size, shard_names, total_bytes, write_shards
 
 REPORT_FILE = "quantization.json"
-
-
-def shard_names(count: int) -> list[str]:
-    """``model.safetensors``, or the 120b repo's own naming (double dash) for several files."""
-    if count == 1:
-        return ["model.safetensors"]
-    return [f"model--{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-
-
-def _shard(specs: list[TensorSpec], max_bytes: int | None) -> list[list[TensorSpec]]:
-    if max_bytes is None:
-        return [specs]
-    groups: list[list[TensorSpec]] = [[]]
-    size = 0
-    for spec in specs:
-        if groups[-1] and size + spec.nbytes > max_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(spec)
-        size += spec.nbytes
-    return groups
 
 
 class ExpertEncoder:
     """Encodes one layer's dense expert weight to MXFP4, expert by expert, tallying the error."""
 
-    def __init__(self, src, recipe: str):
-        if recipe not in quantize.RECIPES:
-            raise InputError(f"unknown recipe {recipe!r} for --to original; choose one of {list(quantize.RECIPES)}")
+    def __init__(self, src: Source, recipe: str):
         self.src = src
         self.recipe = recipe
         self.errors: dict[str, quantize.ErrorTally] = {}
@@ -72,7 +48,7 @@ class ExpertEncoder:
             tally.add(values, blocks, expert_scales)
             scales.append(expert_scales)
             yield blocks
-            release(self.src, name)
+            self.src.release(name)
         self._scales = np.stack(scales)
 
     def scales(self, name: str) -> Iterator[np.ndarray]:
@@ -92,55 +68,44 @@ class ExpertEncoder:
         }
 
 
-def convert(src, out: Path, *, force: bool = False, progress: bool = True, recipe: str = "ocp",
-            shard_size: str | int | None = None, **options) -> Path:
+def convert(src: Source, out: Path, *, force: bool = False, progress: Progress = SILENT, recipe: str = "ocp",
+            shard_size: str | int | None = None) -> Path:
     """Write ``out/original/`` from ``src`` (``OriginalCheckpoint`` or ``formats.hf.HfCheckpoint``)."""
-    if options:
-        raise InputError(f"options {sorted(options)} do not apply to --to original (it takes --recipe, --shard-size)")
+    if recipe not in quantize.RECIPES:
+        raise InputError(f"unknown recipe {recipe!r} for --to original; choose one of {list(quantize.RECIPES)}")
     encoder = ExpertEncoder(src, recipe) if src.experts == "bf16" else None
-    if encoder is None and recipe not in quantize.RECIPES:
-        raise InputError(f"unknown recipe {recipe!r}; choose one of {list(quantize.RECIPES)}")
-    specs = expected_tensors(src.config, "mxfp4")
-    groups = _shard(specs, parse_size(shard_size) if shard_size is not None else None)
-    names = shard_names(len(groups))
+    planned = [Planned(spec, _chunks(src, spec.name, encoder)) for spec in expected_tensors(src.config, "mxfp4")]
+    groups = group_by_size(planned, parse_size(shard_size) if shard_size is not None else None)
+    names = shard_names(len(groups), separator="--")  # the 120b repo's own naming
     out = Path(out)
-    with atomic_output(out, force=force, is_dir=True) as tmp, \
-            tqdm(total=sum(s.nbytes for s in specs), desc="original", unit="B", unit_scale=True,
-                 unit_divisor=1024, disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
+    with atomic_output(out, force=force, is_dir=True) as tmp, progress.task("original", total_bytes(planned)) as advance:
         original = tmp / "original"
         original.mkdir()
         (original / "config.json").write_text(src.config.to_json())
         (original / "dtypes.json").write_text(dtypes_json(src.config))
-        for file_name, group in zip(names, groups):
-            with open(original / file_name, "wb") as fh:
-                writer = SafetensorsWriter(fh, group, {"format": "pt"})
-                for spec in group:
-                    for chunk in _chunks(src, spec.name, encoder):
-                        writer.write(spec.name, chunk)
-                        bar.update(chunk.nbytes)
-                writer.finish()
+        weight_map = write_shards(original, groups, names, {"format": "pt"}, advance)
         if len(groups) > 1:
-            index = {"metadata": {"total_size": sum(s.nbytes for s in specs)},
-                     "weight_map": {s.name: n for n, g in zip(names, groups) for s in g}}
+            index = {"metadata": {"total_size": total_bytes(planned)}, "weight_map": weight_map}
             (original / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         copy_tokenizer_files(Path(src.repo_root), tmp)
         if encoder is not None:
             report = encoder.report()
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    if encoder is not None and progress:
-        print(f"experts encoded to MXFP4 ({report['recipe']}): relative MSE {report['relative_mse']:.4e} "
-              f"over {len(report['tensors'])} tensors (per tensor: {out / REPORT_FILE})", file=sys.stderr)
+    if encoder is not None:
+        progress.note(f"experts encoded to MXFP4 ({report['recipe']}): relative MSE {report['relative_mse']:.4e} "
+                      f"over {len(report['tensors'])} tensors (per tensor: {out / REPORT_FILE})")
     return out
 
 
-def _chunks(src, name: str, encoder: ExpertEncoder | None) -> Iterator[np.ndarray]:
+def _chunks(src: Source, name: str, encoder: ExpertEncoder | None):
+    """The producer of tensor ``name``: encoded experts from a dense source, else a copy."""
     if encoder is not None and name.endswith(".blocks"):
-        return encoder.blocks(name.removesuffix(".blocks"))
+        return lambda: encoder.blocks(name.removesuffix(".blocks"))
     if encoder is not None and name.endswith(".scales"):
-        return encoder.scales(name.removesuffix(".scales"))
-    return _copy(src, name)
+        return lambda: encoder.scales(name.removesuffix(".scales"))
 
+    def copy() -> Iterator[np.ndarray]:
+        yield from iter_chunks(src.raw(name))
+        src.release(name)
 
-def _copy(src, name: str) -> Iterator[np.ndarray]:
-    yield from iter_chunks(src.raw(name))
-    release(src, name)
+    return copy

@@ -1,33 +1,329 @@
-"""gpt-oss GGUF files (ours, ggml-org's, unsloth's, ...) read back as canonical tensors.
+"""gpt-oss GGUF: the one home of the format, written and read.
 
-``GgufModel(path)`` opens a file, or every shard of a llama.cpp split
+Writing (what llama.cpp's own ``convert_hf_to_gguf.py``, ``conversion/gpt_oss.py``, writes for
+gpt-oss; spec ``gguf-gpt-oss.md`` §1): tensor names from gguf-py's registry (``gguf_names``),
+the MXFP4 repack (``openai_to_ggml``: scale bytes copied, the 4-bit codes moved from OpenAI's
+order, element 2i low nibble and 2i+1 high, to ggml's, element j low and j+16 high) and its
+inverse, the storage of the other tensors (``encoder``), the ``gpt-oss.*`` hyperparameters,
+the tokenizer and ``general.*`` keys, and llama.cpp's split naming. Tensors go to gguf-py's
+``GGUFWriter`` as ``LazyTensor`` objects that produce their bytes chunk by chunk while the
+file is written.
+
+Reading: ``GgufModel(path)`` opens a file, or every shard of a llama.cpp split
 (``name-00001-of-00003.gguf``), with gguf-py's memory-mapped ``GGUFReader`` and presents it
 through the ``CanonicalModel`` interface: ``original/`` names and layout, q/k/v re-fused
 into ``attn.qkv``, gate/up re-interleaved into ``mlp1``. Any tensor type gguf-py can dequantize
 (F32, F16, BF16, Q8_0, Q4_K, Q5_K, Q6_K, MXFP4, ...) comes back as float32; MXFP4 experts also
-come back as the exact OpenAI blocks and scales (``mxfp4``), the inverse of the converter's
-repack. The config is rebuilt from the ``gpt-oss.*`` keys, so a wrong key shows as a config
-difference in ``verify``.
+come back as the exact OpenAI blocks and scales (``mxfp4``). The config is rebuilt from the
+``gpt-oss.*`` keys, so a wrong key shows as a config difference in ``verify``.
+Imports: base modules, ``formats.hf`` (the HF config values llama.cpp's converter reads), gguf-py.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 
+from ..dtypes import bf16_to_f32
 from ..errors import InputError
-from .original import ModelConfig, Mxfp4Pair
+from ..model import ModelConfig, Mxfp4Pair, interleave
+from .hf import RMS_NORM_EPS, hf_config
 
 ARCH = "gpt-oss"
+OUTTYPES = ("bf16", "f16", "q8_0")  # --outtype, the type of the non-expert matrices
+DEFAULT_OUTTYPE = "bf16"
+TOKENIZER_PRE = "gpt-4o"  # o200k_harmony's split regex is GPT-4o's (spec §1.4)
+SWIGLU_LIMIT = 7.0  # hard-coded in llama.cpp's LLM_FFN_SWIGLU_OAI_MOE
 _SPLIT = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
-def _gguf():
-    import gguf
+def gguf_py():
+    import gguf  # imported lazily: the CLI should start without it
 
     return gguf
+
+
+# --------------------------------------------------------------------------------------
+# Names and types
+
+
+def gguf_names(name: str) -> list[str]:
+    """The GGUF tensors llama.cpp's converter writes for canonical tensor ``name``, from gguf-py's
+    ``TENSOR_NAMES`` (q, k, v split; gate and up split), in concatenation / interleave order."""
+    g = gguf_py()
+    T, N = g.MODEL_TENSOR, g.TENSOR_NAMES
+    top = {"embedding.weight": (T.TOKEN_EMBD, "weight"), "norm.scale": (T.OUTPUT_NORM, "weight"),
+           "unembedding.weight": (T.OUTPUT, "weight")}
+    if name in top:
+        tensor, kind = top[name]
+        return [f"{N[tensor]}.{kind}"]
+    _, n, rest = name.split(".", 2)
+    layer = {
+        "attn.norm.scale": [(T.ATTN_NORM, "weight")],
+        "attn.qkv.weight": [(T.ATTN_Q, "weight"), (T.ATTN_K, "weight"), (T.ATTN_V, "weight")],
+        "attn.qkv.bias": [(T.ATTN_Q, "bias"), (T.ATTN_K, "bias"), (T.ATTN_V, "bias")],
+        "attn.sinks": [(T.ATTN_SINKS, "weight")],
+        "attn.out.weight": [(T.ATTN_OUT, "weight")],
+        "attn.out.bias": [(T.ATTN_OUT, "bias")],
+        "mlp.norm.scale": [(T.ATTN_POST_NORM, "weight")],
+        "mlp.gate.weight": [(T.FFN_GATE_INP, "weight")],
+        "mlp.gate.bias": [(T.FFN_GATE_INP, "bias")],
+        "mlp.mlp1_weight": [(T.FFN_GATE_EXP, "weight"), (T.FFN_UP_EXP, "weight")],
+        "mlp.mlp1_bias": [(T.FFN_GATE_EXP, "bias"), (T.FFN_UP_EXP, "bias")],
+        "mlp.mlp2_weight": [(T.FFN_DOWN_EXP, "weight")],
+        "mlp.mlp2_bias": [(T.FFN_DOWN_EXP, "bias")],
+    }[rest]
+    return [f"{N[tensor].format(bid=int(n))}.{kind}" for tensor, kind in layer]
+
+
+def outtypes() -> dict:
+    """``--outtype`` -> (ggml type of the non-expert matrices, ``general.file_type``).
+
+    Every outtype keeps the experts MXFP4, so every file is labelled ``MOSTLY_MXFP4_MOE`` (38):
+    what llama.cpp's converter writes for F16/BF16 and what ``llama-quantize MXFP4_MOE`` writes
+    for the tensor-identical Q8_0 file (and ggml-org's published gpt-oss GGUFs say).
+    """
+    g = gguf_py()
+    Q, F = g.GGMLQuantizationType, g.LlamaFileType
+    return {"bf16": (Q.BF16, F.MOSTLY_MXFP4_MOE), "f16": (Q.F16, F.MOSTLY_MXFP4_MOE),
+            "q8_0": (Q.Q8_0, F.MOSTLY_MXFP4_MOE)}
+
+
+def check_config(config: ModelConfig, file: Path | None = None) -> None:
+    """Refuse a model llama.cpp would compute differently from the reference."""
+    if float(config.swiglu_limit) != SWIGLU_LIMIT:
+        raise InputError(f"swiglu_limit is {config.swiglu_limit}; llama.cpp hard-codes {SWIGLU_LIMIT}, "
+                         "so the GGUF would compute a different model", file=file)
+
+
+# --------------------------------------------------------------------------------------
+# Byte layouts, both directions
+
+
+def openai_to_ggml(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """OpenAI blocks ``[..., G, 16]`` + scales ``[..., G]`` -> ggml ``block_mxfp4`` bytes ``[..., G*17]``.
+
+    Byte j of a ggml block holds element j in the low nibble and element j+16 in the high one;
+    OpenAI's byte i holds elements 2i (low) and 2i+1 (high). The codes themselves are the same.
+    """
+    blocks = np.asarray(blocks, dtype=np.uint8)
+    codes = np.empty(blocks.shape[:-1] + (32,), np.uint8)
+    codes[..., 0::2] = blocks & 0x0F
+    codes[..., 1::2] = blocks >> 4
+    qs = codes[..., :16] | (codes[..., 16:] << 4)
+    out = np.concatenate([np.asarray(scales, np.uint8)[..., None], qs], axis=-1)
+    return out.reshape(*blocks.shape[:-2], -1)
+
+
+def ggml_to_openai(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of ``openai_to_ggml``: ggml bytes ``[..., G*17]`` -> (blocks ``[..., G, 16]``, scales ``[..., G]``)."""
+    data = np.asarray(data, dtype=np.uint8)
+    grouped = data.reshape(*data.shape[:-1], -1, 17)
+    scales = grouped[..., 0]
+    qs = grouped[..., 1:]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # element order 0..31
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return np.ascontiguousarray(blocks), np.ascontiguousarray(scales)
+
+
+def encoder(ggml_type) -> tuple[Callable[[np.ndarray], np.ndarray], np.dtype, Callable]:
+    """(BF16-bits -> stored array, stored numpy dtype, element shape -> stored shape)."""
+    g = gguf_py()
+    Q = g.GGMLQuantizationType
+    if ggml_type == Q.F32:
+        return bf16_to_f32, np.dtype(np.float32), lambda s: s
+    if ggml_type == Q.BF16:
+        # BF16 -> F32 -> BF16 (what the converter does) is the identity: copy the bits.
+        return lambda bits: bits, np.dtype(np.uint16), lambda s: s
+    if ggml_type == Q.F16:
+        return lambda bits: bf16_to_f32(bits).astype(np.float16), np.dtype(np.float16), lambda s: s
+    if ggml_type == Q.Q8_0:
+        return (lambda bits: g.quants.quantize(bf16_to_f32(bits), Q.Q8_0), np.dtype(np.uint8),
+                lambda s: tuple(g.quant_shape_to_byte_shape(s, Q.Q8_0)))
+    raise ValueError(ggml_type)
+
+
+class LazyTensor:
+    """What ``GGUFWriter.add_tensor`` needs of an array (shape, dtype, nbytes, ``tofile``),
+    producing the bytes only when the writer reaches this tensor, a chunk at a time."""
+
+    def __init__(self, shape: tuple[int, ...], dtype, chunks: Callable[[], Iterator[np.ndarray]]):
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        self._chunks = chunks
+        self.on_bytes: Callable[[int], None] = lambda n: None
+
+    def tofile(self, fh) -> None:
+        written = 0
+        for chunk in self._chunks():
+            chunk = np.ascontiguousarray(chunk)
+            fh.write(memoryview(chunk).cast("B"))
+            written += chunk.nbytes
+            self.on_bytes(chunk.nbytes)
+        if written != self.nbytes:
+            raise AssertionError(f"produced {written} bytes, planned {self.nbytes}")
+
+
+# --------------------------------------------------------------------------------------
+# Metadata and tokenizer (writing)
+
+
+def add_model_params(writer, config, file_type) -> None:
+    """The ``gpt-oss.*`` hyperparameters as ``TextModel``/``GptOssModel.set_gguf_parameters`` write them."""
+    hf = hf_config(config)
+    rope = hf["rope_scaling"]
+    g = gguf_py()
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(hf["max_position_embeddings"])
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(float(config.rope_theta))
+    writer.add_rope_scaling_type(g.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(float(rope["factor"]))
+    writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    writer.add_rope_scaling_yarn_beta_fast(float(rope["beta_fast"]))
+    writer.add_rope_scaling_yarn_beta_slow(float(rope["beta_slow"]))
+    writer.add_layer_norm_rms_eps(RMS_NORM_EPS)
+    writer.add_expert_count(config.num_experts)
+    writer.add_expert_used_count(config.experts_per_token)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_file_type(file_type)
+    writer.add_sliding_window(config.sliding_window)
+    writer.add_expert_feed_forward_length(config.intermediate_size)
+
+
+def _looks_special(token: str) -> bool:
+    # convert_hf_to_gguf.py's does_token_look_special, for the forms o200k can have
+    return (token.startswith("<|") and token.endswith("|>")) or token in ("<pad>", "<mask>")
+
+
+def read_tokenizer_json(root: Path) -> dict:
+    """``root/tokenizer.json`` as a dict, or an ``InputError`` naming the file."""
+    path = root / "tokenizer.json"
+    if not path.is_file():
+        raise InputError("GGUF needs the tokenizer: tokenizer.json is missing beside original/ "
+                         "(copy it from the Hugging Face repo)", file=path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(doc, dict):
+            raise TypeError("not a JSON object")
+        return doc
+    except (OSError, ValueError, TypeError) as exc:
+        raise InputError(f"cannot read the tokenizer: {exc}", file=path) from exc
+
+
+def vocab(root: Path, vocab_size: int, doc: dict | None = None) -> tuple[list[str], list[int]]:
+    """Tokens and token types as ``get_vocab_base`` builds them from ``tokenizer.json``."""
+    g = gguf_py()
+    path = root / "tokenizer.json"
+    doc = read_tokenizer_json(root) if doc is None else doc
+    try:
+        model_vocab: dict[str, int] = doc["model"]["vocab"]
+        added = {t["id"]: t for t in doc.get("added_tokens", [])}
+    except (KeyError, TypeError) as exc:
+        raise InputError(f"cannot read the tokenizer vocabulary: {exc}", file=path) from exc
+    reverse = {i: t for t, i in model_vocab.items()}
+    reverse.update({i: t["content"] for i, t in added.items()})
+    if reverse and max(reverse) >= vocab_size:
+        raise InputError(f"token id {max(reverse)} does not fit the model's vocab_size {vocab_size}", file=path)
+    tokens, types = [], []
+    for i in range(vocab_size):
+        token = reverse.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(int(g.TokenType.UNUSED))
+        elif i in added:
+            tokens.append(token)
+            special = added[i].get("special") or _looks_special(token)
+            types.append(int(g.TokenType.CONTROL if special else g.TokenType.USER_DEFINED))
+        else:
+            tokens.append(token)
+            types.append(int(g.TokenType.NORMAL))
+    return tokens, types
+
+
+def _byte_level_post_processor(doc: dict) -> bool:
+    post = doc.get("post_processor") or {}
+    processors = post.get("processors", [post]) if isinstance(post, dict) else []
+    return any(isinstance(p, dict) and p.get("type") == "ByteLevel" for p in processors)
+
+
+def add_tokenizer(writer, root: Path, vocab_size: int) -> None:
+    """``_set_vocab_gpt2``: model/pre/tokens/types, then merges, special ids and chat template
+    through gguf-py's ``SpecialVocab`` (the converter's own code path)."""
+    g = gguf_py()
+    doc = read_tokenizer_json(root)
+    tokens, types = vocab(root, vocab_size, doc)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(TOKENIZER_PRE)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = g.SpecialVocab(root, load_merges=True)
+    if not special.merges:
+        raise InputError("tokenizer.json has no BPE merges; llama.cpp's gpt2 tokenizer needs them",
+                         file=root / "tokenizer.json")
+    if special.chat_template is None and (root / "chat_template.jinja").is_file():
+        # SpecialVocab reads the .jinja only beside a tokenizer_config.json; take it anyway.
+        special.chat_template = (root / "chat_template.jinja").read_text(encoding="utf-8")
+    if _byte_level_post_processor(doc):
+        # llama.cpp's own gguf-py (vocab.py, _try_load_from_tokenizer_json) writes add_bos/add_eos
+        # false for a ByteLevel post-processor, as gpt-oss's tokenizer.json has; older gguf
+        # releases on PyPI do not, so say it here whichever gguf is installed.
+        special.add_special_token.setdefault("bos", False)
+        special.add_special_token.setdefault("eos", False)
+    special.add_to_gguf(writer, quiet=True)
+
+
+def add_general(writer, root: Path) -> None:
+    """``general.type``/``name``/``basename``/``size_label``/... from gguf-py's ``Metadata``, as the converter does."""
+    g = gguf_py()
+    total, shared, expert, expert_count = writer.get_total_parameter_count()
+    meta = g.Metadata.load(None, root, None, total)
+    if meta.name is None:
+        meta.name = root.name
+    if meta.size_label is None and total > 0:
+        meta.size_label = g.size_label(total, shared, expert, expert_count)
+    writer.add_type(g.GGUFType.MODEL)
+    meta.set_gguf_meta_model(writer)
+
+
+# --------------------------------------------------------------------------------------
+# Writing
+
+
+def new_writer(split_max_size: int):
+    """A GGUFWriter whose shards go to the paths we set in ``targets`` (temporary names, renamed
+    by ``atomic_output`` once every shard is complete) instead of names derived from one path."""
+    g = gguf_py()
+
+    class Writer(g.GGUFWriter):
+        targets: list[Path] = []
+
+        def format_shard_names(self, path: Path) -> list[Path]:
+            return list(self.targets)
+
+    return Writer(None, ARCH, split_max_size=split_max_size)
+
+
+def split_paths(out: Path, count: int) -> list[Path]:
+    """llama.cpp's split naming (``model-00001-of-00003.gguf``); one file keeps ``out``."""
+    if count == 1:
+        return [out]
+    from gguf.gguf_writer import SHARD_NAME_FORMAT
+
+    return [out.with_name(SHARD_NAME_FORMAT.format(out.stem, i + 1, count)) for i in range(count)]
+
+
+# --------------------------------------------------------------------------------------
+# Reading
 
 
 def shard_paths(path: str | Path) -> list[Path]:
@@ -45,7 +341,7 @@ def shard_paths(path: str | Path) -> list[Path]:
 
 
 def _open_reader(path: Path):
-    g = _gguf()
+    g = gguf_py()
     try:
         size = path.stat().st_size
     except OSError as exc:
@@ -225,7 +521,7 @@ class GgufModel:
 
     def dequantize(self, name: str) -> np.ndarray:
         """A GGUF tensor as float32 in numpy order (reversed ggml ``ne``)."""
-        g = _gguf()
+        g = gguf_py()
         t = self.tensor(name)
         try:
             values = g.quants.dequantize(t.data, t.tensor_type)
@@ -234,39 +530,21 @@ class GgufModel:
         return np.asarray(values, dtype=np.float32).reshape(tuple(int(s) for s in reversed(t.shape)))
 
     def _gguf_names(self, name: str) -> list[str]:
-        """The GGUF tensors holding canonical tensor ``name`` (several when split or fused)."""
-        if name == "embedding.weight":
-            return ["token_embd.weight"]
-        if name == "unembedding.weight":
-            return ["output.weight" if "output.weight" in self.tensors else "token_embd.weight"]
-        if name == "norm.scale":
-            return ["output_norm.weight"]
-        _, n, rest = name.split(".", 2)
-        p = f"blk.{n}."
-        if rest.startswith("attn.qkv."):
-            kind = rest.rsplit(".", 1)[1]
-            if p + f"attn_qkv.{kind}" in self.tensors:
-                return [p + f"attn_qkv.{kind}"]
-            return [p + f"attn_{x}.{kind}" for x in "qkv"]
-        if rest.startswith("mlp.mlp1_"):
-            kind = "weight" if rest.endswith("weight") else "bias"
-            if p + f"ffn_gate_up_exps.{kind}" in self.tensors:
-                return [p + f"ffn_gate_up_exps.{kind}"]
-            return [p + f"ffn_gate_exps.{kind}", p + f"ffn_up_exps.{kind}"]
-        simple = {
-            "attn.norm.scale": "attn_norm.weight",
-            "attn.sinks": "attn_sinks.weight",
-            "attn.out.weight": "attn_output.weight",
-            "attn.out.bias": "attn_output.bias",
-            "mlp.norm.scale": "post_attention_norm.weight",
-            "mlp.gate.weight": "ffn_gate_inp.weight",
-            "mlp.gate.bias": "ffn_gate_inp.bias",
-            "mlp.mlp2_weight": "ffn_down_exps.weight",
-            "mlp.mlp2_bias": "ffn_down_exps.bias",
-        }
-        if rest not in simple:
-            raise InputError("not a canonical gpt-oss tensor name", file=self.path, tensor=name)
-        return [p + simple[rest]]
+        """The GGUF tensors holding canonical tensor ``name``: the names llama.cpp's converter
+        writes, or the fused ``attn_qkv`` / ``ffn_gate_up_exps`` and a tied output where a file has those."""
+        try:
+            names = gguf_names(name)
+        except (KeyError, ValueError):
+            raise InputError("not a canonical gpt-oss tensor name", file=self.path, tensor=name) from None
+        if name == "unembedding.weight" and names[0] not in self.tensors:
+            return ["token_embd.weight"]  # tied embeddings
+        fused = {"attn_q.": "attn_qkv.", "ffn_gate_exps.": "ffn_gate_up_exps."}
+        for first, whole in fused.items():
+            if len(names) > 1 and first in names[0]:
+                candidate = names[0].replace(first, whole)
+                if candidate in self.tensors:
+                    return [candidate]
+        return names
 
     def f32(self, name: str) -> np.ndarray:
         """Canonical tensor ``name`` as float32, in ``original/`` shape and layout."""
@@ -281,17 +559,15 @@ class GgufModel:
                     gate, up = fused[..., :half], fused[..., half:]
             else:
                 gate, up = (self.dequantize(p) for p in parts)
-            return _interleave(gate, up, axis=1)
+            return interleave(gate, up, axis=1)
         if len(parts) == 3:  # q, k, v
             return np.concatenate([self.dequantize(p) for p in parts], axis=0)
         return self.dequantize(parts[0])
 
     def mxfp4(self, layer: int, which: str) -> Mxfp4Pair | None:
         """Exact OpenAI blocks/scales when the expert tensors are MXFP4, else ``None``."""
-        from ..converters.gguf import ggml_to_openai
-
         parts = self._gguf_names(f"block.{layer}.mlp.{which}_weight")
-        g = _gguf()
+        g = gguf_py()
         tensors = [self.tensor(p) for p in parts]
         if any(t.tensor_type != g.GGMLQuantizationType.MXFP4 for t in tensors):
             return None
@@ -306,7 +582,7 @@ class GgufModel:
             gate, up = tensors[0].data, tensors[1].data
         gb, gs = ggml_to_openai(gate)
         ub, us = ggml_to_openai(up)
-        return Mxfp4Pair(_interleave(gb, ub, axis=1), _interleave(gs, us, axis=1))
+        return Mxfp4Pair(interleave(gb, ub, axis=1), interleave(gs, us, axis=1))
 
     def storage(self, name: str) -> str:
         """The ggml type name(s) of the tensor(s) holding ``name`` ("BF16", "MXFP4", "Q4_K+Q6_K", ...)."""
@@ -329,7 +605,7 @@ class GgufModel:
         return all(self.mxfp4_type(n, which) for n in range(self.config.num_hidden_layers) for which in ("mlp1", "mlp2"))
 
     def mxfp4_type(self, layer: int, which: str) -> bool:
-        g = _gguf()
+        g = gguf_py()
         try:
             names = self._gguf_names(f"block.{layer}.mlp.{which}_weight")
             return all(self.tensor(p).tensor_type == g.GGMLQuantizationType.MXFP4 for p in names)
@@ -363,7 +639,7 @@ class GgufModel:
 
     def scan(self) -> list[str]:
         """Read every tensor: NaN/Inf values, and E8M0 scale 255 (NaN) in MXFP4 tensors."""
-        g = _gguf()
+        g = gguf_py()
         problems = []
         for name, t in self.tensors.items():
             if t.tensor_type == g.GGMLQuantizationType.MXFP4:
@@ -392,19 +668,6 @@ class GgufModel:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _interleave(a: np.ndarray, b: np.ndarray, axis: int) -> np.ndarray:
-    """Rows of ``a`` at even and of ``b`` at odd positions along ``axis``."""
-    shape = list(a.shape)
-    shape[axis] *= 2
-    out = np.empty(shape, dtype=a.dtype)
-    even = [slice(None)] * a.ndim
-    odd = [slice(None)] * a.ndim
-    even[axis], odd[axis] = slice(0, None, 2), slice(1, None, 2)
-    out[tuple(even)] = a
-    out[tuple(odd)] = b
-    return out
 
 
 def _integral(value: float) -> float | int:
@@ -446,7 +709,7 @@ def describe(path: str | Path, *, scan: bool = False) -> dict:
         merges = model.fields.get("tokenizer.ggml.merges")
         tokens = model.fields.get("tokenizer.ggml.tokens")
         file_type = model.value("general.file_type")
-        g = _gguf()
+        g = gguf_py()
         try:
             file_type_name = g.LlamaFileType(file_type).name if file_type is not None else None
         except ValueError:

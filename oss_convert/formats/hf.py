@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -26,7 +27,8 @@ from ..dtypes import bf16_to_f32, f32_to_bf16
 from ..errors import InputError
 from ..tokenizer import SPECIAL_TOKENS, TOKENIZER_FILES, layout
 from . import mxfp4
-from .original import ModelConfig, Mxfp4Pair, OriginalCheckpoint, expected_tensors, iter_chunks
+from .original import OriginalCheckpoint
+from ..model import ModelConfig, Mxfp4Pair, expected_tensors, iter_chunks
 from .safetensors import ShardedReader
 
 MODEL_TYPE = "gpt_oss"
@@ -328,6 +330,11 @@ class HfCheckpoint(ShardedReader):
             return None
         prefix = f"block.{layer}.mlp.{which}_weight"
         return Mxfp4Pair(self.raw(prefix + ".blocks"), self.raw(prefix + ".scales"))
+
+    def chunks(self, name: str, max_bytes: int = 64 << 20) -> Iterator[np.ndarray]:
+        """``raw(name)`` in pieces along its first axis, the pages released once all are read."""
+        yield from iter_chunks(self.raw(name), max_bytes)
+        self.release(name)
 
     def release(self, name: str) -> None:
         """Unmap the pages behind a canonical tensor once streamed (as ``OriginalCheckpoint.release``)."""

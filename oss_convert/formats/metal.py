@@ -38,7 +38,7 @@ import numpy as np
 from ..dtypes import bf16_to_f32, f32_to_bf16
 from ..errors import InputError
 from . import mxfp4
-from .original import ModelConfig, Mxfp4Pair
+from ..model import ModelConfig, Mxfp4Pair
 
 MAGIC = b"GPT-OSS v1.0"
 MODEL_UUID = UUID("df52dc86-1789-4ed0-a295-66f10508145b").bytes

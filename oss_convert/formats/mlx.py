@@ -1,12 +1,19 @@
-"""MLX (mlx-lm ``gpt_oss``) folders, read back into the canonical ``original/`` view.
+"""MLX (mlx-lm ``gpt_oss``) folders: the one home of the format, written and read.
 
-Reads any gpt-oss folder mlx-lm loads (spec mlx-gpt-oss.md §1.2, §2): ours, and mlx-community
-style ones whose non-expert layers are quantized (affine 8/4-bit, or mxfp4/mxfp8/nvfp4), or old
-ones with dequantized BF16 experts. Quantized layers are dequantized with ``mx.dequantize``;
-parameters come from the tensor shapes (as mlx-lm 0.32's ``infer_quant_config`` does), the
-mode from whether the layer has ``.biases`` (affine) and its group size. MXFP4 experts are
-returned exactly by ``mxfp4()``: the uint32 view undone and ``gate_proj``/``up_proj`` rows
-interleaved back into OpenAI's ``mlp1`` (gate even, linear odd).
+Layout (spec mlx-gpt-oss.md §1.2, §2, §7): mlx-lm's ``gpt_oss`` names (``mlx_names``); the MoE
+experts as ``QuantizedSwitchLinear(mode="mxfp4")`` parameters, i.e. OpenAI's ``.blocks`` bytes
+viewed as uint32 (``as_mlx_words``, undone by ``from_mlx_words``) with the uint8 scales as they
+are; ``mlp1`` split into ``gate_proj`` (even rows) and ``up_proj`` (odd rows) as mlx-lm's
+``sanitize`` does (``model.gate_up_rows``, undone by ``model.interleave``); ``config.json`` with the
+quantization block both old and new mlx-lm accept (``mlx_config``); the index's
+``total_parameters`` as mlx-lm counts them.
+
+Reads any gpt-oss folder mlx-lm loads: ours, and mlx-community style ones whose non-expert
+layers are quantized (affine 8/4-bit, or mxfp4/mxfp8/nvfp4), or old ones with dequantized BF16
+experts. Quantized layers are dequantized with ``mx.dequantize``; parameters come from the
+tensor shapes (as mlx-lm 0.32's ``infer_quant_config`` does), the mode from whether the layer
+has ``.biases`` (affine) and its group size. MXFP4 experts are returned exactly by ``mxfp4()``.
+Imports: base modules, ``formats.safetensors``, ``formats.mxfp4``, ``formats.hf``.
 """
 
 from __future__ import annotations
@@ -19,27 +26,132 @@ import numpy as np
 
 from ..dtypes import bf16_to_f32
 from ..errors import InputError
+from ..model import ModelConfig, Mxfp4Pair, TensorSpec, expert_name, interleave, is_expert_weight, iter_chunks
 from ..tokenizer import TOKENIZER_FILES
 from . import mxfp4
-from .hf import model_config_from_hf, qkv_split
-from .original import ModelConfig, Mxfp4Pair, iter_chunks
+from .hf import hf_config, model_config_from_hf, qkv_split
 from .safetensors import SafetensorsFile, ShardedReader
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
-EXPERT_PROJ = {"mlp1": ("gate_proj", "up_proj"), "mlp2": ("down_proj",)}
+MXFP4_QUANTIZATION = {"group_size": 32, "bits": 4, "mode": "mxfp4"}
+AFFINE_GROUP_SIZE = 64
+ROUTER_QUANTIZATION = {"group_size": 64, "bits": 8}  # gpt_oss Model.quant_predicate: no "mode" key
+# mlx-community's names for MXFP4 experts with the other linear layers affine n-bit
+# (what ``mlx_lm.convert -q --q-bits n`` makes of gpt-oss): recipe -> bits.
+AFFINE_RECIPES = {"mxfp4-q8": 8, "mxfp4-q4": 4}
+# Needed for mlx_lm.load to build a tokenizer at all; the others only add chat/generation defaults.
+REQUIRED_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# generation_config.json only overrides eos_token_id, which config.json already carries: no warning.
+OPTIONAL_TOKENIZER_FILES = ("generation_config.json",)
 
 
-def _plain_names(n: int) -> dict[str, str]:
-    """Canonical suffix -> MLX tensor for the renamed, never-quantized tensors of layer ``n``."""
+# --------------------------------------------------------------------------------------
+# Names: canonical (original/) tensor -> MLX modules or tensors, for both directions
+
+
+def mlx_names(name: str, num_layers: int) -> list[str]:
+    """The MLX modules (``...proj``, ``...router``: a ``.weight``, maybe ``.scales``/``.biases``) or
+    plain tensors holding canonical tensor ``name``, in the order they are concatenated
+    (q, k, v) or interleaved (gate, up). ``KeyError`` for a name that is not canonical."""
+    top = {"embedding.weight": ["model.embed_tokens"], "unembedding.weight": ["lm_head"],
+           "norm.scale": ["model.norm.weight"]}
+    if name in top:
+        return top[name]
+    try:
+        _, n, rest = name.split(".", 2)
+        layer = int(n)
+    except ValueError:
+        raise KeyError(name) from None
+    if not 0 <= layer < num_layers:
+        raise KeyError(name)
     p = f"model.layers.{n}."
+    a, m = p + "self_attn.", p + "mlp."
     return {
-        "attn.norm.scale": p + "input_layernorm.weight",
-        "attn.sinks": p + "self_attn.sinks",
-        "attn.out.bias": p + "self_attn.o_proj.bias",
-        "mlp.norm.scale": p + "post_attention_layernorm.weight",
-        "mlp.gate.bias": p + "mlp.router.bias",
-        "mlp.mlp2_bias": p + "mlp.experts.down_proj.bias",
-    }
+        "attn.norm.scale": [p + "input_layernorm.weight"],
+        "attn.qkv.weight": [a + "q_proj", a + "k_proj", a + "v_proj"],
+        "attn.qkv.bias": [a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"],
+        "attn.sinks": [a + "sinks"],
+        "attn.out.weight": [a + "o_proj"],
+        "attn.out.bias": [a + "o_proj.bias"],
+        "mlp.norm.scale": [p + "post_attention_layernorm.weight"],
+        "mlp.gate.weight": [m + "router"],
+        "mlp.gate.bias": [m + "router.bias"],
+        "mlp.mlp1_weight": [m + "experts.gate_proj", m + "experts.up_proj"],
+        "mlp.mlp1_bias": [m + "experts.gate_proj.bias", m + "experts.up_proj.bias"],
+        "mlp.mlp2_weight": [m + "experts.down_proj"],
+        "mlp.mlp2_bias": [m + "experts.down_proj.bias"],
+    }[rest]
+
+
+# --------------------------------------------------------------------------------------
+# Byte layouts, both directions
+
+
+def as_mlx_words(blocks: np.ndarray) -> np.ndarray:
+    """OpenAI blocks ``[..., G, 16]`` uint8 -> MLX mxfp4 weight ``[..., G*4]`` uint32: the same
+    bytes (little-endian host), so the experts are never decoded."""
+    words = np.ascontiguousarray(blocks).view("<u4")
+    return words.reshape(*blocks.shape[:-2], blocks.shape[-2] * 4)
+
+
+def from_mlx_words(words: np.ndarray) -> np.ndarray:
+    """Inverse of ``as_mlx_words``: ``[..., G*4]`` uint32 -> ``[..., G, 16]`` uint8."""
+    w = np.ascontiguousarray(words)
+    return w.view(np.uint8).reshape(*w.shape[:-1], w.shape[-1] // 4, 16)
+
+
+# --------------------------------------------------------------------------------------
+# config.json and the index
+
+
+def mlx_config(config: ModelConfig, overrides: dict[str, dict] | None = None) -> dict:
+    """HF ``GptOssForCausalLM`` keys plus the quantization block both old and new mlx-lm accept.
+
+    ``quantization`` carries ``mode`` (mlx-lm 0.28 assumes affine without it) and is repeated as
+    ``quantization_config``, as ``mlx_lm.utils.save_config`` writes it.
+    """
+    doc = hf_config(config)
+    quantization = dict(MXFP4_QUANTIZATION)
+    quantization.update(overrides or {})
+    doc["quantization"] = quantization
+    doc["quantization_config"] = quantization
+    return dict(sorted(doc.items()))
+
+
+def total_parameters(specs: list[TensorSpec]) -> int:
+    """``mlx_lm.utils.get_total_parameters``: quantized weights count ``size * 32 / bits``; scales
+    and affine biases are not parameters, and neither are the attention sinks (it counts only
+    leaf modules' parameters, and ``sinks`` belongs to the non-leaf ``Attention``)."""
+    by_name = {spec.name: spec for spec in specs}
+    total = 0
+    for name, spec in by_name.items():
+        size = int(np.prod(spec.shape))
+        if name.endswith((".scales", ".biases", ".sinks")):
+            continue
+        if spec.dtype == "U32":
+            module = name.rsplit(".", 1)[0]
+            scales = by_name[module + ".scales"]
+            in_dim = scales.shape[-1] * (AFFINE_GROUP_SIZE if module + ".biases" in by_name else 32)
+            bits = spec.shape[-1] * 32 // in_dim
+            size = size * 32 // bits
+        total += size
+    return total
+
+
+def missing_tokenizer_warning(root: Path) -> str | None:
+    """What an MLX folder made from ``root`` will lack, or ``None`` (the files are copied if present)."""
+    missing = [n for n in TOKENIZER_FILES if not (root / n).is_file() and n not in OPTIONAL_TOKENIZER_FILES]
+    if any(n in missing for n in REQUIRED_TOKENIZER_FILES):
+        return (f"no {' or '.join(n for n in REQUIRED_TOKENIZER_FILES if n in missing)} in {root}: "
+                "mlx_lm.load and the mlx_lm CLI tools will not open the output until you add the tokenizer files "
+                "(mlx_lm.utils.load_model still loads the weights)")
+    if missing:
+        return f"{', '.join(missing)} not found in {root}; not copied"
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Reading
 
 
 def _modules(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -188,40 +300,15 @@ class MlxModel(ShardedReader):
 
     def _sources(self, name: str) -> list[str]:
         """MLX modules (``...proj``) or tensors behind a canonical name."""
-        if name == "embedding.weight":
-            return ["model.embed_tokens"]
-        if name == "unembedding.weight":
-            return ["lm_head"]
-        if name == "norm.scale":
-            return ["model.norm.weight"]
         try:
-            _, n, rest = name.split(".", 2)
-            layer = int(n)
-        except ValueError:
+            return mlx_names(name, self.config.num_hidden_layers)
+        except KeyError:
             raise InputError("no such tensor", file=self.path, tensor=name) from None
-        if not 0 <= layer < self.config.num_hidden_layers:
-            raise InputError("no such tensor", file=self.path, tensor=name)
-        a, m = f"model.layers.{n}.self_attn.", f"model.layers.{n}.mlp."
-        table = {
-            "attn.qkv.weight": [a + "q_proj", a + "k_proj", a + "v_proj"],
-            "attn.qkv.bias": [a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"],
-            "attn.out.weight": [a + "o_proj"],
-            "mlp.gate.weight": [m + "router"],
-            "mlp.mlp1_weight": [m + "experts.gate_proj", m + "experts.up_proj"],
-            "mlp.mlp1_bias": [m + "experts.gate_proj.bias", m + "experts.up_proj.bias"],
-            "mlp.mlp2_weight": [m + "experts.down_proj"],
-        }
-        if rest in table:
-            return table[rest]
-        plain = _plain_names(layer)
-        if rest in plain:
-            return [plain[rest]]
-        raise InputError("no such tensor", file=self.path, tensor=name)
 
     def f32(self, name: str) -> np.ndarray:
         """A canonical tensor as float32 (quantized layers dequantized; experts decoded exactly)."""
-        if name.endswith(("mlp1_weight", "mlp2_weight")):
-            layer, which = int(name.split(".")[1]), name.split(".")[3].split("_")[0]
+        if is_expert_weight(name):
+            layer, which = expert_name(name)
             pair = self.mxfp4(layer, which)
             if pair is not None:
                 return mxfp4.decode(pair.blocks, pair.scales)
@@ -229,7 +316,7 @@ class MlxModel(ShardedReader):
         read = (lambda s: self._module_f32(s)) if sources[0] in self.quant else self._float
         parts = [read(s) for s in sources]
         if name.endswith(("mlp1_weight", "mlp1_bias")):  # gate rows even, linear (up) rows odd
-            return _interleave(*parts, axis=1)
+            return interleave(*parts, axis=1)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def mxfp4(self, layer: int, which: str) -> Mxfp4Pair | None:
@@ -240,10 +327,8 @@ class MlxModel(ShardedReader):
         words = [self._array(m + ".weight") for m in modules]
         scales = [self._array(m + ".scales") for m in modules]
         if len(modules) == 2:
-            words, scales = [_interleave(*words, axis=1)], [_interleave(*scales, axis=1)]
-        w = np.ascontiguousarray(words[0])
-        blocks = w.view(np.uint8).reshape(*w.shape[:-1], w.shape[-1] // 4, 16)
-        return Mxfp4Pair(blocks, np.ascontiguousarray(scales[0]))
+            words, scales = [interleave(*words, axis=1)], [interleave(*scales, axis=1)]
+        return Mxfp4Pair(from_mlx_words(words[0]), np.ascontiguousarray(scales[0]))
 
     def storage(self, name: str) -> str:
         sources = self._sources(name)
@@ -278,19 +363,6 @@ class MlxModel(ShardedReader):
                 what = "scale bytes are 255 (NaN in E8M0)" if name in e8m0 else "NaN/Inf values"
                 problems.append(f"file {entry.file}, tensor {name!r}: {bad} {what}")
         return problems
-
-
-def _interleave(even: np.ndarray, odd: np.ndarray, axis: int) -> np.ndarray:
-    """Rows of ``even`` at 0, 2, 4, ... and of ``odd`` at 1, 3, 5, ... along ``axis``."""
-    shape = list(even.shape)
-    shape[axis] *= 2
-    out = np.empty(shape, dtype=even.dtype)
-    index = [slice(None)] * len(shape)
-    index[axis] = slice(0, None, 2)
-    out[tuple(index)] = even
-    index[axis] = slice(1, None, 2)
-    out[tuple(index)] = odd
-    return out
 
 
 # --------------------------------------------------------------------------------------

@@ -1,15 +1,15 @@
 """OpenAI's ``original/`` checkpoint: ``config.json`` plus one or more ``*.safetensors``.
 
-Owns: the config schema, the expected tensor table (names, dtypes, shapes, in the order of
-``dtypes.json``), locating a checkpoint (folder, repo root, or a Hugging Face repo id / cached
-snapshot, offline), indexing tensors across shards and validating them. Like both reference
-loaders it opens every ``*.safetensors`` in the folder and ignores the index file.
+Owns: reading ``config.json`` against ``model.ModelConfig``, ``dtypes.json``, locating a
+checkpoint (folder, repo root, or a Hugging Face repo id / cached snapshot, offline), indexing
+tensors across shards and validating them against ``model.expected_tensors``. Like both
+reference loaders it opens every ``*.safetensors`` in the folder and ignores the index file.
+Imports: base modules, ``formats.safetensors``, ``formats.mxfp4``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator
 
@@ -17,132 +17,9 @@ import numpy as np
 
 from ..dtypes import bf16_to_f32
 from ..errors import InputError
+from ..model import ModelConfig, Mxfp4Pair, TensorSpec, expected_tensors, expert_name, is_expert_weight, iter_chunks
 from . import mxfp4
-from .safetensors import SafetensorsFile, ShardedReader, TensorEntry, TensorSpec
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The 16 keys of ``original/config.json`` (``gpt_oss/torch/model.py:ModelConfig``), in file order."""
-
-    num_hidden_layers: int = 36
-    num_experts: int = 128
-    experts_per_token: int = 4
-    vocab_size: int = 201088
-    hidden_size: int = 2880
-    intermediate_size: int = 2880
-    swiglu_limit: float = 7.0
-    head_dim: int = 64
-    num_attention_heads: int = 64
-    num_key_value_heads: int = 8
-    sliding_window: int = 128
-    initial_context_length: int = 4096
-    rope_theta: float = 150000  # the real files write these three as JSON ints
-    rope_scaling_factor: float = 32.0
-    rope_ntk_alpha: float = 1
-    rope_ntk_beta: float = 32
-
-    @property
-    def qkv_dim(self) -> int:
-        return self.head_dim * (self.num_attention_heads + 2 * self.num_key_value_heads)
-
-    @classmethod
-    def from_dict(cls, raw: dict, *, file: Path | None = None) -> "ModelConfig":
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(raw) - set(known))
-        if unknown:
-            raise InputError(f"unknown config keys {unknown}; the reference model accepts only {list(known)}", file=file)
-        missing = [name for name in known if name not in raw]
-        if missing:
-            raise InputError(f"config is missing keys {missing}", file=file)
-        values = {}
-        for name, f in known.items():
-            value = raw[name]
-            want = int if f.type in ("int", int) else float
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (want is int and not float(value).is_integer()):
-                raise InputError(f"config key {name!r} must be {want.__name__}, got {value!r}", file=file)
-            values[name] = value
-        config = cls(**values)
-        config.check(file)
-        return config
-
-    def check(self, file: Path | None = None) -> None:
-        """Relations between keys that every consumer relies on."""
-        problems = []
-        for name in ("num_hidden_layers", "num_experts", "experts_per_token", "vocab_size", "hidden_size",
-                     "intermediate_size", "head_dim", "num_attention_heads", "num_key_value_heads"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be positive")
-        if self.hidden_size % 32 or self.intermediate_size % 32:
-            problems.append("hidden_size and intermediate_size must be multiples of 32 (MXFP4 blocks)")
-        if self.num_attention_heads % max(self.num_key_value_heads, 1):
-            problems.append("num_attention_heads must be a multiple of num_key_value_heads")
-        if self.head_dim % 2:
-            problems.append("head_dim must be even (RoPE pairs)")
-        if self.experts_per_token > self.num_experts:
-            problems.append("experts_per_token exceeds num_experts")
-        if problems:
-            raise InputError("invalid config: " + "; ".join(problems), file=file)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        """One line, ``json.dumps`` defaults, no newline: the form of the real 120b file (377 bytes)."""
-        return json.dumps(self.to_dict())
-
-
-# --------------------------------------------------------------------------------------
-# Expected tensors
-
-
-@dataclass(frozen=True)
-class Mxfp4Pair:
-    """The two safetensors entries of one MXFP4 weight."""
-
-    blocks: np.ndarray  # uint8 [E, rows, cols/32, 16]
-    scales: np.ndarray  # uint8 [E, rows, cols/32]
-
-
-def expected_tensors(config: ModelConfig, experts: str = "mxfp4") -> list[TensorSpec]:
-    """Every tensor of an ``original/`` checkpoint, in ``dtypes.json`` order.
-
-    ``experts="bf16"`` describes the dense variant (e.g. a fine-tune before quantization):
-    ``mlp1_weight`` ``[E, 2I, H]`` and ``mlp2_weight`` ``[E, H, I]`` in BF16 instead of the
-    ``.blocks``/``.scales`` pairs.
-    """
-    c = config
-    H, I, E, V = c.hidden_size, c.intermediate_size, c.num_experts, c.vocab_size
-    specs = [TensorSpec("embedding.weight", "BF16", (V, H))]
-    for n in range(c.num_hidden_layers):
-        p = f"block.{n}."
-        specs += [
-            TensorSpec(p + "attn.norm.scale", "BF16", (H,)),
-            TensorSpec(p + "attn.qkv.weight", "BF16", (c.qkv_dim, H)),
-            TensorSpec(p + "attn.qkv.bias", "BF16", (c.qkv_dim,)),
-            TensorSpec(p + "attn.sinks", "BF16", (c.num_attention_heads,)),
-            TensorSpec(p + "attn.out.weight", "BF16", (H, c.num_attention_heads * c.head_dim)),
-            TensorSpec(p + "attn.out.bias", "BF16", (H,)),
-            TensorSpec(p + "mlp.norm.scale", "BF16", (H,)),
-            TensorSpec(p + "mlp.gate.weight", "BF16", (E, H)),
-            TensorSpec(p + "mlp.gate.bias", "BF16", (E,)),
-            *_expert_specs(p + "mlp.mlp1_weight", (E, 2 * I, H), experts),
-            TensorSpec(p + "mlp.mlp1_bias", "BF16", (E, 2 * I)),
-            *_expert_specs(p + "mlp.mlp2_weight", (E, H, I), experts),
-            TensorSpec(p + "mlp.mlp2_bias", "BF16", (E, H)),
-        ]
-    specs += [TensorSpec("norm.scale", "BF16", (H,)), TensorSpec("unembedding.weight", "BF16", (V, H))]
-    return specs
-
-
-def _expert_specs(name: str, shape: tuple[int, int, int], experts: str) -> list[TensorSpec]:
-    if experts == "bf16":
-        return [TensorSpec(name, "BF16", shape)]
-    if experts != "mxfp4":
-        raise ValueError(f"experts must be 'mxfp4' or 'bf16', not {experts!r}")
-    E, rows, cols = shape
-    return [TensorSpec(name + ".blocks", "U8", (E, rows, cols // 32, 16)),
-            TensorSpec(name + ".scales", "U8", (E, rows, cols // 32))]
+from .safetensors import SafetensorsFile, ShardedReader, TensorEntry
 
 
 def dtypes_json(config: ModelConfig) -> str:
@@ -187,12 +64,6 @@ def resolve(source: str | Path) -> Path:
 
 # --------------------------------------------------------------------------------------
 # Reading
-
-
-def _expert_name(name: str) -> tuple[int, str]:
-    """``block.3.mlp.mlp1_weight`` -> ``(3, "mlp1")``."""
-    parts = name.split(".")
-    return int(parts[1]), parts[3].split("_")[0]
 
 
 class OriginalCheckpoint(ShardedReader):
@@ -283,8 +154,8 @@ class OriginalCheckpoint(ShardedReader):
         Expert weights (``block.N.mlp.mlp1_weight``) are decoded whole; callers that must stay
         within bounded memory decode ``mxfp4(...)`` one expert at a time instead.
         """
-        if name.endswith(("mlp1_weight", "mlp2_weight")) and self.experts == "mxfp4":
-            layer, which = _expert_name(name)
+        if is_expert_weight(name) and self.experts == "mxfp4":
+            layer, which = expert_name(name)
             pair = self.mxfp4(layer, which)
             return mxfp4.decode(pair.blocks, pair.scales)
         return bf16_to_f32(self.raw(name))
@@ -297,7 +168,7 @@ class OriginalCheckpoint(ShardedReader):
         return Mxfp4Pair(self.raw(prefix + ".blocks"), self.raw(prefix + ".scales"))
 
     def storage(self, name: str) -> str:
-        if name.endswith(("mlp1_weight", "mlp2_weight")) and self.experts == "mxfp4":
+        if is_expert_weight(name) and self.experts == "mxfp4":
             return "MXFP4"
         return self.entry(name).dtype
 
@@ -325,17 +196,6 @@ class OriginalCheckpoint(ShardedReader):
             if progress is not None:
                 progress(entry.nbytes)
         return problems
-
-
-def iter_chunks(array: np.ndarray, max_bytes: int = 64 << 20) -> Iterator[np.ndarray]:
-    """Split a (memory-mapped) array along its first axis into pieces of at most ``max_bytes``."""
-    if array.ndim == 0 or array.nbytes <= max_bytes:
-        yield array
-        return
-    row_bytes = max(array.nbytes // max(array.shape[0], 1), 1)
-    step = max(max_bytes // row_bytes, 1)
-    for start in range(0, array.shape[0], step):
-        yield array[start:start + step]
 
 
 # --------------------------------------------------------------------------------------

@@ -24,26 +24,9 @@ from typing import BinaryIO, Iterable
 
 import numpy as np
 
+from ..dtypes import DTYPES
 from ..errors import InputError
-
-# safetensors dtype -> numpy dtype of the raw bits we hand out (BF16 stays uint16 bits).
-DTYPES: dict[str, np.dtype] = {
-    "BF16": np.dtype("<u2"),
-    "F16": np.dtype("<f2"),
-    "F32": np.dtype("<f4"),
-    "F64": np.dtype("<f8"),
-    "U8": np.dtype("u1"),
-    "I8": np.dtype("i1"),
-    "U16": np.dtype("<u2"),
-    "I16": np.dtype("<i2"),
-    "U32": np.dtype("<u4"),
-    "I32": np.dtype("<i4"),
-    "U64": np.dtype("<u8"),
-    "I64": np.dtype("<i8"),
-    "BOOL": np.dtype("?"),
-    "F8_E4M3": np.dtype("u1"),
-    "F8_E5M2": np.dtype("u1"),
-}
+from ..model import TensorSpec
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own limit
 
@@ -226,19 +209,6 @@ class ShardedReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """A tensor to be written: its name, safetensors dtype and shape."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
 
 
 def build_header(specs: Iterable[TensorSpec], metadata: dict[str, str] | None = None) -> bytes:

@@ -5,8 +5,10 @@
 - ``reference``: llama-perplexity style chunking and the ``.npz`` cache of top-k log-probs.
 - ``metrics``: per-token NLL / KL / top-1 / logit differences and their summary.
 - ``tensors``: exact per-tensor comparison (experts bit-identical, BF16 identical, F16/Q8_0 bounds).
-- ``report``: verdict rules, the documented JSON schema, the readable table.
-- ``check``: orchestration; ``cli``: ``oss-convert verify`` and ``oss-convert reference``.
+- ``report``: the checks (config, tensors, tokenizer, KL, top-1) as one list, the verdict, the
+  documented JSON schema, the readable table.
+- ``check``: orchestration. The commands are ``cli/verify.py``'s.
+Imports: support and base modules and ``formats`` (through ``artifacts``); never ``converters`` or ``cli``.
 """
 
 from .check import Inputs, make_reference, score, verify

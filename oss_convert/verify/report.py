@@ -28,28 +28,124 @@ JSON schema (``oss-convert verify --json FILE``; schema ``oss-convert-verify/1``
    ``logit_max_abs_diff``, ``logit_mean_abs_diff``
                                  |artifact logit - reference logit| over the reference's top-k ids (logit units)
 ``thresholds``        {"max_kld" (bound on kld_mean), "min_top1" (bound on top1_agreement)}
-``tensors``           null when the reference is a cache; else {"compared", "identical", "within_bound", "lossy",
-                      "differs", "experts_bit_identical" (bool: every MXFP4 expert tensor byte-identical),
-                      "items": [{"name", "storage", "status" ("identical"|"within_bound"|"lossy"|"differs"),
-                      "max_abs_diff", "bound", "detail"}]}  (items list every tensor not identical, plus
+``tensors``           null when the reference is a cache; else {"compared", "identical", "same_values", "within_bound",
+                      "lossy", "differs", "experts_bit_identical" (bool: every MXFP4 expert tensor byte-identical),
+                      "experts_lossless" (bool: every MXFP4 expert tensor decodes to the source's values),
+                      "reencoded_blocks" (MXFP4 blocks stored with another exact encoding of the same values),
+                      "items": [{"name", "storage", "status" ("identical"|"same_values"|"within_bound"|"lossy"|"differs"),
+                      "max_abs_diff", "bound", "detail", "reencoded"}]}  (items list every tensor not identical, plus
                       the expert tensors)
 ``config_diff``       [{"key", "artifact", "reference"}] for ModelConfig keys that differ (vocab_size is a note only
                       when the artifact keeps at least the tokens used)
 ``tokenizer``         {"checked" (bool), "same_ids" (bool, when checked), "first_mismatch", "tokenizer" or "reason"}
+``checks``            [{"name", "status" ("pass"|"fail"|"not_checked"), "summary"}], one per entry of ``CHECKS``
+                      (config, tensors, tokenizer, kl, top1), in that order; ``reasons`` and ``notes`` are theirs
 ``timings``           seconds: "reference_s", "artifact_s", "tensors_s", "total_s"
 ``versions``          {"oss_convert", "mlx"}
 
 Numbers are floats or ints; a non-finite number (an infinite difference, e.g. a shape mismatch) is written
 as null.
 
-Verdict: "fail" if any of: a config key other than vocab_size differs; a tensor's status is "differs"
-(MXFP4 experts not bit-identical, a BF16 tensor not identical, an F16/Q8_0 tensor beyond its rounding
-bound); kld_mean > max_kld; top1_agreement < min_top1; the artifact's tokenizer gives different ids.
+Verdict: "fail" if any check fails: the config check (a key other than vocab_size differs), the
+tensors check (a tensor's status is "differs": MXFP4 experts decoding to other values, a BF16 tensor
+not identical, an F16/Q8_0 tensor beyond its rounding bound), the tokenizer check (the artifact's
+tokenizer gives different ids), kl (kld_mean > max_kld), top1 (top1_agreement < min_top1). A new
+check is one function ``Evidence -> Check`` added to ``CHECKS``; the JSON, the table and the verdict
+follow from the list.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
+
 SCHEMA = "oss-convert-verify/1"
+
+
+@dataclass
+class Evidence:
+    """What the checks judge: the measured numbers and comparisons of one verify run."""
+
+    summary: dict  # metrics.summarize
+    thresholds: dict  # {"max_kld", "min_top1"}
+    config_diff: list[dict]
+    tensors: list | None  # [TensorResult] or None when the reference is a cache
+    tokenizer: dict
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # pass | fail | not_checked
+    summary: str  # one line for the table
+    reasons: list[str] = field(default_factory=list)  # why it failed, each naming what differs
+    notes: list[str] = field(default_factory=list)  # worth saying, not failing
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k in ("name", "status", "summary")}
+
+
+def check_config(ev: Evidence) -> Check:
+    reasons, notes = [], []
+    for d in ev.config_diff:
+        if d["key"] == "vocab_size":
+            notes.append(f"vocab_size: artifact {d['artifact']}, reference {d['reference']}; "
+                         f"compared over the first {min(d['artifact'], d['reference'])} rows")
+        else:
+            reasons.append(f"config {d['key']}: artifact {d['artifact']!r}, reference {d['reference']!r}")
+    summary = "same as the reference" if not ev.config_diff else f"{len(ev.config_diff)} keys differ"
+    return Check("config", "fail" if reasons else "pass", summary, reasons, notes)
+
+
+def check_tensors(ev: Evidence) -> Check:
+    if ev.tensors is None:
+        return Check("tensors", "not_checked", "not compared (reference is a cache)")
+    reasons, notes = [], []
+    for t in ev.tensors:
+        if t.failed:
+            reasons.append(f"tensor {t.name} ({t.storage}): {t.detail or f'max |diff| {t.max_abs_diff:.3g}'}")
+        elif t.status == "lossy":
+            notes.append(f"tensor {t.name} stored as {t.storage} (lossy): max |diff| {t.max_abs_diff:.3g}")
+        elif t.status == "same_values":
+            notes.append(f"tensor {t.name}: {t.detail}")
+    b = _tensor_block(ev.tensors)
+    experts = ("bit-identical" if b["experts_bit_identical"] else
+               f"lossless ({b['reencoded_blocks']} blocks re-encoded)" if b["experts_lossless"] else "not lossless")
+    summary = (f"{b['compared']} compared: {b['identical']} identical, {b['same_values']} same values, "
+               f"{b['within_bound']} within bound, {b['lossy']} lossy, {b['differs']} differ; experts {experts}")
+    return Check("tensors", "fail" if reasons else "pass", summary, reasons, notes)
+
+
+def check_tokenizer(ev: Evidence) -> Check:
+    tok = ev.tokenizer
+    if not tok.get("checked"):
+        return Check("tokenizer", "not_checked", f"not checked ({tok.get('reason', 'no tokenizer')})")
+    if tok.get("same_ids"):
+        return Check("tokenizer", "pass", "same ids")
+    return Check("tokenizer", "fail", "DIFFERENT ids",
+                 [f"the artifact's tokenizer gives different ids (first mismatch at token {tok.get('first_mismatch')})"])
+
+
+def check_kl(ev: Evidence) -> Check:
+    kld, bound = ev.summary["kld_mean"], ev.thresholds["max_kld"]
+    if kld > bound:
+        return Check("kl", "fail", f"mean {kld:.3e} > {bound:g}",
+                     [f"mean KL divergence {kld:.4g} exceeds --max-kld {bound:g}"])
+    return Check("kl", "pass", f"mean {kld:.3e} <= {bound:g}")
+
+
+def check_top1(ev: Evidence) -> Check:
+    top1, bound = ev.summary["top1_agreement"], ev.thresholds["min_top1"]
+    if top1 < bound:
+        return Check("top1", "fail", f"{top1:.2%} < {bound:.2%}",
+                     [f"top-1 agreement {top1:.2%} is below --min-top1 {bound:.2%}"])
+    return Check("top1", "pass", f"{top1:.2%} >= {bound:.2%}")
+
+
+CHECKS = (check_config, check_tensors, check_tokenizer, check_kl, check_top1)
+
+
+def run_checks(ev: Evidence) -> list[Check]:
+    return [check(ev) for check in CHECKS]
 
 
 def build_report(*, artifact: str, artifact_kind: str, artifact_config: dict, reference, reference_path: str,
@@ -59,33 +155,15 @@ def build_report(*, artifact: str, artifact_kind: str, artifact_config: dict, re
     from .. import __version__
 
     ref_meta = reference.meta
-    reasons, notes = [], []
     config_diff = _config_diff(artifact_config, ref_meta["config"])
-    for d in config_diff:
-        if d["key"] == "vocab_size":
-            notes.append(f"vocab_size: artifact {d['artifact']}, reference {d['reference']}; "
-                         f"compared over the first {min(d['artifact'], d['reference'])} rows")
-        else:
-            reasons.append(f"config {d['key']}: artifact {d['artifact']!r}, reference {d['reference']!r}")
-    tensor_block = None
-    if tensors is not None:
-        tensor_block = _tensor_block(tensors)
-        for t in tensors:
-            if t.failed:
-                reasons.append(f"tensor {t.name} ({t.storage}): {t.detail or f'max |diff| {t.max_abs_diff:.3g}'}")
-            elif t.status == "lossy":
-                notes.append(f"tensor {t.name} stored as {t.storage} (lossy): max |diff| {t.max_abs_diff:.3g}")
-    if summary["kld_mean"] > thresholds["max_kld"]:
-        reasons.append(f"mean KL divergence {summary['kld_mean']:.4g} exceeds --max-kld {thresholds['max_kld']:g}")
-    if summary["top1_agreement"] < thresholds["min_top1"]:
-        reasons.append(f"top-1 agreement {summary['top1_agreement']:.2%} is below --min-top1 {thresholds['min_top1']:.2%}")
-    if tokenizer.get("checked") and not tokenizer.get("same_ids"):
-        reasons.append(f"the artifact's tokenizer gives different ids (first mismatch at token {tokenizer.get('first_mismatch')})")
+    checks = run_checks(Evidence(summary, thresholds, config_diff, tensors, tokenizer))
+    reasons = [r for c in checks for r in c.reasons]
+    notes = [n for c in checks for n in c.notes]
     ctx = reference.ctx
     art_rows, ref_rows = artifact_config["vocab_size"], reference.vocab_size
     return {
         "schema": SCHEMA,
-        "verdict": "fail" if reasons else "pass",
+        "verdict": "fail" if any(c.status == "fail" for c in checks) else "pass",
         "reasons": reasons,
         "notes": notes,
         "artifact": {"path": artifact, "kind": artifact_kind, "config": artifact_config},
@@ -97,9 +175,10 @@ def build_report(*, artifact: str, artifact_kind: str, artifact_config: dict, re
         "vocab": {"artifact_rows": art_rows, "reference_rows": ref_rows, "compared_rows": min(art_rows, ref_rows)},
         "metrics": summary,
         "thresholds": thresholds,
-        "tensors": tensor_block,
+        "tensors": _tensor_block(tensors) if tensors is not None else None,
         "config_diff": config_diff,
         "tokenizer": tokenizer,
+        "checks": [c.to_dict() for c in checks],
         "timings": timings,
         "versions": {"oss_convert": __version__, "mlx": mx.__version__},
     }
@@ -115,11 +194,14 @@ def _config_diff(artifact: dict, reference: dict) -> list[dict]:
 
 
 def _tensor_block(tensors) -> dict:
-    counts = {s: sum(t.status == s for t in tensors) for s in ("identical", "within_bound", "lossy", "differs")}
+    counts = {s: sum(t.status == s for t in tensors) for s in ("identical", "same_values", "within_bound", "lossy", "differs")}
     experts = [t for t in tensors if t.name.endswith(("mlp1_weight", "mlp2_weight"))]
     return {
         "compared": len(tensors), **counts,
         "experts_bit_identical": bool(experts) and all(t.status == "identical" and t.storage == "MXFP4" for t in experts),
+        "experts_lossless": bool(experts) and all(t.status in ("identical", "same_values") and t.storage == "MXFP4"
+                                                  for t in experts),
+        "reencoded_blocks": sum(t.reencoded for t in experts),
         "items": [t.to_dict() for t in tensors if t.status != "identical" or t in experts],
     }
 
@@ -147,15 +229,9 @@ def format_table(report: dict) -> str:
         f"  {'max |logit diff|':<26}{m['logit_max_abs_diff']:>14.3e}",
         f"  {'mean |logit diff|':<26}{m['logit_mean_abs_diff']:>14.3e}",
     ]
-    t = report["tensors"]
-    if t is None:
-        lines.append("\n  tensors: not compared (reference is a cache)")
-    else:
-        lines.append(f"\n  tensors: {t['compared']} compared: {t['identical']} identical, {t['within_bound']} within bound, "
-                     f"{t['lossy']} lossy, {t['differs']} differ; experts bit-identical: "
-                     f"{'yes' if t['experts_bit_identical'] else 'no'}")
-    tok = report["tokenizer"]
-    lines.append(f"  tokenizer: {('same ids' if tok['same_ids'] else 'DIFFERENT ids') if tok['checked'] else 'not checked (' + tok['reason'] + ')'}")
+    lines.append("")
+    for check in report["checks"]:
+        lines.append(f"  {check['name']:<10} {check['status'].replace('_', ' '):<12} {check['summary']}")
     for note in report["notes"][:10]:
         lines.append(f"  note: {note}")
     lines.append("")

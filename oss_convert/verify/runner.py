@@ -25,9 +25,8 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
-from ..canonical import CanonicalModel, logical_names
+from ..model import CanonicalModel, logical_names, ModelConfig
 from ..formats import mxfp4
-from ..formats.original import ModelConfig
 
 RMS_EPS = 1e-5  # hard-coded in the reference's RMSNorm
 SWIGLU_ALPHA = 1.702  # hard-coded in the reference's swiglu

@@ -1,6 +1,7 @@
-"""``oss-convert verify`` and ``oss-convert reference`` (registered by ``cli/main.py``).
+"""``oss-convert verify`` and ``oss-convert reference`` (added to the group by ``cli/main.py``).
 
 Exit codes: 0 pass, 1 fail (a check failed; the reasons are printed), 2 error (bad input).
+Imports: ``cli.common``, ``verify`` and the library below it.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ import numpy as np
 
 from .. import artifacts
 from ..errors import InputError
-from .reference import DEFAULT_TOP_K
-
-EXIT_FAIL = 1
+from ..verify.reference import DEFAULT_TOP_K
+from .common import EXIT_FAIL, BarProgress
 
 
 def _input_options(f):
@@ -34,26 +34,22 @@ def _input_options(f):
 
 
 def _inputs(text_file, tokens_file, ctx, max_chunks, top_k):
-    from .check import Inputs
+    from ..verify.check import Inputs
 
     if text_file is not None and tokens_file is not None:
         raise click.UsageError("give --text or --tokens, not both")
     return Inputs(text_file=text_file, tokens_file=tokens_file, ctx=ctx, max_chunks=max_chunks, top_k=top_k)
 
 
-def _layer_bar(paths: list[str], quiet: bool):
+def _layer_task(paths: list[str], quiet: bool):
     """A layer-counting bar over every forward pass the command will run."""
-    from ..cli.main import progress_bar
-
     total = 0
     for p in paths:
         if not str(p).endswith(".npz"):
             model = artifacts.open_canonical(p)
             total += model.config.num_hidden_layers
             model.close()
-    bar, update = progress_bar(total, "layers", not quiet)
-    bar.unit, bar.unit_scale = "layer", False
-    return bar, update
+    return BarProgress(not quiet).task("layers", total, unit="layer")
 
 
 @click.command("reference")
@@ -65,13 +61,12 @@ def _layer_bar(paths: list[str], quiet: bool):
 @_input_options
 def reference_cmd(source, output, force, cut_rows, text_file, tokens_file, ctx, max_chunks, top_k, quiet):
     """Compute the BF16 reference of SOURCE once and cache its top-k log-probs in an .npz."""
-    from .check import make_reference
+    from ..verify.check import make_reference
 
     if output.suffix != ".npz":
         raise InputError("the reference cache must end in .npz", file=output)
     inputs = _inputs(text_file, tokens_file, ctx, max_chunks, top_k)
-    bar, update = _layer_bar([source], quiet)
-    with bar:
+    with _layer_task([source], quiet) as update:
         ref = make_reference(source, inputs, update, cut_rows=tuple(cut_rows))
     ref.save(output, force=force)
     click.echo(f"{output}: {ref.tokens.shape[0]} chunks x {ref.ctx} tokens, {len(ref.targets)} scored, top-{ref.meta['top_k']}")
@@ -97,12 +92,11 @@ def verify_cmd(artifact, reference, integrity, max_kld, min_top1, json_file, no_
         return
     if reference is None:
         raise click.UsageError("--reference is required (or use --integrity)")
-    from .check import DEFAULT_MAX_KLD, DEFAULT_MIN_TOP1, verify
-    from .report import format_table
+    from ..verify.check import DEFAULT_MAX_KLD, DEFAULT_MIN_TOP1, verify
+    from ..verify.report import format_table
 
     inputs = _inputs(text_file, tokens_file, ctx, max_chunks, top_k)
-    bar, update = _layer_bar([artifact, reference], quiet)
-    with bar:
+    with _layer_task([artifact, reference], quiet) as update:
         report = verify(artifact, reference, inputs,
                         max_kld=DEFAULT_MAX_KLD if max_kld is None else max_kld,
                         min_top1=DEFAULT_MIN_TOP1 if min_top1 is None else min_top1,
@@ -152,8 +146,3 @@ def _jsonable(value):
     if hasattr(value, "item"):
         return value.item()
     return str(value)
-
-
-def register(cli: click.Group) -> None:
-    cli.add_command(verify_cmd)
-    cli.add_command(reference_cmd)

@@ -1,0 +1,102 @@
+"""Sharded safetensors folders: planning, naming, writing (support layer).
+
+One home for what every folder target shares (``--to mlx``, ``hf-bf16``, ``original`` and
+``synth``): a ``Planned`` tensor is a spec plus a function producing its bytes chunk by
+chunk; ``group_by_size`` cuts the plan into shards of at most ``--shard-size`` bytes;
+``write_shards`` streams each group through ``formats.safetensors.SafetensorsWriter`` into a
+folder and returns the ``weight_map`` for the index. Also ``parse_size`` (``5G``) and
+``copy_tokenizer_files`` (the repo-root files every folder target carries along).
+Imports: base modules, ``formats.safetensors``, ``tokenizer``.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .errors import InputError
+from .formats.safetensors import SafetensorsWriter
+from .model import TensorSpec
+from .progress import Advance
+from .tokenizer import TOKENIZER_FILES
+
+DEFAULT_SHARD_SIZE = "5G"
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """``"5G"`` -> 5 GiB; plain integers are bytes."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", str(text).upper())
+    if not match or float(match.group(1)) <= 0:
+        raise InputError(f"cannot read size {text!r}; write e.g. 5G, 500M or a number of bytes")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One output tensor and how to produce its data, chunk by chunk."""
+
+    spec: TensorSpec
+    chunks: Callable[[], Iterator[np.ndarray]]
+
+
+def group_by_size(planned: list[Planned], max_bytes: int | None) -> list[list[Planned]]:
+    """Consecutive groups of at most ``max_bytes`` (a larger tensor gets a shard of its own);
+    ``None`` keeps everything in one file."""
+    if max_bytes is None:
+        return [list(planned)]
+    groups: list[list[Planned]] = [[]]
+    size = 0
+    for item in planned:
+        if groups[-1] and size + item.spec.nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += item.spec.nbytes
+    return groups
+
+
+def shard_names(count: int, separator: str = "-") -> list[str]:
+    """``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` (1-based; the 120b
+    ``original/`` folder uses a double dash: ``separator="--"``)."""
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model{separator}{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def write_shards(folder: Path, groups: list[list[Planned]], names: list[str], metadata: dict[str, str],
+                 advance: Advance | None = None) -> dict[str, str]:
+    """Write each group as one safetensors file in ``folder``; returns tensor name -> file name."""
+    weight_map = {}
+    for file_name, group in zip(names, groups):
+        with open(folder / file_name, "wb") as fh:
+            writer = SafetensorsWriter(fh, [p.spec for p in group], metadata)
+            for item in group:
+                for chunk in item.chunks():
+                    writer.write(item.spec.name, chunk)
+                    if advance is not None:
+                        advance(chunk.nbytes)
+                weight_map[item.spec.name] = file_name
+            writer.finish()
+    return weight_map
+
+
+def total_bytes(planned: list[Planned]) -> int:
+    return sum(p.spec.nbytes for p in planned)
+
+
+def copy_tokenizer_files(root: Path, dest: Path) -> list[str]:
+    """Copy the tokenizer and chat template files the source has (a missing one is reported later)."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (root / name).is_file():
+            shutil.copyfile(root / name, dest / name)
+            copied.append(name)
+    return copied
