@@ -19,7 +19,7 @@ def detect(path: str | Path) -> str:
         if (p / "original" / "config.json").is_file():
             return "original"
         if (p / "config.json").is_file():
-            if _looks_original(p):
+            if looks_original(p):
                 return "original"
             from .formats.hf import looks_hf
             from .formats.mlx import looks_mlx
@@ -43,7 +43,7 @@ def detect(path: str | Path) -> str:
     raise InputError(f"unrecognised file (magic {magic[:12]!r}); expected GGUF or a gpt-oss Metal model.bin", file=p)
 
 
-def _looks_original(folder: Path) -> bool:
+def looks_original(folder: Path) -> bool:
     import json
 
     try:

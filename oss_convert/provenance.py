@@ -12,7 +12,11 @@ folder artifact, ``OUT.manifest.json`` for a single-file artifact. Schema (versi
       "outputs": {"model.gguf": {"size": N, "sha256": "..."}}   # relative to the manifest's folder
     }
 
-``check_manifest`` recomputes the output hashes (no model run) and lists every difference.
+The manifest exists before the artifact becomes visible: ``manifest_hook`` is handed to
+``atomic.publishing`` and writes it from the temporary files, under their final names, just
+before they are published (inside the folder, or beside the file under a temporary name that
+is published first). ``check_manifest`` recomputes the output hashes (no model run) and lists
+every difference.
 File hashing streams in 8 MiB reads, so memory stays flat for 65 GB artifacts.
 """
 
@@ -20,8 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -49,12 +53,17 @@ def file_digest(path: Path, progress: Callable[[int], None] | None = None) -> di
     return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
+def folder_files(folder: Path) -> dict[str, Path]:
+    """The files of a folder artifact, keyed by their path inside it (hidden files and the manifest left out)."""
+    return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != FOLDER_MANIFEST and not p.name.startswith(".")}
+
+
 def artifact_files(artifact: Path) -> dict[str, Path]:
     """The files that make up an artifact, keyed relative to the manifest's folder."""
     artifact = Path(artifact)
     if artifact.is_dir():
-        return {p.relative_to(artifact).as_posix(): p for p in sorted(artifact.rglob("*"))
-                if p.is_file() and p.name != FOLDER_MANIFEST and not p.name.startswith(".")}
+        return folder_files(artifact)
     split = _SPLIT.match(artifact.name)
     if split:  # a split GGUF is named by its first shard; every shard is part of the artifact
         count = int(split["count"])
@@ -63,24 +72,37 @@ def artifact_files(artifact: Path) -> dict[str, Path]:
     return {artifact.name: artifact}
 
 
-def write_manifest(artifact: Path, *, target: str, options: dict, source_hashes: dict[str, dict],
-                   source_path: Path, progress: Callable[[int], None] | None = None) -> Path:
-    """Hash the artifact's files and write its manifest (atomically). ``source_hashes`` maps
-    source file names to ``file_digest`` results."""
-    manifest = {
+def manifest_document(*, target: str, options: dict, source_hashes: dict[str, dict], source_path: Path,
+                      outputs: dict[str, Path]) -> dict:
+    return {
         "schema": SCHEMA,
         "tool": {"name": "oss-convert", "version": __version__},
         "target": target,
         "options": {k: str(v) for k, v in sorted(options.items())},
-        "source": {"path": str(source_path),
-                   "files": dict(sorted(source_hashes.items()))},
-        "outputs": {name: file_digest(p, progress) for name, p in artifact_files(artifact).items()},
+        "source": {"path": str(source_path), "files": dict(sorted(source_hashes.items()))},
+        "outputs": {name: file_digest(p) for name, p in outputs.items()},
     }
-    path = manifest_path(artifact)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+
+
+def manifest_hook(*, target: str, options: dict, source_path: Path, source_hashes: Callable[[], dict]):
+    """An ``atomic.publishing`` hook that writes the manifest of the outputs about to be published.
+
+    ``source_hashes`` is called then (the source is hashed while the conversion runs)."""
+    def hook(published: dict[Path, Path]) -> list[tuple[Path, Path]]:
+        (first, first_tmp), *_ = published.items()
+        if first_tmp.is_dir():  # OUT/oss-convert-manifest.json, written inside the folder before it is renamed
+            doc = manifest_document(target=target, options=options, source_hashes=source_hashes(),
+                                    source_path=source_path, outputs=folder_files(first_tmp))
+            (first_tmp / FOLDER_MANIFEST).write_text(json.dumps(doc, indent=2) + "\n")
+            return []
+        doc = manifest_document(target=target, options=options, source_hashes=source_hashes(), source_path=source_path,
+                                outputs={final.name: tmp for final, tmp in published.items()})
+        final = first.with_name(first.name + ".manifest.json")
+        tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.partial")
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        return [(tmp, final)]
+
+    return hook
 
 
 def check_manifest(artifact: Path) -> list[str]:

@@ -22,6 +22,7 @@ from .atomic import atomic_output
 from .dtypes import f32_to_bf16
 from .formats import mxfp4
 from .formats.original import dtypes_json
+from .guard import refuse_stranger
 from .model import ModelConfig, TensorSpec, expected_tensors
 from .progress import SILENT, Progress
 from .shards import Planned, shard_names, total_bytes, write_shards
@@ -119,6 +120,7 @@ def generate(out: str | Path, config: ModelConfig | str = "tiny", *, seed: int =
     if isinstance(config, str):
         config = PRESETS[config]
     config.check()
+    refuse_stranger(out, force)  # --force replaces an earlier synthetic checkpoint, not a stranger's folder
     specs = expected_tensors(config, experts)
     seeds = np.random.SeedSequence(seed).spawn(len(specs))
     planned = [Planned(spec, partial(_values, spec, config, np.random.default_rng(s))) for spec, s in zip(specs, seeds)]

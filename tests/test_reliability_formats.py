@@ -524,12 +524,14 @@ def start_and_wait_for_writing(args: list[str], folder: Path) -> subprocess.Pope
 
 
 def plant_old_output(out: Path) -> dict[str, str]:
-    """A previous artifact under the final name, folder or file like the real one."""
+    """A previous artifact of ours under the final name, folder or file like the real one (the
+    magic of its format, or our manifest: --force replaces nothing else)."""
     if out.suffix in (".gguf", ".bin"):
-        out.write_bytes(b"previous artifact")
+        out.write_bytes((b"GGUF" if out.suffix == ".gguf" else b"GPT-OSS v1.0") + b" previous artifact")
     else:
         out.mkdir()
         (out / "config.json").write_text('{"previous": "artifact"}')
+        (out / "oss-convert-manifest.json").write_text('{"previous": "manifest"}')
     return tree_hashes(out.parent)
 
 

@@ -37,7 +37,7 @@ def cli() -> None:
               help="bf16 writes dense experts, like a fine-tune before quantization.")
 @click.option("--tokenizer/--no-tokenizer", default=True, show_default=True,
               help="Also write tokenizer files in OUT beside original/.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--force", is_flag=True, help="Replace the output if it exists, only if it is one of ours (a format oss-convert writes, a folder with our manifest, or an empty folder). Never replaces or removes an input.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def synth_cmd(out: Path, preset: str, seed: int, layers: int | None, shards: int, experts: str, tokenizer: bool,
               force: bool, quiet: bool) -> None:
@@ -96,7 +96,7 @@ def _target_help() -> str:
 @click.argument("source")
 @click.option("--to", "target", required=True, type=click.Choice(list(converters.TARGETS)), help=_target_help())
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Output folder or file.")
-@click.option("--force", is_flag=True, help="Replace the output if it exists.")
+@click.option("--force", is_flag=True, help="Replace the output if it exists, only if it is one of ours (a format oss-convert writes, a folder with our manifest, or an empty folder). Never replaces or removes an input.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--outtype", type=click.Choice(converters.ALL_OUTTYPES), default=None,
               help=converters.OPTIONS["outtype"].help)

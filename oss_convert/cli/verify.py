@@ -14,7 +14,8 @@ import click
 import numpy as np
 
 from .. import artifacts
-from ..errors import InputError
+from ..errors import InputError, OutputExistsError
+from ..guard import artifact_inputs, refuse_overlap, refuse_unsafe_output
 from ..verify.reference import DEFAULT_TOP_K
 from .common import EXIT_FAIL, BarProgress
 
@@ -55,7 +56,7 @@ def _layer_task(paths: list[str], quiet: bool):
 @click.command("reference")
 @click.argument("source")
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Cache file to write (.npz).")
-@click.option("--force", is_flag=True, help="Replace the output if it exists.")
+@click.option("--force", is_flag=True, help="Replace the output if it exists, only if it is one of ours (a format oss-convert writes, a folder with our manifest, or an empty folder). Never replaces or removes an input.")
 @click.option("--cut-rows", type=int, multiple=True, default=(200014,), show_default=True,
               help="Also normalise over the first N vocabulary rows, for artifacts that keep only N (Metal: 200014).")
 @_input_options
@@ -66,6 +67,9 @@ def reference_cmd(source, output, force, cut_rows, text_file, tokens_file, ctx, 
     if output.suffix != ".npz":
         raise InputError("the reference cache must end in .npz", file=output)
     inputs = _inputs(text_file, tokens_file, ctx, max_chunks, top_k)
+    if output.exists() and not force:  # before the model runs
+        raise OutputExistsError(f"{output} exists; pass --force to replace it")
+    refuse_unsafe_output([output], [*artifact_inputs(source), text_file, tokens_file], force=force)
     with _layer_task([source], quiet) as update:
         ref = make_reference(source, inputs, update, cut_rows=tuple(cut_rows))
     ref.save(output, force=force)
@@ -96,6 +100,8 @@ def verify_cmd(artifact, reference, integrity, max_kld, min_top1, json_file, no_
     from ..verify.report import format_table
 
     inputs = _inputs(text_file, tokens_file, ctx, max_chunks, top_k)
+    if json_file is not None and str(json_file) != "-":
+        refuse_overlap([json_file], [*artifact_inputs(artifact), *artifact_inputs(reference), text_file, tokens_file])
     with _layer_task([artifact, reference], quiet) as update:
         report = verify(artifact, reference, inputs,
                         max_kld=DEFAULT_MAX_KLD if max_kld is None else max_kld,
@@ -116,6 +122,8 @@ def _check_integrity(artifact: Path, json_file) -> None:
     """Compare the artifact's files with the sha256 and sizes in its provenance manifest."""
     from ..provenance import check_manifest, manifest_path
 
+    if json_file is not None and str(json_file) != "-":
+        refuse_overlap([json_file], artifact_inputs(artifact))
     problems = check_manifest(artifact)
     result = {"artifact": str(artifact), "manifest": str(manifest_path(artifact)),
               "verdict": "fail" if problems else "pass", "problems": problems}

@@ -10,6 +10,8 @@ library callers alike: open the source, refuse dense experts where the target ne
 scan it (NaN/Inf, scale 255), run the target's plan (``converters/<target>.py``, imported on
 demand; each exposes ``convert(src, out, *, force, progress, **its options)``), report a full
 disk as an error that says nothing was left behind, and write the provenance manifest.
+The output is checked before anything is written (``guard``): it must not be, contain or be
+read as any input, and ``--force`` replaces only an output of ours.
 Imports: support and base modules, ``formats``; never a target module by name.
 """
 
@@ -24,11 +26,15 @@ from pathlib import Path
 from typing import Callable
 
 from .. import quantize
+from ..atomic import publishing
 from ..errors import InputError, OssConvertError, OutputExistsError, UsageError
 from ..formats.gguf import OUTTYPES
 from ..formats.mlx import AFFINE_RECIPES
+from ..guard import refuse_unsafe_output
 from ..model import Source
 from ..progress import SILENT, Progress
+from ..provenance import manifest_path
+from ..tokenizer import TOKENIZER_FILES
 
 
 @dataclass(frozen=True)
@@ -130,9 +136,11 @@ def convert(source: str | Path, target_name: str, output: str | Path, *, force: 
     spec = target(target_name)
     options = check_options(spec, options)
     output = Path(output)
-    if output.exists() and not force:  # before the scan: a refusal should not cost a full read
+    if (output.exists() or output.is_symlink()) and not force:  # before the scan: a refusal should not cost a read
         raise OutputExistsError(f"{output} exists; pass --force to replace it")
     with open_source(source) as src:
+        refuse_unsafe_output([output, manifest_path(output)] if manifest else [output], source_inputs(src, options),
+                             force=force, shard_folders=[src.path])
         if src.experts == "bf16" and not spec.dense_experts:
             raise InputError(
                 f"the experts are dense BF16; encode them to MXFP4 first: oss-convert convert {source} "
@@ -148,6 +156,17 @@ def convert(source: str | Path, target_name: str, output: str | Path, *, force: 
             raise OssConvertError(f"cannot write {output}: {exc.strerror}; nothing was left behind") from exc
 
 
+def source_inputs(src: Source, options: dict) -> list[Path]:
+    """Every path the job reads: the shards, every file beside them, the folder, the repo root
+    and its tokenizer and template files, a ``--vocab`` file."""
+    paths = [src.path, Path(src.repo_root), src.config_path, *(f.path for f in src.files)]
+    paths += sorted(p for p in Path(src.path).iterdir() if p.is_file())
+    paths += [Path(src.repo_root) / name for name in TOKENIZER_FILES]
+    if options.get("vocab") is not None:
+        paths.append(Path(options["vocab"]))
+    return paths
+
+
 def refuse_invalid_values(src: Source, progress: Progress = SILENT) -> None:
     """A NaN weight or a NaN scale converts into an artifact that loads fine and computes garbage."""
     with progress.task("scan", src.tensor_bytes) as advance:
@@ -160,7 +179,7 @@ def refuse_invalid_values(src: Source, progress: Progress = SILENT) -> None:
 
 def _convert_with_manifest(src: Source, spec: Target, output: Path, force: bool, progress: Progress,
                            manifest: bool, options: dict) -> Converted:
-    from ..provenance import file_digest, write_manifest
+    from ..provenance import file_digest, manifest_hook
 
     source_files = [f.path for f in src.files] + [src.config_path]
     stop = threading.Event()
@@ -172,16 +191,19 @@ def _convert_with_manifest(src: Source, spec: Target, output: Path, force: bool,
     def hash_source() -> dict:
         return {p.name: file_digest(p, check_stop) for p in source_files}
 
+    run = converter(spec.name)
+    if not manifest:
+        return Converted(Path(run(src, output, force=force, progress=progress, **options)), None)
     with ThreadPoolExecutor(1) as pool:
         # Hash the source while converting: both read the same pages, and hashlib drops the GIL.
-        source_hashes = pool.submit(hash_source) if manifest else None
+        source_hashes = pool.submit(hash_source)
+        # The manifest is written from the finished temporary files, before they are published.
+        hook = manifest_hook(target=spec.name, options=options, source_path=src.path,
+                             source_hashes=source_hashes.result)
         try:
-            result = Path(converter(spec.name)(src, output, force=force, progress=progress, **options))
+            with publishing(hook):
+                result = Path(run(src, output, force=force, progress=progress, **options))
         except BaseException:
             stop.set()
             raise
-        if source_hashes is None:
-            return Converted(result, None)
-        path = write_manifest(result, target=spec.name, options=options, source_path=src.path,
-                              source_hashes=source_hashes.result())
-    return Converted(result, path)
+    return Converted(result, manifest_path(result))

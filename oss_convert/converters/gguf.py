@@ -17,14 +17,13 @@ output go into the file: same input, same bytes.
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from ..atomic import atomic_output
+from ..atomic import atomic_outputs
 from ..errors import InputError
 from ..formats.gguf import (DEFAULT_OUTTYPE, LazyTensor, add_general, add_model_params, add_tokenizer, check_config,
                             encoder, gguf_names, new_writer, openai_to_ggml, outtypes, split_paths, gguf_py)
@@ -159,10 +158,10 @@ def convert(src: Source, out: Path, *, force: bool = False, progress: Progress =
 
     finals = split_paths(out, len(writer.tensors))
     total = sum(item.tensor.nbytes for item in planned)
-    with ExitStack() as stack:
-        # Every shard is built under a temporary name and renamed only when all are complete.
-        writer.targets = [stack.enter_context(atomic_output(path, force=force)) for path in finals]
-        advance = stack.enter_context(progress.task("gguf", total))
+    # Every shard is built under a temporary name; the set is published when all are complete,
+    # the first shard last (atomic_outputs), so a reader never sees old and new shards mixed.
+    with atomic_outputs(finals, force=force) as tmps, progress.task("gguf", total) as advance:
+        writer.targets = tmps
         for item in planned:
             item.tensor.on_bytes = advance
         writer.write_header_to_file(path=writer.targets[0])

@@ -2,7 +2,7 @@
 
 Format (https://github.com/huggingface/safetensors): ``u64 LE header_len``, ``header_len``
 bytes of JSON ``{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}``,
-then the data buffer. Offsets are relative to the buffer, must not overlap, must cover it
+then the data buffer. No key appears twice. Offsets are relative to the buffer, must not overlap, must cover it
 exactly and must match ``prod(shape) * itemsize``.
 
 Why not ``safetensors.numpy``: it has no bfloat16, copies every tensor into memory, and its
@@ -43,6 +43,20 @@ class TensorEntry:
     nbytes: int
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str):
+        self.key = key
+
+
+def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 class SafetensorsFile:
     """One ``.safetensors`` file, header parsed and checked, data memory-mapped read-only."""
 
@@ -74,9 +88,14 @@ class SafetensorsFile:
             )
         raw = self._fh.read(header_len)
         try:
-            header = json.loads(raw.decode("utf-8"))
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_refuse_duplicates)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise self._fail(f"header is not valid JSON: {exc}") from exc
+        except _DuplicateKey as exc:
+            # JSON parsers keep the last (or the first) of two equal keys: which bytes a reader takes
+            # would depend on the reader. The format forbids it.
+            raise self._fail(f"the header names {exc.key!r} twice (the safetensors format forbids duplicate keys)",
+                             exc.key) from None
         if not isinstance(header, dict):
             raise self._fail("header JSON must be an object")
         metadata = header.pop("__metadata__", None) or {}

@@ -27,6 +27,7 @@ import numpy as np
 from .. import __version__
 from ..atomic import atomic_output
 from ..errors import InputError
+from ..guard import refuse_stranger
 from .metrics import log_softmax
 
 FORMAT = "oss-convert-reference/1"
@@ -97,6 +98,7 @@ class Reference:
 
     def save(self, path: str | Path, *, force: bool = False) -> Path:
         path = Path(path)
+        refuse_stranger(path, force)  # --force replaces an earlier reference, not any file
         cuts = sorted(self.cut_logsumexp)
         with atomic_output(path, force=force) as tmp:
             with open(tmp, "wb") as fh:

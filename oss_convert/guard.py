@@ -1,0 +1,145 @@
+"""The inputs are never damaged, whatever the flags (support layer).
+
+Every command that writes calls ``refuse_unsafe_output`` before it writes anything:
+
+- the output (and each path published with it: a manifest, a split's shards) is compared with
+  every path the job reads (source shards, the folder holding them, the repo root, tokenizer
+  and template files, a ``--vocab`` file, a reference, a text or token file), with symlinks
+  followed (a Hugging Face cache snapshot's files are links into ``blobs/``), ``..`` and
+  trailing slashes normalised, and existing paths also compared by inode (a case-insensitive
+  file system spells one folder several ways). It is refused when it *is* an input, *contains*
+  one (replacing a folder removes what is inside), or is a ``*.safetensors`` name directly in a
+  folder whose shards the reader globs (the next read would pick it up);
+- ``--force`` replaces an existing output only when it is one of ours: a folder that is empty,
+  carries our manifest or holds a format this tool writes, or a file whose magic says GGUF,
+  Metal ``model.bin`` or a reference ``.npz``. Anything else is a stranger's and stays.
+
+Both refusals are ``InputError`` (exit 2) naming the paths.
+Imports: base modules, ``provenance``, ``artifacts``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+from .errors import InputError
+
+# First bytes of the single-file artifacts we write: GGUF, Metal model.bin, a reference .npz (zip).
+OUR_MAGICS = (b"GGUF", b"GPT-OSS v1.0", b"PK\x03\x04")
+
+
+def real(path: str | Path) -> Path:
+    """``path`` with every symlink followed and ``..`` resolved (it need not exist)."""
+    return Path(os.path.realpath(os.path.abspath(path)))
+
+
+def _same(a: Path, b: Path) -> bool:
+    """One place on disk: the same resolved path, or (where both exist) the same inode."""
+    if real(a) == real(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def _above(path: Path) -> list[Path]:
+    """Every folder above ``path`` as it is spelled (its links are followed by ``_same``)."""
+    return list(Path(path).parents)
+
+
+def input_paths(paths: Iterable[str | Path]) -> list[Path]:
+    """Each input as given (absolute) and with its links followed: both must stay untouched."""
+    out: list[Path] = []
+    for p in paths:
+        if p is None:
+            continue
+        for q in (Path(os.path.abspath(p)), real(p)):
+            if q not in out:
+                out.append(q)
+    return out
+
+
+def refuse_overlap(outputs: Iterable[str | Path], inputs: Iterable[str | Path],
+                   shard_folders: Iterable[str | Path] = ()) -> None:
+    """Refuse an output that is, contains, or would be read as one of ``inputs``."""
+    inputs = input_paths(inputs)
+    folders = [real(f) for f in shard_folders]
+    for given in outputs:
+        out = real(given)
+        for inp in inputs:
+            if _same(out, inp):
+                raise InputError(f"the output {given} is the input {inp}; nothing was written (--force never "
+                                 "replaces an input)", file=given)
+            if any(_same(out, above) for above in _above(inp)):
+                raise InputError(f"the output {given} contains the input {inp}: replacing it would remove the input; "
+                                 "nothing was written (--force never replaces an input)", file=given)
+        if out.name.endswith(".safetensors") and any(_same(out.parent, f) for f in folders):
+            raise InputError(f"the output {given} would be read as a shard of the input in {out.parent}; "
+                             "choose another name or folder", file=given)
+
+
+def refuse_stranger(output: str | Path, force: bool) -> None:
+    """With ``--force``, replace only an output that is ours (see the module docstring)."""
+    path = Path(output)
+    if not force or not (path.exists() or path.is_symlink()):
+        return
+    if path.is_dir() and not path.is_symlink():
+        if _is_our_folder(path):
+            return
+        raise InputError(f"{path} is a folder that oss-convert did not write (no manifest of ours, not a format we "
+                         "write, not empty); --force only replaces our own outputs: remove it yourself or choose "
+                         "another output", file=path)
+    if _has_our_magic(path):
+        return
+    raise InputError(f"{path} is not an artifact oss-convert writes (not GGUF, a Metal model.bin or a reference "
+                     ".npz); --force only replaces our own outputs: remove it yourself or choose another output",
+                     file=path)
+
+
+def _is_our_folder(path: Path) -> bool:
+    """Empty, our manifest, or a folder of a format we write (a config.json alone is not enough)."""
+    from .artifacts import looks_original
+    from .formats.hf import looks_hf
+    from .formats.mlx import looks_mlx
+    from .provenance import FOLDER_MANIFEST
+
+    if not any(path.iterdir()) or (path / FOLDER_MANIFEST).is_file():
+        return True
+    original = path / "original"
+    return (looks_mlx(path) or looks_hf(path) or _has_our_magic(path / "model.bin")
+            or (looks_original(original) and any(original.glob("*.safetensors")))
+            or (looks_original(path) and any(path.glob("*.safetensors"))))
+
+
+def _has_our_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+    except OSError:
+        return False
+    return any(head.startswith(m) for m in OUR_MAGICS)
+
+
+def artifact_inputs(path: str | Path) -> list[Path]:
+    """Every path an artifact given by ``path`` consists of: the path, and for a folder its files
+    (an ``original/`` repo: its ``original/`` folder too); for a split GGUF every shard."""
+    p = Path(path)
+    if p.is_dir():
+        return [p, *sorted(q for q in p.rglob("*") if q.is_file() or q.is_dir())]
+    if p.is_file():
+        from .provenance import artifact_files, manifest_path
+
+        return [p, *artifact_files(p).values(), manifest_path(p)]  # its provenance is part of it
+    return [p]
+
+
+def refuse_unsafe_output(outputs: Iterable[str | Path], inputs: Iterable[str | Path], *, force: bool,
+                         shard_folders: Iterable[str | Path] = ()) -> None:
+    """Both rules, for every path a command is about to publish (the first is the artifact)."""
+    outputs = [Path(o) for o in outputs]
+    refuse_overlap(outputs, inputs, shard_folders)
+    if outputs:
+        refuse_stranger(outputs[0], force)
