@@ -19,14 +19,19 @@ Everything is whole-array numpy; callers pass one expert (or a chunk of rows) at
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
+from .dtypes import bf16_to_f32
 from .formats import mxfp4
 from .formats.mxfp4 import _EMAX_E2M1, BLOCK, SCALE_BIAS, SCALE_NAN
 
 RECIPES = ("ocp", "search")
+REPORT_FILE = "quantization.json"  # written beside an output whose experts were encoded here
 # Candidate offsets from the OCP exponent, in order of preference on equal error.
 _SEARCH_OFFSETS = (0, 1, -1)
 
@@ -151,3 +156,57 @@ class ErrorTally:
     def relative_mse(self) -> float:
         """Squared error over signal energy (0 = lossless); 1 would mean all signal lost."""
         return self.sq_error / self.energy if self.energy else 0.0
+
+
+# --------------------------------------------------------------------------------------
+# Encoding a checkpoint's experts
+
+
+class ExpertEncoder:
+    """Encodes a source's dense expert weights to MXFP4, expert by expert, tallying the error.
+
+    For the targets that write MXFP4 from a fine-tune (``--to original``, ``--to hf``): ``blocks``
+    yields one expert's blocks at a time and keeps the layer's scales for ``scales``, which must
+    come next (the order both layouts store them in)."""
+
+    def __init__(self, src, recipe: str):
+        self.src = src
+        self.recipe = recipe
+        self.errors: dict[str, ErrorTally] = {}
+        self._scales: np.ndarray | None = None  # the layer's scales, written after its blocks
+
+    def blocks(self, name: str) -> Iterator[np.ndarray]:
+        dense = self.src.raw(name)  # [E, rows, cols] BF16 bits (a view)
+        tally = self.errors.setdefault(name, ErrorTally())
+        scales = []
+        for e in range(dense.shape[0]):
+            values = bf16_to_f32(np.ascontiguousarray(dense[e]))
+            blocks, expert_scales = encode(values, self.recipe)
+            tally.add(values, blocks, expert_scales)
+            scales.append(expert_scales)
+            yield blocks
+            self.src.release(name)
+        self._scales = np.stack(scales)
+
+    def scales(self, name: str) -> Iterator[np.ndarray]:
+        scales, self._scales = self._scales, None
+        assert scales is not None, f"{name}: blocks must be written first"
+        yield scales
+
+    def report(self) -> dict:
+        overall = ErrorTally()
+        for tally in self.errors.values():
+            overall.merge(tally)
+        return {
+            "recipe": self.recipe,
+            "relative_mse": overall.relative_mse,
+            "mse": overall.mse,
+            "tensors": {name: {"relative_mse": t.relative_mse, "mse": t.mse} for name, t in self.errors.items()},
+        }
+
+    def write_report(self, folder: Path) -> str:
+        """``folder/quantization.json`` with the error reached; returns the line to show the user."""
+        report = self.report()
+        (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        return (f"experts encoded to MXFP4 ({report['recipe']}): relative MSE {report['relative_mse']:.4e} "
+                f"over {len(report['tensors'])} tensors (per tensor: {REPORT_FILE} in the output)")

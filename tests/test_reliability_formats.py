@@ -39,7 +39,8 @@ pytest.importorskip("gguf")
 
 CLI = [sys.executable, "-m", "oss_convert.cli.main"]
 # Targets on the tiny model, and the output name each gets (a folder, or a single file).
-TARGETS = {"mlx": "model", "gguf": "model.gguf", "hf-bf16": "model", "original": "model", "metal": "model.bin"}
+TARGETS = {"mlx": "model", "gguf": "model.gguf", "hf": "model", "hf-bf16": "model", "original": "model",
+           "metal": "model.bin"}
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -480,6 +481,7 @@ WRITERS = {
     "metal": ([], "model.bin"),
     "gguf": ([], "model.gguf"),
     "gguf-split": (["--split-max-size", "40M"], "model.gguf"),
+    "hf": ([], "model"),
     "hf-bf16": ([], "model"),
     "original": ([], "model"),
 }
@@ -622,6 +624,8 @@ RECIPES = {
     "metal": ("metal_repo", ["--to", "metal"], "model.bin"),
     "gguf-q8_0": ("tiny_repo", ["--to", "gguf", "--outtype", "q8_0"], "model.gguf"),
     "gguf-split": ("tiny_repo", ["--to", "gguf", "--split-max-size", "1M"], "model.gguf"),
+    "hf": ("tiny_repo", ["--to", "hf", "--shard-size", "1M"], "model"),
+    "hf-search": ("dense_repo", ["--to", "hf", "--recipe", "search"], "model"),
     "hf-bf16": ("tiny_repo", ["--to", "hf-bf16", "--shard-size", "1M"], "model"),
     "original-search": ("dense_repo", ["--to", "original", "--recipe", "search"], "model"),
     "original-from-hf": ("tiny_hf", ["--to", "original"], "model"),
@@ -672,6 +676,7 @@ PROVENANCE = {  # name -> (source fixture, options, output name, files the artif
     "gguf": ("tiny_repo", ["--to", "gguf", "--outtype", "q8_0"], "model.gguf", ["model.gguf"]),
     "gguf-split": ("tiny_repo", ["--to", "gguf", "--split-max-size", "1M"], "model.gguf",
                    [f"model-0000{i}-of-00004.gguf" for i in range(1, 5)]),
+    "hf": ("tiny_repo", ["--to", "hf", "--shard-size", "1M"], "model", None),
     "hf-bf16": ("tiny_repo", ["--to", "hf-bf16", "--shard-size", "1M"], "model", None),
     "original": ("dense_repo", ["--to", "original", "--recipe", "search"], "model", None),
 }
@@ -791,7 +796,8 @@ finally:
 
 
 @pytest.mark.parametrize("source_fixture, target, name", [
-    ("tiny_repo", "mlx", "model"), ("tiny_repo", "gguf", "model.gguf"), ("tiny_repo", "hf-bf16", "model"),
+    ("tiny_repo", "mlx", "model"), ("tiny_repo", "gguf", "model.gguf"), ("tiny_repo", "hf", "model"),
+    ("dense_repo", "hf", "model"), ("tiny_repo", "hf-bf16", "model"),
     ("tiny_repo", "original", "model"), ("metal_repo", "metal", "model.bin"), ("tiny_hf", "original", "model"),
 ])
 def test_the_source_is_never_opened_for_writing(source_fixture, target, name, request, tmp_path):

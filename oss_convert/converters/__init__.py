@@ -76,10 +76,13 @@ TARGETS = {t.name: t for t in (
                     for name, bits in AFFINE_RECIPES.items()}),
     Target("metal", "the gpt-oss Metal model.bin", ("vocab",)),
     Target("gguf", "a GGUF file llama.cpp runs (MXFP4 experts)", ("outtype", "split_max_size"), outtypes=OUTTYPES),
+    Target("hf", "the Hub's MXFP4 transformers root (transformers, vLLM, llama.cpp's and mlx-lm's converters)",
+           ("recipe", "shard_size"), recipes={name: f"MXFP4 scales by {name} rounding (from dense BF16 experts)"
+                                              for name in quantize.RECIPES}, dense_experts=True),
     Target("hf-bf16", "a transformers folder, every weight BF16", ("shard_size",), dense_experts=True),
     Target("original", "OpenAI's original/ layout (experts encoded to MXFP4 from dense BF16)",
-           ("recipe", "shard_size"), recipes={name: f"MXFP4 scales by {name} rounding" for name in quantize.RECIPES},
-           dense_experts=True),
+           ("recipe", "shard_size"), recipes={name: f"MXFP4 scales by {name} rounding (from dense BF16 experts)"
+                                              for name in quantize.RECIPES}, dense_experts=True),
 )}
 ALL_RECIPES = tuple(dict.fromkeys(r for t in TARGETS.values() for r in t.recipes))
 ALL_OUTTYPES = tuple(dict.fromkeys(o for t in TARGETS.values() for o in t.outtypes))

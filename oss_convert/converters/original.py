@@ -19,53 +19,13 @@ import numpy as np
 
 from .. import quantize
 from ..atomic import atomic_output
-from ..dtypes import bf16_to_f32
 from ..errors import InputError
 from ..formats.original import dtypes_json
 from ..model import Source, expected_tensors, iter_chunks
 from ..progress import SILENT, Progress
 from ..shards import Planned, copy_tokenizer_files, group_by_size, parse_size, shard_names, total_bytes, write_shards
 
-REPORT_FILE = "quantization.json"
-
-
-class ExpertEncoder:
-    """Encodes one layer's dense expert weight to MXFP4, expert by expert, tallying the error."""
-
-    def __init__(self, src: Source, recipe: str):
-        self.src = src
-        self.recipe = recipe
-        self.errors: dict[str, quantize.ErrorTally] = {}
-        self._scales: np.ndarray | None = None  # the layer's scales, written after its blocks
-
-    def blocks(self, name: str) -> Iterator[np.ndarray]:
-        dense = self.src.raw(name)  # [E, rows, cols] BF16 bits (a view)
-        tally = self.errors.setdefault(name, quantize.ErrorTally())
-        scales = []
-        for e in range(dense.shape[0]):
-            values = bf16_to_f32(np.ascontiguousarray(dense[e]))
-            blocks, expert_scales = quantize.encode(values, self.recipe)
-            tally.add(values, blocks, expert_scales)
-            scales.append(expert_scales)
-            yield blocks
-            self.src.release(name)
-        self._scales = np.stack(scales)
-
-    def scales(self, name: str) -> Iterator[np.ndarray]:
-        scales, self._scales = self._scales, None
-        assert scales is not None, f"{name}: blocks must be written first"
-        yield scales
-
-    def report(self) -> dict:
-        overall = quantize.ErrorTally()
-        for tally in self.errors.values():
-            overall.merge(tally)
-        return {
-            "recipe": self.recipe,
-            "relative_mse": overall.relative_mse,
-            "mse": overall.mse,
-            "tensors": {name: {"relative_mse": t.relative_mse, "mse": t.mse} for name, t in self.errors.items()},
-        }
+REPORT_FILE = quantize.REPORT_FILE
 
 
 def convert(src: Source, out: Path, *, force: bool = False, progress: Progress = SILENT, recipe: str = "ocp",
@@ -73,7 +33,7 @@ def convert(src: Source, out: Path, *, force: bool = False, progress: Progress =
     """Write ``out/original/`` from ``src`` (``OriginalCheckpoint`` or ``formats.hf.HfCheckpoint``)."""
     if recipe not in quantize.RECIPES:
         raise InputError(f"unknown recipe {recipe!r} for --to original; choose one of {list(quantize.RECIPES)}")
-    encoder = ExpertEncoder(src, recipe) if src.experts == "bf16" else None
+    encoder = quantize.ExpertEncoder(src, recipe) if src.experts == "bf16" else None
     planned = [Planned(spec, _chunks(src, spec.name, encoder)) for spec in expected_tensors(src.config, "mxfp4")]
     groups = group_by_size(planned, parse_size(shard_size) if shard_size is not None else None)
     names = shard_names(len(groups), separator="--")  # the 120b repo's own naming
@@ -88,16 +48,13 @@ def convert(src: Source, out: Path, *, force: bool = False, progress: Progress =
             index = {"metadata": {"total_size": total_bytes(planned)}, "weight_map": weight_map}
             (original / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         copy_tokenizer_files(Path(src.repo_root), tmp)
-        if encoder is not None:
-            report = encoder.report()
-            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    if encoder is not None:
-        progress.note(f"experts encoded to MXFP4 ({report['recipe']}): relative MSE {report['relative_mse']:.4e} "
-                      f"over {len(report['tensors'])} tensors (per tensor: {out / REPORT_FILE})")
+        summary = encoder.write_report(tmp) if encoder is not None else None
+    if summary:
+        progress.note(summary)
     return out
 
 
-def _chunks(src: Source, name: str, encoder: ExpertEncoder | None):
+def _chunks(src: Source, name: str, encoder: quantize.ExpertEncoder | None):
     """The producer of tensor ``name``: encoded experts from a dense source, else a copy."""
     if encoder is not None and name.endswith(".blocks"):
         return lambda: encoder.blocks(name.removesuffix(".blocks"))

@@ -1,4 +1,4 @@
-"""The Hugging Face transformers layout of gpt-oss (``GptOssForCausalLM``), read and described.
+"""The Hugging Face transformers layout of gpt-oss (``GptOssForCausalLM``), written, read and described.
 
 Two variants share the names (spec §1.5, transformers ``models/gpt_oss/modeling_gpt_oss.py``):
 
@@ -12,6 +12,26 @@ Everything else is a rename, except that ``attn.qkv`` is split into ``q/k/v_proj
 permutation. ``HfCheckpoint`` presents such a folder under the ``original/`` names and layout
 (the ``CanonicalModel`` interface), so converters and the verifier treat it like an
 ``original/`` checkpoint.
+
+Writing the Hub's MXFP4 root (``--to hf``), as transformers' ``convert_gpt_oss_weights_to_hf.py``
+(``write_model(mxfp4=True)``, ``save_sharded_model``) made ``openai/gpt-oss-20b`` / ``-120b``
+(spec hf-root-and-harmony.md part A), found out and written down here:
+
+- shards are named **0-based with "of" the last index** (``model-00000-of-00002.safetensors`` for
+  three files; ``model-00000-of-00000.safetensors`` for one) and filled greedily in state-dict
+  order up to ``max_shard_size = 4800000000`` bytes (decimal); the index is always written, as
+  ``json.dump`` on one line: ``{"metadata": {"total_size": N}, "weight_map": {...}}``;
+- tensor dtypes: the expert ``_blocks``/``_scales`` are U8 (copied from ``original/``); every
+  other tensor is BF16. The converter casts every tensor whose name lacks "norm" to BF16 and
+  leaves the norms as ``original/`` stores them, which is BF16 too, so the published root keeps
+  no tensor in float32 (transformers upcasts the norms itself at load time);
+- ``config.json``: ``GptOssForCausalLM`` keys, ``quantization_config`` =
+  ``{"modules_to_not_convert": [self_attn, router, embed_tokens, lm_head], "quant_method":
+  "mxfp4"}``, no ``torch_dtype`` and no ``bos_token_id``; ``generation_config.json``: bos
+  ``<|startoftext|>``, eos ``[<|return|>, <|endoftext|>, <|call|>]``, pad ``<|endoftext|>``,
+  ``do_sample`` true; keys sorted, indent 2, as ``save_pretrained`` writes them;
+- the tokenizer files and ``chat_template.jinja`` from the source's repo root; never the
+  ``chat_template.json`` the conversion script still writes (the Hub deleted it).
 """
 
 from __future__ import annotations
@@ -80,6 +100,36 @@ def hf_names(name: str) -> list[str]:
         return [p + simple[rest]]
     except KeyError:
         raise ValueError(f"no HF name for {name!r}") from None
+
+
+HUB_SHARD_BYTES = 4_800_000_000  # save_sharded_model's max_shard_size
+QUANTIZATION_CONFIG = {  # convert_gpt_oss_weights_to_hf.py, as on the Hub
+    "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+                               "lm_head"],
+    "quant_method": "mxfp4",
+}
+
+
+def hub_shard_names(count: int) -> list[str]:
+    """``save_sharded_model``'s names: 0-based, "of" the last index, even for one file."""
+    return [f"model-{i:05d}-of-{count - 1:05d}.safetensors" for i in range(count)]
+
+
+def hub_config(config: ModelConfig) -> dict:
+    """The Hub root's ``config.json``: the transformers keys plus ``quantization_config``, no ``torch_dtype``."""
+    doc = hf_config(config)
+    del doc["torch_dtype"]
+    doc["quantization_config"] = dict(QUANTIZATION_CONFIG)
+    return dict(sorted(doc.items()))
+
+
+def generation_config(config: ModelConfig) -> dict:
+    """The Hub's ``generation_config.json`` (after HF PR #105/#109): stop on return, endoftext and call."""
+    ids = {name: special_id(config.vocab_size, FIRST_SPECIAL_ID + SPECIAL_TOKENS.index(name))
+           for name in ("<|startoftext|>", "<|return|>", "<|endoftext|>", "<|call|>")}
+    return {"bos_token_id": ids["<|startoftext|>"], "do_sample": True,
+            "eos_token_id": [ids["<|return|>"], ids["<|endoftext|>"], ids["<|call|>"]],
+            "pad_token_id": ids["<|endoftext|>"]}
 
 
 def qkv_split(config: ModelConfig) -> list[int]:

@@ -1,0 +1,87 @@
+"""``--to hf``: the plan of the Hub's MXFP4 transformers root (what transformers, vLLM, SGLang,
+llama.cpp's ``convert_hf_to_gguf.py`` and ``mlx_lm.convert`` read).
+
+The layout (names, 0-based shard names, ``config.json`` with ``quantization_config``,
+``generation_config.json``) is ``formats/hf.py``'s. From ``original/`` the expert blocks and
+scales are byte copies under their HF names (no decode); from a BF16 fine-tune (either layout)
+they are encoded to MXFP4 with ``--recipe ocp|search`` (``quantize.ExpertEncoder``), and the
+error reached is written to ``OUT/quantization.json`` and said. Every other tensor is BF16,
+bytes copied (``attn.qkv`` split into q/k/v by rows). One expert at a time is in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .. import quantize
+from ..atomic import atomic_output
+from ..errors import InputError
+from ..formats.hf import HUB_SHARD_BYTES, generation_config, hf_names, hub_config, hub_shard_names, qkv_split
+from ..model import Source, TensorSpec, expected_tensors, iter_chunks
+from ..progress import SILENT, Progress
+from ..shards import Planned, copy_tokenizer_files, group_by_size, parse_size, total_bytes, write_shards
+
+
+def plan(src: Source, encoder: quantize.ExpertEncoder | None) -> list[Planned]:
+    """Every root tensor in ``original/`` order (q, k, v in place of qkv), blocks before scales."""
+    out: list[Planned] = []
+    for spec in expected_tensors(src.config, "mxfp4"):
+        names = hf_names(spec.name)
+        if len(names) == 3:  # q, k, v rows of the fused qkv
+            start = 0
+            for hf_name, rows in zip(names, qkv_split(src.config)):
+                out.append(Planned(TensorSpec(hf_name, "BF16", (rows,) + spec.shape[1:]),
+                                   _rows(src, spec.name, start, start + rows)))
+                start += rows
+        else:
+            out.append(Planned(TensorSpec(names[0], spec.dtype, spec.shape), _tensor(src, spec.name, encoder)))
+    return out
+
+
+def _tensor(src: Source, name: str, encoder: quantize.ExpertEncoder | None) -> Callable[[], Iterator[np.ndarray]]:
+    if encoder is not None and name.endswith(".blocks"):
+        return lambda: encoder.blocks(name.removesuffix(".blocks"))
+    if encoder is not None and name.endswith(".scales"):
+        return lambda: encoder.scales(name.removesuffix(".scales"))
+
+    def copy() -> Iterator[np.ndarray]:
+        for piece in iter_chunks(src.raw(name)):
+            yield piece
+            src.release(name)
+
+    return copy
+
+
+def _rows(src: Source, name: str, start: int, stop: int) -> Callable[[], Iterator[np.ndarray]]:
+    def chunks() -> Iterator[np.ndarray]:
+        yield src.raw(name)[start:stop]
+        src.release(name)
+
+    return chunks
+
+
+def convert(src: Source, out: Path, *, force: bool = False, progress: Progress = SILENT, recipe: str = "ocp",
+            shard_size: str | int = HUB_SHARD_BYTES) -> Path:
+    """Write the Hub MXFP4 root for ``src`` (``OriginalCheckpoint`` or ``formats.hf.HfCheckpoint``)."""
+    if recipe not in quantize.RECIPES:
+        raise InputError(f"unknown recipe {recipe!r} for --to hf; choose one of {list(quantize.RECIPES)}")
+    encoder = quantize.ExpertEncoder(src, recipe) if src.experts == "bf16" else None
+    planned = plan(src, encoder)
+    groups = group_by_size(planned, parse_size(shard_size))
+    names = hub_shard_names(len(groups))
+    out = Path(out)
+    with atomic_output(out, force=force, is_dir=True) as tmp, progress.task("hf", total_bytes(planned)) as advance:
+        weight_map = write_shards(tmp, groups, names, {"format": "pt"}, advance)
+        index = {"metadata": {"total_size": total_bytes(planned)}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index))
+        (tmp / "config.json").write_text(json.dumps(hub_config(src.config), indent=2, sort_keys=True) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(src.config), indent=2) + "\n")
+        copy_tokenizer_files(Path(src.repo_root), tmp)  # the source's generation_config.json wins
+        summary = encoder.write_report(tmp) if encoder is not None else None
+    if summary:
+        progress.note(summary)
+    return out
