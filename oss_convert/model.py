@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 
-from .dtypes import DTYPES
+from .dtypes import DTYPES, bf16_to_f32
 from .errors import InputError
 
 EXPERT_WEIGHTS = ("mlp1", "mlp2")
@@ -229,6 +229,24 @@ def interleave(even: np.ndarray, odd: np.ndarray, axis: int) -> np.ndarray:
 # The reader interfaces
 
 
+VOCAB_TENSORS = ("embedding.weight", "unembedding.weight")
+
+
+class VocabRows:
+    """``f32_rows`` for readers: rows of a ``[V, H]`` vocabulary tensor as float32 without
+    dequantizing the whole matrix (2.3 GB for gpt-oss). A reader that stores it as BF16 returns
+    the raw bits from ``_bf16_bits``; any other storage falls back to slicing ``f32``."""
+
+    def f32_rows(self, name: str, rows) -> np.ndarray:
+        bits = self._bf16_bits(name)
+        if bits is not None:
+            return bf16_to_f32(np.ascontiguousarray(bits[rows]))
+        return np.ascontiguousarray(self.f32(name)[rows], dtype=np.float32)
+
+    def _bf16_bits(self, name: str) -> np.ndarray | None:
+        return None
+
+
 @runtime_checkable
 class CanonicalModel(Protocol):
     """Any artifact opened for ``verify`` and ``inspect`` (see the module docstring)."""
@@ -237,6 +255,9 @@ class CanonicalModel(Protocol):
 
     def f32(self, name: str) -> np.ndarray:
         """The tensor dequantized to float32, canonical name and shape."""
+
+    def f32_rows(self, name: str, rows) -> np.ndarray:
+        """``f32(name)[rows]`` (a slice or an index array) of a vocabulary tensor, reading only those rows."""
 
     def mxfp4(self, layer: int, which: str) -> Mxfp4Pair | None:
         """OpenAI-layout blocks/scales of ``mlp1``/``mlp2`` if stored losslessly as MXFP4."""

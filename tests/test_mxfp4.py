@@ -138,3 +138,21 @@ def test_encode_rejects_nan_inf_and_bad_width():
         mxfp4.encode(np.full((1, 32), np.inf, np.float32))
     with pytest.raises(ValueError):
         mxfp4.encode(np.zeros((1, 30), np.float32))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 3).flatmap(lambda g: st.tuples(hnp.arrays(np.uint8, (3, g, 16)), hnp.arrays(np.uint8, (3, g)))))
+def test_table_decode_is_bit_identical_to_the_ldexp_definition(pair):
+    """The lookup-table decode against the previous implementation (ldexp per value), every
+    scale byte including 255, and on a strided (non-contiguous) view as the converters pass."""
+    blocks, scales = pair
+    want = mxfp4.decode_slow(blocks, scales).reshape(3, -1)
+    assert mxfp4.decode(blocks, scales).tobytes() == want.tobytes()
+    assert mxfp4.decode(blocks[::2], scales[::2]).tobytes() == want[::2].tobytes()
+
+
+def test_scale_255_keeps_zeros_and_gives_inf():
+    blocks = np.array([[[0x00, 0x80, 0x71, 0xF0] + [0] * 12]], np.uint8)
+    out = mxfp4.decode(blocks, np.full((1, 1), 255, np.uint8))
+    assert (out[0, [0, 1, 2, 3]] == 0).all() and np.signbit(out[0, 3])  # 0, 0, 0, -0: never NaN
+    assert out[0, 4] == 2.0 ** 127 and out[0, 5] == np.inf and out[0, 7] == -np.inf  # 0.5, 6, -6 times 2**128

@@ -24,11 +24,14 @@ def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
 
 
 @pytest.mark.oracle
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
 @pytest.mark.parametrize("experts", ["quantized", "dequantized"])
-def test_runner_matches_torch_reference_fp32(tiny_repo, tokens_300, experts):
+def test_runner_matches_torch_reference_fp32(tiny_repo, tokens_300, experts, device):
+    """Both paths: numpy + BLAS (the CPU's) and MLX with gather_qmm (a GPU's; here MLX runs it
+    on whatever its default device is, so the code path is the one a GPU takes)."""
     want = torch_reference_logits(tiny_repo, tokens_300)
     with OriginalCheckpoint(tiny_repo) as ckpt:
-        got = Runner(ckpt, experts).logits(tokens_300)
+        got = Runner(ckpt, experts, device=device).logits(tokens_300)
     assert got.shape == want.shape == (300, 1024)
     assert _rel_err(got, want) < REL_BOUND
     # beyond the 128-token window too
@@ -106,3 +109,53 @@ def test_kl_with_truncated_topk_is_a_lower_bound():
     m = compare_block(art_logits, np.zeros(20, dtype=np.int64), order, np.take_along_axis(lp_ref, order, 1), lse_ref,
                       lp_ref[:, 0])
     assert (m.kld <= exact + 1e-12).all() and (m.kld > 0.3 * exact).all()
+
+
+@pytest.mark.oracle
+def test_runner_matches_torch_past_the_initial_context_length(tiny_repo):
+    """4608 tokens: past initial_context_length (4096), where YaRN and window bugs show, and 36
+    sliding windows deep. Attention runs in query blocks here (the torch reference does not)."""
+    tokens = np.random.default_rng(11).integers(0, 1000, size=4608).astype(np.int64)
+    want = torch_reference_logits(tiny_repo, tokens)
+    with OriginalCheckpoint(tiny_repo) as ckpt:
+        got = Runner(ckpt, "quantized", device="cpu").logits(tokens)
+    # float32 RoPE angles grow with position (one ulp at 4608 rad is 5e-4): measured 1.27e-5 here,
+    # 1.29e-5 for the previous runner (MLX attention, whole score matrix). 300 tokens: 1.8e-6.
+    long_bound = 2e-5
+    assert _rel_err(got, want) < long_bound
+    assert _rel_err(got[4096:], want[4096:]) < long_bound
+    assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.999
+
+
+def test_long_context_attention_never_holds_a_full_score_matrix(tiny_repo):
+    """--ctx 16384: a [heads, T, T] float32 matrix would be 8.6 GB; the blocks stay near 64 MiB."""
+    import tracemalloc
+
+    from oss_convert.verify import runner as runner_module
+
+    tokens = np.random.default_rng(12).integers(0, 1000, size=16384)
+    with OriginalCheckpoint(tiny_repo) as ckpt:
+        run = Runner(ckpt, device="cpu")
+        x = run._embed(tokens[None])
+        cos, sin = runner_module.rope_tables(ckpt.config, tokens.size)
+        tracemalloc.start()
+        for layer in (0, 1):  # a windowed layer and a full one
+            run._attention_cpu(layer, x, cos, sin)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    heads = ckpt.config.num_attention_heads
+    full_matrix = heads * tokens.size ** 2 * 4  # 8.6 GB
+    assert peak < full_matrix / 10, peak  # measured 490 MB: a few score blocks plus q, k, v for 16384 tokens
+
+
+def test_mlx_computes_in_full_float32_on_every_device():
+    """MLX's CUDA backend uses TF32 for float32 matmuls unless MLX_ENABLE_TF32=0 is set before it
+    starts; importing oss_convert sets it (a lossless artifact showed KL 2.5e-3 in TF32)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MLX_ENABLE_TF32"}
+    code = "import oss_convert, os, mlx.core; print(os.environ['MLX_ENABLE_TF32'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "0"

@@ -13,7 +13,6 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .. import artifacts
 from ..errors import InputError, OutputExistsError
 from ..guard import artifact_inputs, refuse_overlap, refuse_unsafe_output
 from ..verify.reference import DEFAULT_TOP_K
@@ -42,17 +41,6 @@ def _inputs(text_file, tokens_file, ctx, max_chunks, top_k):
     return Inputs(text_file=text_file, tokens_file=tokens_file, ctx=ctx, max_chunks=max_chunks, top_k=top_k)
 
 
-def _layer_task(paths: list[str], quiet: bool):
-    """A layer-counting bar over every forward pass the command will run."""
-    total = 0
-    for p in paths:
-        if not str(p).endswith(".npz"):
-            model = artifacts.open_canonical(p)
-            total += model.config.num_hidden_layers
-            model.close()
-    return BarProgress(not quiet).task("layers", total, unit="layer")
-
-
 @click.command("reference")
 @click.argument("source")
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Cache file to write (.npz).")
@@ -70,8 +58,7 @@ def reference_cmd(source, output, force, cut_rows, text_file, tokens_file, ctx, 
     if output.exists() and not force:  # before the model runs
         raise OutputExistsError(f"{output} exists; pass --force to replace it")
     refuse_unsafe_output([output], [*artifact_inputs(source), text_file, tokens_file], force=force)
-    with _layer_task([source], quiet) as update:
-        ref = make_reference(source, inputs, update, cut_rows=tuple(cut_rows))
+    ref = make_reference(source, inputs, BarProgress(not quiet), cut_rows=tuple(cut_rows))
     ref.save(output, force=force)
     click.echo(f"{output}: {ref.tokens.shape[0]} chunks x {ref.ctx} tokens, {len(ref.targets)} scored, top-{ref.meta['top_k']}")
 
@@ -102,11 +89,10 @@ def verify_cmd(artifact, reference, integrity, max_kld, min_top1, json_file, no_
     inputs = _inputs(text_file, tokens_file, ctx, max_chunks, top_k)
     if json_file is not None and str(json_file) != "-":
         refuse_overlap([json_file], [*artifact_inputs(artifact), *artifact_inputs(reference), text_file, tokens_file])
-    with _layer_task([artifact, reference], quiet) as update:
-        report = verify(artifact, reference, inputs,
-                        max_kld=DEFAULT_MAX_KLD if max_kld is None else max_kld,
-                        min_top1=DEFAULT_MIN_TOP1 if min_top1 is None else min_top1,
-                        check_tensors=not no_tensors, progress=update)
+    report = verify(artifact, reference, inputs,
+                    max_kld=DEFAULT_MAX_KLD if max_kld is None else max_kld,
+                    min_top1=DEFAULT_MIN_TOP1 if min_top1 is None else min_top1,
+                    check_tensors=not no_tensors, progress=BarProgress(not quiet))
     text = json.dumps(_finite(report), indent=2, default=_jsonable, allow_nan=False)
     if json_file is not None and str(json_file) == "-":
         click.echo(text)

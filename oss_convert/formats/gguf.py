@@ -653,6 +653,20 @@ class GgufModel:
                 problems.append(f"tensor {name!r}: {bad} NaN/Inf values")
         return problems
 
+    def f32_rows(self, name: str, rows) -> np.ndarray:
+        """Rows of a vocabulary tensor: only those rows of the GGUF tensor are dequantized."""
+        (part,) = self._gguf_names(name)
+        t = self.tensor(part)
+        data = np.asarray(t.data)[rows]
+        try:
+            values = gguf_py().quants.dequantize(data, t.tensor_type)
+        except NotImplementedError as exc:
+            raise InputError(f"gguf-py cannot dequantize type {t.tensor_type.name}", file=self.path, tensor=name) from exc
+        return np.ascontiguousarray(values, dtype=np.float32).reshape(*data.shape[:-1], int(t.shape[0]))
+
+    def release(self, name: str) -> None:
+        """Nothing to do: gguf-py maps each file whole, and the pages are the kernel's to reclaim."""
+
     def close(self) -> None:
         for reader in self.readers:
             mm = getattr(reader.data, "_mmap", None)

@@ -48,7 +48,7 @@ from ..errors import InputError
 from ..tokenizer import SPECIAL_TOKENS, TOKENIZER_FILES, layout
 from . import mxfp4
 from .original import OriginalCheckpoint
-from ..model import ModelConfig, Mxfp4Pair, expected_tensors, iter_chunks
+from ..model import ModelConfig, Mxfp4Pair, VocabRows, expected_tensors, iter_chunks
 from .safetensors import ShardedReader
 
 MODEL_TYPE = "gpt_oss"
@@ -271,7 +271,7 @@ def looks_hf(folder: str | Path) -> bool:
             and any(folder.glob("*.safetensors")))
 
 
-class HfCheckpoint(ShardedReader):
+class HfCheckpoint(ShardedReader, VocabRows):
     """A validated, memory-mapped HF-layout folder seen through ``original/`` names.
 
     ``raw(name)`` gives BF16 bits (uint16) of a canonical tensor: zero-copy views for plain
@@ -396,6 +396,10 @@ class HfCheckpoint(ShardedReader):
             for hf_name in self._sources(canonical):
                 entry = self.entries[hf_name]
                 next(f for f in self.files if f.path == entry.file).release(hf_name)
+
+    def _bf16_bits(self, name: str) -> np.ndarray | None:
+        sources = self._sources(name)
+        return self._array(sources[0]) if len(sources) == 1 and self.entries[sources[0]].dtype == "BF16" else None
 
     def storage(self, name: str) -> str:
         if is_dense_expert(name) and self.experts == "mxfp4":

@@ -38,7 +38,7 @@ import numpy as np
 from ..dtypes import bf16_to_f32, f32_to_bf16
 from ..errors import InputError
 from . import mxfp4
-from ..model import ModelConfig, Mxfp4Pair
+from ..model import VOCAB_TENSORS, ModelConfig, Mxfp4Pair, VocabRows
 
 MAGIC = b"GPT-OSS v1.0"
 MODEL_UUID = UUID("df52dc86-1789-4ed0-a295-66f10508145b").bytes
@@ -319,7 +319,7 @@ def model_file(path: str | Path) -> Path:
     return p / "model.bin" if p.is_dir() else p
 
 
-class MetalModel:
+class MetalModel(VocabRows):
     """A validated, memory-mapped ``model.bin`` presented as a ``CanonicalModel``."""
 
     def __init__(self, path: str | Path):
@@ -463,6 +463,9 @@ class MetalModel:
             raise InputError(f"no expert weight {which!r} in layer {layer}", file=self.path)
         stored = self.expert_part(layer, which + "_scales")
         return Mxfp4Pair(self.expert_part(layer, which + "_blocks"), (stored - np.uint8(UE8_OFFSET)).astype(np.uint8))
+
+    def _bf16_bits(self, name: str) -> np.ndarray | None:
+        return self.stored(name) if name in VOCAB_TENSORS else None
 
     def storage(self, name: str) -> str:
         return "MXFP4" if name.endswith(("mlp1_weight", "mlp2_weight")) else "BF16"

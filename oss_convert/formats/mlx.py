@@ -26,7 +26,8 @@ import numpy as np
 
 from ..dtypes import bf16_to_f32
 from ..errors import InputError
-from ..model import ModelConfig, Mxfp4Pair, TensorSpec, expert_name, interleave, is_expert_weight, iter_chunks
+from ..model import (VOCAB_TENSORS, ModelConfig, Mxfp4Pair, TensorSpec, VocabRows, expert_name, interleave,
+                     is_expert_weight, iter_chunks)
 from ..tokenizer import TOKENIZER_FILES
 from . import mxfp4
 from .hf import hf_config, model_config_from_hf, qkv_split
@@ -200,7 +201,7 @@ class Quantized:
         return self.mode == "mxfp4" and self.bits == 4 and self.group_size == 32
 
 
-class MlxModel(ShardedReader):
+class MlxModel(ShardedReader, VocabRows):
     """A validated, memory-mapped MLX gpt-oss folder under ``original/`` names (``CanonicalModel``)."""
 
     def __init__(self, path: str | Path):
@@ -329,6 +330,12 @@ class MlxModel(ShardedReader):
         if len(modules) == 2:
             words, scales = [interleave(*words, axis=1)], [interleave(*scales, axis=1)]
         return Mxfp4Pair(from_mlx_words(words[0]), np.ascontiguousarray(scales[0]))
+
+    def _bf16_bits(self, name: str) -> np.ndarray | None:
+        (source,) = self._sources(name) if name in VOCAB_TENSORS else (None,)
+        if source is None or self.quant.get(source) is not None or self.entries[source + ".weight"].dtype != "BF16":
+            return None
+        return self._array(source + ".weight")
 
     def storage(self, name: str) -> str:
         sources = self._sources(name)

@@ -17,7 +17,8 @@ import numpy as np
 
 from ..dtypes import bf16_to_f32
 from ..errors import InputError
-from ..model import ModelConfig, Mxfp4Pair, TensorSpec, expected_tensors, expert_name, is_expert_weight, iter_chunks
+from ..model import (ModelConfig, Mxfp4Pair, TensorSpec, VocabRows, expected_tensors, expert_name, is_expert_weight,
+                     iter_chunks)
 from . import mxfp4
 from .safetensors import SafetensorsFile, ShardedReader, TensorEntry
 
@@ -66,7 +67,7 @@ def resolve(source: str | Path) -> Path:
 # Reading
 
 
-class OriginalCheckpoint(ShardedReader):
+class OriginalCheckpoint(ShardedReader, VocabRows):
     """A validated, memory-mapped ``original/`` checkpoint.
 
     ``raw(name)`` gives zero-copy views (BF16 as uint16 bits, MXFP4 parts as uint8); nothing is
@@ -166,6 +167,9 @@ class OriginalCheckpoint(ShardedReader):
             return None
         prefix = f"block.{layer}.mlp.{which}_weight"
         return Mxfp4Pair(self.raw(prefix + ".blocks"), self.raw(prefix + ".scales"))
+
+    def _bf16_bits(self, name: str) -> np.ndarray | None:
+        return self.raw(name) if self.entry(name).dtype == "BF16" else None
 
     def storage(self, name: str) -> str:
         if is_expert_weight(name) and self.experts == "mxfp4":

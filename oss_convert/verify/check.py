@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from .. import artifacts
 from ..errors import InputError
+from ..progress import SILENT, Progress
 from . import text as textmod
 from .metrics import TokenMetrics, compare_block, summarize
 from .reference import DEFAULT_TOP_K, METAL_VOCAB_ROWS, Reference, chunk_tokens, compute_reference, scored_rows
@@ -61,22 +61,24 @@ def prepare_tokens(inputs: Inputs, tokenizer_json: Path | None, window: int) -> 
     return chunks, source
 
 
-def make_reference(src: str | Path, inputs: Inputs, progress: Callable[[int], None] | None = None,
+def make_reference(src: str | Path, inputs: Inputs, progress: Progress = SILENT,
                    experts: str = "dequantized", cut_rows: tuple[int, ...] = (METAL_VOCAB_ROWS,)) -> Reference:
     """The BF16 reference of ``src`` (any artifact; normally an ``original/`` checkpoint)."""
     model = artifacts.open_canonical(src)
     try:
         chunks, source = prepare_tokens(inputs, textmod.find_tokenizer(src, model), model.config.sliding_window)
         t0 = time.perf_counter()
-        ref = compute_reference(Runner(model, experts), chunks, top_k=inputs.top_k, cut_rows=cut_rows, progress=progress,
-                                meta={"source": str(src), "source_kind": artifacts.detect(src), "input": source})
+        with progress.task("reference", chunks.size, unit="tok") as advance:
+            ref = compute_reference(Runner(model, experts), chunks, top_k=inputs.top_k, cut_rows=cut_rows,
+                                    progress=advance,
+                                    meta={"source": str(src), "source_kind": artifacts.detect(src), "input": source})
         ref.meta["seconds"] = round(time.perf_counter() - t0, 3)
         return ref
     finally:
         model.close()
 
 
-def score(artifact_model, ref: Reference, progress: Callable[[int], None] | None = None,
+def score(artifact_model, ref: Reference, progress: Progress = SILENT,
           experts: str = "quantized") -> tuple[dict, TokenMetrics]:
     """Run the artifact on the reference's tokens; summary numbers and per-token metrics."""
     runner = Runner(artifact_model, experts)
@@ -88,16 +90,17 @@ def score(artifact_model, ref: Reference, progress: Callable[[int], None] | None
     per_chunk = len(ref.targets) // ref.tokens.shape[0]
     targets = ref.targets
     parts = []
-    for c, logits in enumerate(runner.iter_logits(ref.tokens, scored_rows(ref.ctx), progress)):
-        s = slice(c * per_chunk, (c + 1) * per_chunk)
-        parts.append(compare_block(logits[:, :shared], targets[s], ref.top_ids[s], top_lp[s], lse[s], tgt_lp[s]))
+    with progress.task("artifact", ref.tokens.size, unit="tok") as advance:
+        for c, logits in enumerate(runner.iter_logits(ref.tokens, scored_rows(ref.ctx), advance)):
+            s = slice(c * per_chunk, (c + 1) * per_chunk)
+            parts.append(compare_block(logits[:, :shared], targets[s], ref.top_ids[s], top_lp[s], lse[s], tgt_lp[s]))
     metrics = TokenMetrics.concat(parts)
     return summarize(metrics), metrics
 
 
 def verify(artifact: str | Path, reference: str | Path, inputs: Inputs, *, max_kld: float = DEFAULT_MAX_KLD,
            min_top1: float = DEFAULT_MIN_TOP1, check_tensors: bool = True,
-           progress: Callable[[int], None] | None = None) -> dict:
+           progress: Progress = SILENT) -> dict:
     """The full report (see ``report.py``) for ``artifact`` against a checkpoint or a ``.npz`` cache."""
     t0 = time.perf_counter()
     artifact_kind = artifacts.detect(artifact)

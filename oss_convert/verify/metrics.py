@@ -46,10 +46,22 @@ class TokenMetrics:
 
 def log_softmax(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(logprobs, logsumexp)`` in float64 along the last axis."""
-    x = np.asarray(logits, dtype=np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    lse = m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-    return x - lse, lse[..., 0]
+    lse = logsumexp(logits)
+    return np.asarray(logits, dtype=np.float64) - lse[..., None], lse
+
+
+def logsumexp(logits: np.ndarray, rows_per_block: int = 64) -> np.ndarray:
+    """``log(sum(exp(logits)))`` in float64 along the last axis, a few rows at a time: a
+    ``[S, 201088]`` block in float64 would be 0.8 GB per 512 rows, and only gathered entries
+    ``logit - lse`` are ever needed."""
+    x = np.asarray(logits)
+    flat = x.reshape(-1, x.shape[-1])
+    out = np.empty(flat.shape[0], dtype=np.float64)
+    for r in range(0, flat.shape[0], rows_per_block):
+        block = flat[r:r + rows_per_block].astype(np.float64)
+        m = block.max(axis=-1, keepdims=True)
+        out[r:r + rows_per_block] = m[:, 0] + np.log(np.exp(block - m).sum(axis=-1))
+    return out.reshape(x.shape[:-1])
 
 
 def compare_block(logits: np.ndarray, targets: np.ndarray, top_ids: np.ndarray, top_logprobs: np.ndarray,
@@ -61,11 +73,11 @@ def compare_block(logits: np.ndarray, targets: np.ndarray, top_ids: np.ndarray, 
     are ignored (pass them anyway, they are masked here).
     """
     V = logits.shape[1]
-    logprobs, lse = log_softmax(logits)
+    lse = logsumexp(logits)
     keep = top_ids < V
     ids = np.where(keep, top_ids, 0)
     lp_ref = np.where(keep, top_logprobs, 0.0)  # masked entries get p = 0 below
-    lp_art = np.where(keep, np.take_along_axis(logprobs, ids, axis=1), 0.0)
+    lp_art = np.where(keep, np.take_along_axis(logits, ids, axis=1).astype(np.float64) - lse[:, None], 0.0)
     p_ref = np.where(keep, np.exp(lp_ref), 0.0)
     kld = (p_ref * (lp_ref - lp_art)).sum(axis=1)
     tail_ref = 1.0 - p_ref.sum(axis=1)
@@ -74,7 +86,7 @@ def compare_block(logits: np.ndarray, targets: np.ndarray, top_ids: np.ndarray, 
     kld += np.where(has_tail, tail_ref * (np.log(np.maximum(tail_ref, TINY)) - np.log(np.maximum(tail_art, TINY))), 0.0)
 
     rows = np.arange(len(targets))
-    nll = -logprobs[rows, targets]
+    nll = lse - np.asarray(logits[rows, targets], dtype=np.float64)
     nll_ref = -np.asarray(ref_target_logprob, dtype=np.float64)
     ref_argmax = top_ids[rows, np.argmax(keep, axis=1)]  # top ids are sorted, first kept is the max
     same_top = np.argmax(logits, axis=1) == ref_argmax

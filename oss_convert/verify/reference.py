@@ -28,7 +28,7 @@ from .. import __version__
 from ..atomic import atomic_output
 from ..errors import InputError
 from ..guard import refuse_stranger
-from .metrics import log_softmax
+from .metrics import logsumexp
 
 FORMAT = "oss-convert-reference/1"
 METAL_VOCAB_ROWS = 200014  # what the Metal model.bin keeps
@@ -134,7 +134,7 @@ class Reference:
 
 def compute_reference(runner, chunks: np.ndarray, *, top_k: int = DEFAULT_TOP_K,
                       cut_rows: tuple[int, ...] = (METAL_VOCAB_ROWS,), meta: dict | None = None,
-                      progress: Callable[[int], None] | None = None) -> Reference:
+                      progress: Callable[[float], None] | None = None) -> Reference:
     """Run ``runner`` on ``chunks`` and keep the top-k log-probs of every scored position."""
     V = runner.vocab_rows
     k = min(top_k, V)
@@ -143,16 +143,16 @@ def compute_reference(runner, chunks: np.ndarray, *, top_k: int = DEFAULT_TOP_K,
     parts: dict[str, list] = {"ids": [], "lp": [], "lse": [], "tgt": []}
     cuts = {c: [] for c in cut_rows if c < V}
     for c, logits in enumerate(runner.iter_logits(chunks, rows, progress)):
-        logprobs, lse = log_softmax(logits)
-        top = np.argpartition(-logprobs, k - 1, axis=1)[:, :k] if k < V else np.tile(np.arange(V), (len(lse), 1))
-        top_lp = np.take_along_axis(logprobs, top, axis=1)
+        lse = logsumexp(logits)  # log-probs are logit - lse: the top-k by logit are the top-k by log-prob
+        top = np.argpartition(-logits, k - 1, axis=1)[:, :k] if k < V else np.tile(np.arange(V), (len(lse), 1))
+        top_lp = np.take_along_axis(logits, top, axis=1).astype(np.float64) - lse[:, None]
         order = np.lexsort((top, -top_lp), axis=1)  # descending log-prob, ties to the lowest id
         parts["ids"].append(np.take_along_axis(top, order, axis=1).astype(np.int32))
         parts["lp"].append(np.take_along_axis(top_lp, order, axis=1))
         parts["lse"].append(lse)
-        parts["tgt"].append(logprobs[np.arange(len(lse)), want[c]])
+        parts["tgt"].append(logits[np.arange(len(lse)), want[c]].astype(np.float64) - lse)
         for cut in cuts:
-            cuts[cut].append(log_softmax(logits[:, :cut])[1])
+            cuts[cut].append(logsumexp(logits[:, :cut]))
     config = runner.config.to_dict()
     return Reference(
         tokens=chunks.astype(np.int32), top_ids=np.concatenate(parts["ids"]), top_logprobs=np.concatenate(parts["lp"]),
