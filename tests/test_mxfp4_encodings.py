@@ -107,7 +107,7 @@ def test_one_ulp_in_one_value_still_fails(loose_repo, round_trip, tmp_path):
     assert "expert 2: 1/" in reason and "row 3, block 1" in reason and "decode to other values" in reason
 
 
-@pytest.mark.parametrize("target", ["mlx", "gguf", "hf-bf16"])
+@pytest.mark.parametrize("target", ["mlx", "gguf", "hf", "original", "hf-bf16"])
 def test_loose_blocks_through_each_target_stay_lossless(loose_repo, tmp_path, target):
     out = converters.convert(loose_repo, target, tmp_path / ("out.gguf" if target == "gguf" else "out")).output
     code, report = _verify(out, loose_repo)

@@ -236,3 +236,16 @@ def test_dense_tensor_bounds_by_storage(tiny_repo, storage, edit, status):
     assert result.status in status, result
     if result.status == "differs" and storage == "BF16":
         assert "worst at [0, 7]" in result.detail and "1 of" in result.detail
+
+
+def test_a_reader_that_fails_is_an_error_not_a_difference(tiny_repo):
+    """A reader exception while comparing tensors means a broken artifact or reader: exit 2, not "differs"."""
+    from oss_convert.errors import InputError
+    from oss_convert.verify.tensors import compare_dense
+
+    def broken(value):
+        raise InputError("cannot read it", file="x.gguf", tensor="block.1.attn.qkv.weight")
+
+    with pytest.raises(InputError, match="cannot read it"):
+        compare_dense(OriginalCheckpoint(tiny_repo), _Edited(tiny_repo, "block.1.attn.qkv.weight", broken, "BF16"),
+                      "block.1.attn.qkv.weight")
