@@ -450,3 +450,14 @@ def test_llama_cpp_loads_splits_and_tokenizes_like_tokenizer_json(tiny_repo, tin
         assert llm.token_eos() == hf.token_to_id("<|return|>")
     finally:
         llm.close()
+
+
+def test_fast_repack_equals_the_nibble_by_nibble_definition():
+    rng = np.random.default_rng(5)
+    for shape in [(1, 1, 16), (3, 7, 16), (2, 5, 4, 16)]:
+        blocks = rng.integers(0, 256, shape, dtype=np.uint8)
+        scales = rng.integers(0, 256, shape[:-1], dtype=np.uint8)
+        want = gguf_format._openai_to_ggml_by_nibble(blocks, scales)
+        assert np.array_equal(gguf_format.openai_to_ggml(blocks, scales), want)
+        assert np.array_equal(gguf_format.openai_to_ggml(blocks[::2], scales[::2]),
+                              gguf_format._openai_to_ggml_by_nibble(blocks[::2], scales[::2]))

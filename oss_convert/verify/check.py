@@ -136,22 +136,53 @@ def _is_cache(reference: str | Path) -> bool:
 
 
 def _check_tokenizer(artifact: str | Path, model, ref: Reference) -> dict:
-    """Does the artifact's own tokenizer give the reference's token ids for the same text?"""
+    """The artifact's vocabulary (every id's bytes, the specials, BOS/EOS/pad) against the
+    reference repo's ``tokenizer.json``, and its tokenizer's ids for the reference's text."""
+    from . import vocabulary
+
+    result: dict = {"checked": False}
     source = ref.meta.get("input", {})
+    ref_json = _reference_tokenizer(ref)
     found = textmod.find_tokenizer(artifact, model)
+    art_vocab = vocabulary.of_artifact(model, found)
+    if ref_json is None or art_vocab is None:
+        result["reason"] = ("no tokenizer.json beside the reference" if ref_json is None
+                            else "the artifact carries no tokenizer")
+    else:
+        ref_vocab = vocabulary.from_tokenizer_json(ref_json.parent)
+        problems = vocabulary.compare(ref_vocab, art_vocab, min(model.config.vocab_size, ref.vocab_size))
+        result.update(checked=True, vocabulary=art_vocab.file, reference_tokenizer=str(ref_json),
+                      same_vocabulary=not problems, vocabulary_problems=problems)
+    text = _same_ids(artifact, found, source, ref)
+    result.update(text)
+    if "same_ids" in text:
+        result["checked"] = True
+    result.setdefault("same_ids", None)
+    return result
+
+
+def _reference_tokenizer(ref: Reference) -> Path | None:
+    recorded = ref.meta.get("input", {}).get("tokenizer")
+    if recorded and Path(recorded).is_file():
+        return Path(recorded)
+    source = ref.meta.get("source")
+    return textmod.find_tokenizer(source) if source and Path(source).exists() else None
+
+
+def _same_ids(artifact: str | Path, found: Path | None, source: dict, ref: Reference) -> dict:
+    """Does the artifact's own tokenizer.json give the reference's token ids for the same text?"""
     if found is None or source.get("kind") != "text":
-        return {"checked": False, "reason": "no tokenizer.json beside the artifact" if found is None
-                else "the reference was given token ids, not text"}
+        return {}
     if Path(found).resolve() == Path(source.get("tokenizer", "")).resolve():
-        return {"checked": False, "reason": "the artifact shares the reference's tokenizer.json"}
+        return {}  # the artifact shares the reference's tokenizer.json
     file = source.get("file", "")
     text = textmod.bundled_text() if file.startswith("bundled:") else Path(file).read_text(encoding="utf-8")
     if textmod.sha256(text) != source.get("text_sha256"):
-        return {"checked": False, "reason": "the reference's text file changed since the reference was made"}
+        return {"text_note": "the reference's text file changed since the reference was made"}
     ids = textmod.tokenize(text, found)
     want = ref.tokens.reshape(-1)
     same = len(ids) >= len(want) and np.array_equal(ids[: len(want)], want)
-    result = {"checked": True, "tokenizer": str(found), "same_ids": bool(same)}
+    result = {"tokenizer": str(found), "same_ids": bool(same)}
     if not same:
         n = min(len(ids), len(want))
         mismatch = np.nonzero(ids[:n] != want[:n])[0]

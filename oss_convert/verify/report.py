@@ -37,7 +37,10 @@ JSON schema (``oss-convert verify --json FILE``; schema ``oss-convert-verify/1``
                       the expert tensors)
 ``config_diff``       [{"key", "artifact", "reference"}] for ModelConfig keys that differ (vocab_size is a note only
                       when the artifact keeps at least the tokens used)
-``tokenizer``         {"checked" (bool), "same_ids" (bool, when checked), "first_mismatch", "tokenizer" or "reason"}
+``tokenizer``         {"checked" (bool), "same_vocabulary" (bool: every id's bytes, the specials and BOS/EOS/pad as the
+                      reference's tokenizer.json), "vocabulary_problems" (each naming the id and both values),
+                      "vocabulary" (the file read), "reference_tokenizer", "same_ids" (bool or null: the artifact's
+                      tokenizer.json gives the reference's ids for its text), "first_mismatch", "tokenizer", "reason"}
 ``checks``            [{"name", "status" ("pass"|"fail"|"not_checked"), "summary"}], one per entry of ``CHECKS``
                       (config, tensors, tokenizer, kl, top1), in that order; ``reasons`` and ``notes`` are theirs
 ``timings``           seconds: "reference_s", "artifact_s", "tensors_s", "total_s"
@@ -98,7 +101,7 @@ def check_config(ev: Evidence) -> Check:
 
 def check_tensors(ev: Evidence) -> Check:
     if ev.tensors is None:
-        return Check("tensors", "not_checked", "not compared (reference is a cache)")
+        return Check("tensors", "not_checked", "the reference is a cache (pass the checkpoint to compare tensors)")
     reasons, notes = [], []
     for t in ev.tensors:
         if t.failed:
@@ -118,11 +121,17 @@ def check_tensors(ev: Evidence) -> Check:
 def check_tokenizer(ev: Evidence) -> Check:
     tok = ev.tokenizer
     if not tok.get("checked"):
-        return Check("tokenizer", "not_checked", f"not checked ({tok.get('reason', 'no tokenizer')})")
-    if tok.get("same_ids"):
-        return Check("tokenizer", "pass", "same ids")
-    return Check("tokenizer", "fail", "DIFFERENT ids",
-                 [f"the artifact's tokenizer gives different ids (first mismatch at token {tok.get('first_mismatch')})"])
+        return Check("tokenizer", "not_checked", tok.get("reason", "no tokenizer"))
+    reasons = [f"tokenizer: {p}" for p in tok.get("vocabulary_problems", [])]
+    if tok.get("same_ids") is False:
+        reasons.append(f"the artifact's tokenizer gives different ids (first mismatch at token {tok.get('first_mismatch')})")
+    parts = []
+    if "same_vocabulary" in tok:
+        parts.append("vocabulary, specials and BOS/EOS/pad as the reference's" if tok["same_vocabulary"]
+                     else f"{len(tok['vocabulary_problems'])} vocabulary differences")
+    if tok.get("same_ids") is not None:
+        parts.append("same ids for the text" if tok["same_ids"] else "DIFFERENT ids for the text")
+    return Check("tokenizer", "fail" if reasons else "pass", "; ".join(parts), reasons)
 
 
 def check_kl(ev: Evidence) -> Check:
