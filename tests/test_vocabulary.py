@@ -95,3 +95,24 @@ def test_verify_reports_the_tokenizer_check(tiny_repo, tmp_path):
     report = verify(bad, tiny_repo, FAST, check_tensors=False)
     assert report["verdict"] == "fail"
     assert any(r.startswith("tokenizer: token 500:") for r in report["reasons"]), report["reasons"]
+
+
+def test_inspect_shows_the_tokenizer_stop_ids_and_template(tiny_repo, tmp_path):
+    import hashlib
+
+    from click.testing import CliRunner
+
+    from oss_convert.cli.main import cli
+
+    out = converters.convert(tiny_repo, "hf", tmp_path / "hf").output
+    result = CliRunner().invoke(cli, ["inspect", str(out), "--json"], catch_exceptions=False)
+    tok = json.loads(result.stdout)["tokenizer"]
+    assert tok["text_tokens"] == 1003 and tok["specials"] == 21
+    assert tok["eos"] == {"id": 1007, "token": "<|return|>"} and tok["bos"]["token"] == "<|startoftext|>"
+    assert tok["stop_ids"] == [1004, 1007, 1017]  # generation_config: return, endoftext, call
+    template = (tiny_repo / "chat_template.jinja").read_bytes()
+    assert tok["chat_template"]["sha256"] == hashlib.sha256(template).hexdigest()
+    gguf = converters.convert(tiny_repo, "gguf", tmp_path / "m.gguf").output
+    tok = json.loads(CliRunner().invoke(cli, ["inspect", str(gguf), "--json"]).stdout)["tokenizer"]
+    assert tok["chat_template"]["source"] == "GGUF tokenizer.chat_template"
+    assert tok["chat_template"]["sha256"] == hashlib.sha256(template).hexdigest()

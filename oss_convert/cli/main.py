@@ -55,6 +55,7 @@ def synth_cmd(out: Path, preset: str, seed: int, layers: int | None, shards: int
 def inspect_cmd(path: str, as_json: bool, scan: bool) -> None:
     """Describe and validate an artifact: original/, MLX folder, Metal model.bin or GGUF."""
     info = artifacts.describe(path, scan=scan)
+    info["tokenizer"] = _tokenizer_summary(path)
     kind = info["kind"]
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -73,6 +74,17 @@ def inspect_cmd(path: str, as_json: bool, scan: bool) -> None:
             click.echo(f"  {key}: {_human(value) if key.endswith('bytes') else value}")
     if not info.get("valid", True):
         sys.exit(EXIT_FAIL)
+
+
+def _tokenizer_summary(path: str) -> dict:
+    from ..verify.text import find_tokenizer
+    from ..verify.vocabulary import summary
+
+    model = artifacts.open_canonical(path)
+    try:
+        return summary(model, find_tokenizer(path, model))
+    finally:
+        model.close()
 
 
 def _human(n) -> str:

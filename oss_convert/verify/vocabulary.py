@@ -153,3 +153,53 @@ def compare(ref: Vocabulary, art: Vocabulary, rows: int) -> list[str]:
         if want is not None and got is not None and want != got:
             problems.append(f"{role.upper()} id: artifact {got}, reference {want} ({art.file})")
     return problems
+
+
+def chat_template(model, tokenizer_json: Path | None) -> tuple[str, str] | None:
+    """``(where it came from, text)`` of the artifact's chat template, or ``None``."""
+    from ..formats.gguf import GgufModel
+
+    if isinstance(model, GgufModel):
+        text = model.value("tokenizer.chat_template")
+        return ("GGUF tokenizer.chat_template", text) if text else None
+    if tokenizer_json is None:
+        return None
+    folder = tokenizer_json.parent
+    if (folder / "chat_template.jinja").is_file():
+        return str(folder / "chat_template.jinja"), (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        text = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        if isinstance(text, str):
+            return f"{config} chat_template", text
+    return None
+
+
+def summary(model, tokenizer_json: Path | None) -> dict:
+    """What ``inspect`` shows of an artifact's tokenizer: size, specials, BOS/EOS/pad, stop ids, template."""
+    import hashlib
+
+    vocab = of_artifact(model, tokenizer_json)
+    if vocab is None:
+        return {"present": False}
+    names = vocab.specials
+    out = {"present": True, "file": vocab.file, "text_tokens": len(vocab.tokens), "specials": len(vocab.specials),
+           **{role: ({"id": i, "token": names.get(i)} if i is not None else None) for role, i in vocab.ids.items()},
+           "stop_ids": _stop_ids(model, vocab, tokenizer_json)}
+    template = chat_template(model, tokenizer_json)
+    out["chat_template"] = None if template is None else {
+        "source": template[0], "sha256": hashlib.sha256(template[1].encode("utf-8")).hexdigest(), "chars": len(template[1])}
+    return out
+
+
+def _stop_ids(model, vocab: Vocabulary, tokenizer_json: Path | None) -> list[int]:
+    """The ids a runtime stops on: generation_config's eos list (HF folders), or the GGUF's eos/eot."""
+    from ..formats.gguf import GgufModel
+
+    if isinstance(model, GgufModel):
+        ids = [model.value(f"tokenizer.ggml.{k}") for k in ("eos_token_id", "eot_token_id", "eom_token_id")]
+        return sorted({int(i) for i in ids if i is not None})
+    if tokenizer_json is not None and (tokenizer_json.parent / "generation_config.json").is_file():
+        eos = json.loads((tokenizer_json.parent / "generation_config.json").read_text()).get("eos_token_id")
+        return sorted(eos if isinstance(eos, list) else [eos]) if eos is not None else []
+    return [vocab.ids["eos"]] if vocab.ids.get("eos") is not None else []
