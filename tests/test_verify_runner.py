@@ -159,3 +159,15 @@ def test_mlx_computes_in_full_float32_on_every_device():
     code = "import oss_convert, os, mlx.core; print(os.environ['MLX_ENABLE_TF32'])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "0"
+
+
+def test_logits_come_in_bounded_blocks_that_add_up_to_the_whole(tiny_repo, tokens_300):
+    """Long chunks' logits are produced a few positions at a time (3.3 GB at ctx 8192 otherwise)."""
+    chunks = np.stack([tokens_300[:150], tokens_300[150:]])
+    with OriginalCheckpoint(tiny_repo) as ckpt:
+        run = Runner(ckpt, device="cpu")
+        blocks = list(run.iter_logit_blocks(chunks, slice(74, None), block_rows=7))
+        whole = list(run.iter_logits(chunks, slice(74, None)))
+    assert max(b.shape[0] for _, b in blocks) == 7 and [c for c, _ in blocks] == sorted(c for c, _ in blocks)
+    for c in (0, 1):  # BLAS may round differently for another number of rows: float32 noise only
+        np.testing.assert_allclose(np.concatenate([b for i, b in blocks if i == c]), whole[c], rtol=1e-5, atol=1e-5)

@@ -87,13 +87,14 @@ def score(artifact_model, ref: Reference, progress: Progress = SILENT,
                          f"only {runner.vocab_rows} vocabulary rows")
     shared = min(runner.vocab_rows, ref.vocab_size)
     top_lp, lse, tgt_lp = ref.over_rows(shared)
-    per_chunk = len(ref.targets) // ref.tokens.shape[0]
     targets = ref.targets
-    parts = []
+    parts, at = [], 0
     with progress.task("artifact", ref.tokens.size, unit="tok") as advance:
-        for c, logits in enumerate(runner.iter_logits(ref.tokens, scored_rows(ref.ctx), advance)):
-            s = slice(c * per_chunk, (c + 1) * per_chunk)
+        # scored positions in chunk order, a block at a time: ``at`` walks the reference's flat arrays
+        for _, logits in runner.iter_logit_blocks(ref.tokens, scored_rows(ref.ctx), advance):
+            s = slice(at, at + logits.shape[0])
             parts.append(compare_block(logits[:, :shared], targets[s], ref.top_ids[s], top_lp[s], lse[s], tgt_lp[s]))
+            at = s.stop
     metrics = TokenMetrics.concat(parts)
     return summarize(metrics), metrics
 

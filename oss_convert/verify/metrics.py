@@ -92,7 +92,7 @@ def compare_block(logits: np.ndarray, targets: np.ndarray, top_ids: np.ndarray, 
     same_top = np.argmax(logits, axis=1) == ref_argmax
 
     ref_logits = lp_ref + ref_lse[:, None]
-    art_logits = np.take_along_axis(np.asarray(logits, dtype=np.float64), ids, axis=1)
+    art_logits = np.take_along_axis(np.asarray(logits), ids, axis=1).astype(np.float64)  # only the gathered ones
     diff = np.where(keep, np.abs(art_logits - ref_logits), np.nan)
     return TokenMetrics(
         nll=nll, nll_ref=nll_ref, kld=kld, same_top=same_top,

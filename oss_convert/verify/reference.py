@@ -33,6 +33,7 @@ from .metrics import logsumexp
 FORMAT = "oss-convert-reference/1"
 METAL_VOCAB_ROWS = 200014  # what the Metal model.bin keeps
 DEFAULT_TOP_K = 1024
+TOP_K_ROWS = 64  # positions ranked at a time (argpartition holds an int64 per vocabulary entry)
 
 
 def chunk_tokens(tokens: np.ndarray, ctx: int, max_chunks: int | None = None) -> np.ndarray:
@@ -142,17 +143,21 @@ def compute_reference(runner, chunks: np.ndarray, *, top_k: int = DEFAULT_TOP_K,
     want = targets(chunks).reshape(chunks.shape[0], -1)
     parts: dict[str, list] = {"ids": [], "lp": [], "lse": [], "tgt": []}
     cuts = {c: [] for c in cut_rows if c < V}
-    for c, logits in enumerate(runner.iter_logits(chunks, rows, progress)):
-        lse = logsumexp(logits)  # log-probs are logit - lse: the top-k by logit are the top-k by log-prob
-        top = np.argpartition(-logits, k - 1, axis=1)[:, :k] if k < V else np.tile(np.arange(V), (len(lse), 1))
-        top_lp = np.take_along_axis(logits, top, axis=1).astype(np.float64) - lse[:, None]
-        order = np.lexsort((top, -top_lp), axis=1)  # descending log-prob, ties to the lowest id
-        parts["ids"].append(np.take_along_axis(top, order, axis=1).astype(np.int32))
-        parts["lp"].append(np.take_along_axis(top_lp, order, axis=1))
-        parts["lse"].append(lse)
-        parts["tgt"].append(logits[np.arange(len(lse)), want[c]].astype(np.float64) - lse)
-        for cut in cuts:
-            cuts[cut].append(logsumexp(logits[:, :cut]))
+    flat_want, at = want.reshape(-1), 0
+    for _, block in runner.iter_logit_blocks(chunks, rows, progress):
+        for r0 in range(0, block.shape[0], TOP_K_ROWS):  # argpartition's int64 index is 8 bytes per logit
+            logits = block[r0:r0 + TOP_K_ROWS]
+            lse = logsumexp(logits)  # log-probs are logit - lse: the top-k by logit are the top-k by log-prob
+            top = np.argpartition(logits, V - k, axis=1)[:, V - k:] if k < V else np.tile(np.arange(V), (len(lse), 1))
+            top_lp = np.take_along_axis(logits, top, axis=1).astype(np.float64) - lse[:, None]
+            order = np.lexsort((top, -top_lp), axis=1)  # descending log-prob, ties to the lowest id
+            parts["ids"].append(np.take_along_axis(top, order, axis=1).astype(np.int32))
+            parts["lp"].append(np.take_along_axis(top_lp, order, axis=1))
+            parts["lse"].append(lse)
+            parts["tgt"].append(logits[np.arange(len(lse)), flat_want[at:at + len(lse)]].astype(np.float64) - lse)
+            for cut in cuts:
+                cuts[cut].append(logsumexp(logits[:, :cut]))
+            at += len(lse)
     config = runner.config.to_dict()
     return Reference(
         tokens=chunks.astype(np.int32), top_ids=np.concatenate(parts["ids"]), top_logprobs=np.concatenate(parts["lp"]),

@@ -77,6 +77,7 @@ def _rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     return mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+LOGIT_BLOCK_ROWS = 512  # positions whose logits exist at once (412 MiB of float32 for gpt-oss)
 VOCAB_BLOCK = 16384  # unembedding rows converted at a time on the CPU (180 MiB of float32 for gpt-oss)
 ATTENTION_BLOCK_ELEMENTS = 1 << 24  # scores held at once: 64 MiB of float32 per query block
 
@@ -191,23 +192,39 @@ class Runner:
     def iter_logits(self, chunks: np.ndarray, rows: slice | None = None,
                     progress: Callable[[float], None] | None = None) -> Iterator[np.ndarray]:
         """Float32 logits ``[len(rows), V]`` of each chunk in turn (positions ``rows``, default all)."""
+        current, parts = 0, []
+        for c, block in self.iter_logit_blocks(chunks, rows, progress):
+            if c != current:
+                yield np.concatenate(parts) if len(parts) > 1 else parts[0]
+                current, parts = c, []
+            parts.append(block)
+        if parts:
+            yield np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def iter_logit_blocks(self, chunks: np.ndarray, rows: slice | None = None,
+                          progress: Callable[[float], None] | None = None,
+                          block_rows: int = LOGIT_BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+        """``(chunk, logits [<= block_rows, V])`` in order: chunk by chunk, a few positions at a time,
+        so a long chunk's logits (4095 x 201088 float32 = 3.3 GB at ctx 8192) never exist at once."""
         hidden = self.hidden_states(chunks, progress)
-        if self.device == "gpu":
-            unembedding = mx.array(self._f32("unembedding.weight"))  # one copy only
-            for c in range(hidden.shape[0]):
-                yield np.asarray(mx.array(hidden[c] if rows is None else hidden[c, rows]) @ unembedding.T)
-            return
-        # CPU: the [V, H] unembedding (2.3 GB as float32) is never whole in memory: each chunk's
-        # logits are computed block by block of vocabulary rows converted as they are used.
+        gpu = self.device == "gpu"
+        # The [V, H] unembedding is 2.3 GB as float32: the GPU holds it once; on the CPU it is
+        # converted in blocks of vocabulary rows as they are used.
+        unembedding = mx.array(self._f32("unembedding.weight")) if gpu else None
         V = self.config.vocab_size
         for c in range(hidden.shape[0]):
-            h = hidden[c] if rows is None else hidden[c, rows]
-            logits = np.empty((h.shape[0], V), dtype=np.float32)
-            for v0 in range(0, V, VOCAB_BLOCK):
-                block = self.model.f32_rows("unembedding.weight", slice(v0, min(V, v0 + VOCAB_BLOCK)))
-                np.matmul(h, block.T, out=logits[:, v0:v0 + block.shape[0]])
-            self.model.release("unembedding.weight")
-            yield logits
+            h_all = hidden[c] if rows is None else hidden[c, rows]
+            for r0 in range(0, h_all.shape[0], block_rows):
+                h = h_all[r0:r0 + block_rows]
+                if gpu:
+                    yield c, np.asarray(mx.array(h) @ unembedding.T)
+                    continue
+                logits = np.empty((h.shape[0], V), dtype=np.float32)
+                for v0 in range(0, V, VOCAB_BLOCK):
+                    block = self.model.f32_rows("unembedding.weight", slice(v0, min(V, v0 + VOCAB_BLOCK)))
+                    np.matmul(h, block.T, out=logits[:, v0:v0 + block.shape[0]])
+                self.model.release("unembedding.weight")
+                yield c, logits
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         """Logits ``[T, V]`` of one sequence, like ``Transformer(...)(tokens)``."""
