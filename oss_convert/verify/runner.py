@@ -69,14 +69,6 @@ def rope_tables(config: ModelConfig, num_tokens: int) -> tuple[np.ndarray, np.nd
     return (np.cos(angles) * c).astype(np.float32), (np.sin(angles) * c).astype(np.float32)
 
 
-def _rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """Half-split rotation of ``x`` ``[C, T, heads, hd]`` by tables ``[T, hd/2]``."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
 LOGIT_BLOCK_ROWS = 512  # positions whose logits exist at once (412 MiB of float32 for gpt-oss)
 VOCAB_BLOCK = 16384  # unembedding rows converted at a time on the CPU (180 MiB of float32 for gpt-oss)
 ATTENTION_BLOCK_ELEMENTS = 1 << 24  # scores held at once: 64 MiB of float32 per query block
@@ -267,7 +259,7 @@ class Runner:
         t = rms_norm(x, self._f32(p + "norm.scale"))
         qkv = t.reshape(C * T, H) @ self._f32(p + "qkv.weight").T + self._f32(p + "qkv.bias")
         q, k, v = self._qkv_split(qkv.reshape(C, T, -1), C, T)
-        q, k = _rope_np(q, cos, sin), _rope_np(k, cos, sin)
+        q, k = _rope(q, cos, sin, np), _rope(k, cos, sin, np)
         sinks = self._f32(p + "sinks").reshape(nkv, group)
         scale = np.float32(1.0 / math.sqrt(hd))
         out = np.empty((C, T, nq * hd), dtype=np.float32)
@@ -316,7 +308,7 @@ class Runner:
         t = mx.fast.rms_norm(x, self._w(p + "norm.scale"), RMS_EPS)
         qkv = t @ self._w(p + "qkv.weight").T + self._w(p + "qkv.bias")
         q, k, v = self._qkv_split(qkv, C, T)
-        q, k = _rope_mlx(q, cos, sin), _rope_mlx(k, cos, sin)
+        q, k = _rope(q, cos, sin, mx), _rope(k, cos, sin, mx)
         sinks = self._w(p + "sinks").reshape(nkv, group)
         q = (q * (1.0 / math.sqrt(hd))).reshape(C, T, nkv, group, hd).transpose(0, 2, 3, 1, 4)  # [C, nkv, group, T, hd]
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [C, nkv, T, hd]
@@ -381,19 +373,12 @@ class Runner:
         return mx.array(out).reshape(N, k, -1)
 
 
-def _rope_np(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Half-split rotation of ``x`` ``[C, T, heads, hd]`` by tables ``[T, hd/2]``."""
+def _rope(x, cos, sin, xp):
+    """Half-split rotation of ``x`` ``[C, T, heads, hd]`` by tables ``[T, hd/2]`` (numpy or MLX)."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     cos, sin = cos[:, None, :], sin[:, None, :]
-    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
-def _rope_mlx(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return xp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 class _ExpertWeights:
