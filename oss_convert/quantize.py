@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -210,3 +210,15 @@ class ExpertEncoder:
         (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         return (f"experts encoded to MXFP4 ({report['recipe']}): relative MSE {report['relative_mse']:.4e} "
                 f"over {len(report['tensors'])} tensors (per tensor: {REPORT_FILE} in the output)")
+
+
+def encoded_or_copied(src, name: str, encoder: ExpertEncoder | None) -> Callable[[], Iterator[np.ndarray]]:
+    """The producer of ``original/`` tensor ``name`` for a target that stores MXFP4 experts:
+    the encoder's blocks/scales when the source is dense, else the stored bytes."""
+    from .shards import copy_chunks
+
+    if encoder is not None and name.endswith(".blocks"):
+        return lambda: encoder.blocks(name.removesuffix(".blocks"))
+    if encoder is not None and name.endswith(".scales"):
+        return lambda: encoder.scales(name.removesuffix(".scales"))
+    return copy_chunks(src, name)

@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import InputError
 from .formats.safetensors import SafetensorsWriter
-from .model import TensorSpec
+from .model import TensorSpec, iter_chunks
 from .progress import Advance
 from .tokenizer import TOKENIZER_FILES
 
@@ -45,6 +45,18 @@ class Planned:
 
     spec: TensorSpec
     chunks: Callable[[], Iterator[np.ndarray]]
+
+
+def copy_chunks(src, name: str, rows: slice | None = None) -> Callable[[], Iterator[np.ndarray]]:
+    """The producer of a tensor copied as stored (optionally a row range of it), a chunk at a
+    time, each chunk's source pages released once written: RSS stays near one chunk."""
+    def chunks() -> Iterator[np.ndarray]:
+        data = src.raw(name)
+        for piece in iter_chunks(data if rows is None else data[rows]):
+            yield piece
+            src.release(name)
+
+    return chunks
 
 
 def group_by_size(planned: list[Planned], max_bytes: int | None) -> list[list[Planned]]:

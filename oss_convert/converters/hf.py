@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Iterator
 
-import numpy as np
 
 from .. import quantize
 from ..atomic import atomic_output
 from ..errors import InputError
 from ..formats.hf import HUB_SHARD_BYTES, generation_config, hf_names, hub_config, hub_shard_names, qkv_split
-from ..model import Source, TensorSpec, expected_tensors, iter_chunks
+from ..model import Source, TensorSpec, expected_tensors
 from ..progress import SILENT, Progress
-from ..shards import Planned, copy_tokenizer_files, group_by_size, parse_size, total_bytes, write_shards
+from ..shards import Planned, copy_chunks, copy_tokenizer_files, group_by_size, parse_size, total_bytes, write_shards
 
 
 def plan(src: Source, encoder: quantize.ExpertEncoder | None) -> list[Planned]:
@@ -35,33 +33,11 @@ def plan(src: Source, encoder: quantize.ExpertEncoder | None) -> list[Planned]:
             start = 0
             for hf_name, rows in zip(names, qkv_split(src.config)):
                 out.append(Planned(TensorSpec(hf_name, "BF16", (rows,) + spec.shape[1:]),
-                                   _rows(src, spec.name, start, start + rows)))
+                                   copy_chunks(src, spec.name, slice(start, start + rows))))
                 start += rows
         else:
-            out.append(Planned(TensorSpec(names[0], spec.dtype, spec.shape), _tensor(src, spec.name, encoder)))
+            out.append(Planned(TensorSpec(names[0], spec.dtype, spec.shape), quantize.encoded_or_copied(src, spec.name, encoder)))
     return out
-
-
-def _tensor(src: Source, name: str, encoder: quantize.ExpertEncoder | None) -> Callable[[], Iterator[np.ndarray]]:
-    if encoder is not None and name.endswith(".blocks"):
-        return lambda: encoder.blocks(name.removesuffix(".blocks"))
-    if encoder is not None and name.endswith(".scales"):
-        return lambda: encoder.scales(name.removesuffix(".scales"))
-
-    def copy() -> Iterator[np.ndarray]:
-        for piece in iter_chunks(src.raw(name)):
-            yield piece
-            src.release(name)
-
-    return copy
-
-
-def _rows(src: Source, name: str, start: int, stop: int) -> Callable[[], Iterator[np.ndarray]]:
-    def chunks() -> Iterator[np.ndarray]:
-        yield src.raw(name)[start:stop]
-        src.release(name)
-
-    return chunks
 
 
 def convert(src: Source, out: Path, *, force: bool = False, progress: Progress = SILENT, recipe: str = "ocp",

@@ -20,9 +20,10 @@ import numpy as np
 from ..atomic import atomic_output
 from ..formats import mxfp4
 from ..formats.hf import hf_config, hf_names, is_dense_expert, qkv_split
-from ..model import Source, TensorSpec, expected_tensors, expert_name, iter_chunks
+from ..model import Source, TensorSpec, expected_tensors, expert_name
 from ..progress import SILENT, Progress
-from ..shards import (DEFAULT_SHARD_SIZE, Planned, copy_tokenizer_files, group_by_size, parse_size, shard_names,
+from ..shards import (DEFAULT_SHARD_SIZE, Planned, copy_chunks, copy_tokenizer_files, group_by_size, parse_size,
+                      shard_names,
                       total_bytes, write_shards)
 
 
@@ -36,30 +37,14 @@ def plan(src) -> list[Planned]:
             start = 0
             for hf_name, rows in zip(names, qkv_split(config)):
                 out.append(Planned(TensorSpec(hf_name, "BF16", (rows,) + spec.shape[1:]),
-                                   _rows(src, spec.name, start, start + rows)))
+                                   copy_chunks(src, spec.name, slice(start, start + rows))))
                 start += rows
         elif is_dense_expert(spec.name):
             E, rows, cols = spec.shape
             out.append(Planned(TensorSpec(names[0], "BF16", (E, cols, rows)), _experts_transposed(src, spec.name)))
         else:
-            out.append(Planned(TensorSpec(names[0], "BF16", spec.shape), _whole(src, spec.name)))
+            out.append(Planned(TensorSpec(names[0], "BF16", spec.shape), copy_chunks(src, spec.name)))
     return out
-
-
-def _whole(src, name: str) -> Callable[[], Iterator[np.ndarray]]:
-    def chunks() -> Iterator[np.ndarray]:
-        yield from iter_chunks(src.raw(name))
-        src.release(name)
-
-    return chunks
-
-
-def _rows(src, name: str, start: int, stop: int) -> Callable[[], Iterator[np.ndarray]]:
-    def chunks() -> Iterator[np.ndarray]:
-        yield src.raw(name)[start:stop]
-        src.release(name)
-
-    return chunks
 
 
 def _experts_transposed(src, name: str) -> Callable[[], Iterator[np.ndarray]]:

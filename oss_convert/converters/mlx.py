@@ -32,7 +32,8 @@ from ..formats.mlx import (AFFINE_GROUP_SIZE, AFFINE_RECIPES, ROUTER_QUANTIZATIO
                            missing_tokenizer_warning, mlx_config, mlx_names, total_parameters)
 from ..model import Source, TensorSpec, expected_tensors, gate_up_rows, iter_chunks
 from ..progress import SILENT, Progress
-from ..shards import (DEFAULT_SHARD_SIZE, Planned, copy_tokenizer_files, group_by_size, parse_size, shard_names,
+from ..shards import (DEFAULT_SHARD_SIZE, Planned, copy_chunks, copy_tokenizer_files, group_by_size, parse_size,
+                      shard_names,
                       total_bytes, write_shards)
 
 
@@ -57,14 +58,14 @@ def plan(src: Source, recipe: str | None = None) -> tuple[list[Planned], dict]:
         params = params if params is not None else (
             {"group_size": AFFINE_GROUP_SIZE, "bits": bits, "mode": "affine"} if bits else None)
         if params is None or shape[-1] % AFFINE_GROUP_SIZE:
-            out.append(Planned(TensorSpec(module + ".weight", "BF16", shape), _copy(src, name, rows)))
+            out.append(Planned(TensorSpec(module + ".weight", "BF16", shape), copy_chunks(src, name, rows)))
             return
         overrides[module] = params
         out.extend(_affine(src, name, rows, module, shape, params["group_size"], params["bits"]))
 
     def plain(name: str, rows: slice | None = None, mlx_name: str | None = None) -> None:
         mlx_name = mlx_name or names(name)[0]
-        out.append(Planned(TensorSpec(mlx_name, "BF16", _rows_shape(shapes, name, rows)), _copy(src, name, rows)))
+        out.append(Planned(TensorSpec(mlx_name, "BF16", _rows_shape(shapes, name, rows)), copy_chunks(src, name, rows)))
 
     linear(names("embedding.weight")[0], "embedding.weight")
     for n in range(c.num_hidden_layers):
@@ -94,16 +95,6 @@ def _rows_shape(shapes: dict, name: str, rows: slice | None) -> tuple[int, ...]:
     if rows is None:
         return shape
     return (rows.stop - rows.start,) + shape[1:]
-
-
-def _copy(src: Source, name: str, rows: slice | None) -> Callable[[], Iterator[np.ndarray]]:
-    def chunks() -> Iterator[np.ndarray]:
-        data = src.raw(name)
-        for piece in iter_chunks(data if rows is None else data[rows]):
-            yield piece
-            src.release(name)  # per chunk: a 1.2 GB embedding never becomes resident whole
-
-    return chunks
 
 
 def _experts(src: Source, n: int) -> list[Planned]:

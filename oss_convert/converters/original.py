@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
 
-import numpy as np
 
 from .. import quantize
 from ..atomic import atomic_output
 from ..errors import InputError
 from ..formats.original import dtypes_json
-from ..model import Source, expected_tensors, iter_chunks
+from ..model import Source, expected_tensors
 from ..progress import SILENT, Progress
 from ..shards import Planned, copy_tokenizer_files, group_by_size, parse_size, shard_names, total_bytes, write_shards
 
@@ -34,7 +32,7 @@ def convert(src: Source, out: Path, *, force: bool = False, progress: Progress =
     if recipe not in quantize.RECIPES:
         raise InputError(f"unknown recipe {recipe!r} for --to original; choose one of {list(quantize.RECIPES)}")
     encoder = quantize.ExpertEncoder(src, recipe) if src.experts == "bf16" else None
-    planned = [Planned(spec, _chunks(src, spec.name, encoder)) for spec in expected_tensors(src.config, "mxfp4")]
+    planned = [Planned(spec, quantize.encoded_or_copied(src, spec.name, encoder)) for spec in expected_tensors(src.config, "mxfp4")]
     groups = group_by_size(planned, parse_size(shard_size) if shard_size is not None else None)
     names = shard_names(len(groups), separator="--")  # the 120b repo's own naming
     out = Path(out)
@@ -52,17 +50,3 @@ def convert(src: Source, out: Path, *, force: bool = False, progress: Progress =
     if summary:
         progress.note(summary)
     return out
-
-
-def _chunks(src: Source, name: str, encoder: quantize.ExpertEncoder | None):
-    """The producer of tensor ``name``: encoded experts from a dense source, else a copy."""
-    if encoder is not None and name.endswith(".blocks"):
-        return lambda: encoder.blocks(name.removesuffix(".blocks"))
-    if encoder is not None and name.endswith(".scales"):
-        return lambda: encoder.scales(name.removesuffix(".scales"))
-
-    def copy() -> Iterator[np.ndarray]:
-        yield from iter_chunks(src.raw(name))
-        src.release(name)
-
-    return copy
