@@ -11,6 +11,7 @@ Imports: base modules, ``formats.safetensors``, ``tokenizer``.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from dataclasses import dataclass
@@ -104,11 +105,22 @@ def total_bytes(planned: list[Planned]) -> int:
     return sum(p.spec.nbytes for p in planned)
 
 
-def copy_tokenizer_files(root: Path, dest: Path) -> list[str]:
-    """Copy the tokenizer and chat template files the source has (a missing one is reported later)."""
+def copy_tokenizer_files(root: Path, dest: Path, chat_template: str | None = None) -> list[str]:
+    """Copy the tokenizer and chat template files the source has (a missing one is reported
+    later); ``chat_template`` replaces the source's template: it is written as
+    ``chat_template.jinja`` and any ``chat_template`` key of ``tokenizer_config.json`` is dropped,
+    so that no runtime can pick the old one."""
     copied = []
     for name in TOKENIZER_FILES:
         if (root / name).is_file():
             shutil.copyfile(root / name, dest / name)
             copied.append(name)
+    if chat_template is not None:
+        (dest / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+        config = dest / "tokenizer_config.json"
+        if config.is_file():
+            doc = json.loads(config.read_text(encoding="utf-8"))
+            if doc.pop("chat_template", None) is not None:
+                config.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        copied = sorted(set(copied) | {"chat_template.jinja"})
     return copied

@@ -26,6 +26,8 @@ from .guard import refuse_stranger
 from .model import ModelConfig, TensorSpec, expected_tensors
 from .progress import SILENT, Progress
 from .shards import Planned, shard_names, total_bytes, write_shards
+from .chat import HARMONY_TEMPLATE
+from .formats.hf import generation_config
 from .tokenizer import write_tokenizer_files
 
 PRESETS: dict[str, ModelConfig] = {
@@ -137,7 +139,8 @@ def generate(out: str | Path, config: ModelConfig | str = "tiny", *, seed: int =
             index = {"metadata": {"total_size": total_bytes(planned)}, "weight_map": weight_map}
             (original / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         if tokenizer:
-            write_tokenizer_files(tmp, config.vocab_size)
+            write_tokenizer_files(tmp, config.vocab_size, HARMONY_TEMPLATE)  # a real-style template
+            (tmp / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")
     return out
 
 

@@ -39,14 +39,6 @@ SPECIAL_TOKENS = [
 ]
 BUNDLED_HEAD = 4096  # ranks shipped in oss_convert/data/o200k_head.tiktoken
 
-# A short Harmony-format template for synthetic repos (the real repos ship their own).
-SYNTHETIC_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "<|start|>{{ message['role'] }}<|message|>{{ message['content'] }}<|end|>"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|start|>assistant{%- endif -%}"
-)
-
 
 def parse_tiktoken(data: bytes, *, source: str) -> list[bytes]:
     """``base64(token) rank`` lines -> tokens in rank order (ranks must be 0..n-1)."""
@@ -155,7 +147,8 @@ def tokenizer_json(vocab_size: int, vocab_file: str | Path | None = None) -> str
     return json.dumps(document, ensure_ascii=False)
 
 
-def write_tokenizer_files(root: Path, vocab_size: int, vocab_file: str | Path | None = None) -> list[str]:
+def write_tokenizer_files(root: Path, vocab_size: int, chat_template: str,
+                          vocab_file: str | Path | None = None) -> list[str]:
     """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json, chat_template.jinja."""
     _, special_start = layout(vocab_size)
     (root / "tokenizer.json").write_text(tokenizer_json(vocab_size, vocab_file), encoding="utf-8")
@@ -169,7 +162,7 @@ def write_tokenizer_files(root: Path, vocab_size: int, vocab_file: str | Path | 
     }
     (root / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (root / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
-    (root / "chat_template.jinja").write_text(SYNTHETIC_CHAT_TEMPLATE)
+    (root / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
     return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
 
 

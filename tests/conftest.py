@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -35,3 +38,33 @@ def metal_repo(tmp_path_factory) -> Path:
 def tokens_300() -> np.ndarray:
     """300 token ids (longer than the 128 sliding window) valid for the tiny vocab."""
     return np.random.default_rng(7).integers(0, 1000, size=300).astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_source(tmp_path_factory) -> Path:
+    """llama.cpp's tree as the llama-cpp-python source distribution of the installed version
+    vendors it: ``convert_hf_to_gguf.py`` with its conversion/ and gguf-py, and ``models/templates``
+    (the real gpt-oss chat template)."""
+    from importlib.metadata import version
+
+    pytest.importorskip("llama_cpp")
+    folder = tmp_path_factory.mktemp("llama_cpp_src")
+    wanted = version("llama_cpp_python")
+    got = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                          f"llama-cpp-python=={wanted}", "-d", str(folder)], capture_output=True, text=True)
+    archives = list(folder.glob("llama_cpp_python-*.tar.gz"))
+    if got.returncode or not archives:
+        pytest.skip(f"cannot fetch the llama-cpp-python {wanted} source distribution: {got.stderr[-300:]}")
+    root = f"{archives[0].name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
+    wanted_parts = (root + "conversion/", root + "gguf-py/", root + "models/templates/")
+    with tarfile.open(archives[0]) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(root) and (
+            m.name == root + "convert_hf_to_gguf.py" or m.name.startswith(wanted_parts))]
+        tar.extractall(folder, members=members, filter="data")
+    return folder / root
+
+
+@pytest.fixture(scope="session")
+def real_chat_template(llama_cpp_source) -> str:
+    """The gpt-oss chat template as llama.cpp vendors it (the one in OpenAI's repos, 16,738 bytes)."""
+    return (llama_cpp_source / "models" / "templates" / "openai-gpt-oss-120b.jinja").read_text(encoding="utf-8")

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -110,25 +109,9 @@ def test_transformers_loads_it_and_matches_the_torch_reference(tiny_repo, hub, t
 
 
 @pytest.fixture(scope="session")
-def llama_cpp_converter(tmp_path_factory) -> Path:
-    """llama.cpp's ``convert_hf_to_gguf.py`` (with its conversion/ and gguf-py) from the
-    llama-cpp-python source distribution of the installed version."""
-    from importlib.metadata import version
-
-    pytest.importorskip("llama_cpp")
-    folder = tmp_path_factory.mktemp("llama_cpp_src")
-    wanted = version("llama_cpp_python")
-    got = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                          f"llama-cpp-python=={wanted}", "-d", str(folder)], capture_output=True, text=True)
-    archives = list(folder.glob("llama_cpp_python-*.tar.gz"))
-    if got.returncode or not archives:
-        pytest.skip(f"cannot fetch the llama-cpp-python {wanted} source distribution: {got.stderr[-300:]}")
-    root = f"{archives[0].name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
-    with tarfile.open(archives[0]) as tar:
-        members = [m for m in tar.getmembers() if m.name.startswith(root) and (
-            m.name == root + "convert_hf_to_gguf.py" or m.name.startswith((root + "conversion/", root + "gguf-py/")))]
-        tar.extractall(folder, members=members, filter="data")
-    return folder / root / "convert_hf_to_gguf.py"
+def llama_cpp_converter(llama_cpp_source) -> Path:
+    """llama.cpp's ``convert_hf_to_gguf.py`` (with its conversion/ and gguf-py)."""
+    return llama_cpp_source / "convert_hf_to_gguf.py"
 
 
 @pytest.mark.oracle

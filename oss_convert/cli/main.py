@@ -118,6 +118,8 @@ def _target_help() -> str:
 @click.option("--split-max-size", default=None, help=converters.OPTIONS["split_max_size"].help)
 @click.option("--shard-size", default=None, help=converters.OPTIONS["shard_size"].help)
 @click.option("--vocab", type=click.Path(path_type=Path), default=None, help=converters.OPTIONS["vocab"].help)
+@click.option("--chat-template", default=None, metavar="keep|harmony|FILE",
+              help=converters.OPTIONS["chat_template"].help)
 @click.option("--manifest/--no-manifest", default=True, show_default=True,
               help="Write a provenance manifest (tool, options, sha256 of source and output files).")
 @click.option("--scan/--no-scan", default=True, show_default=True,

@@ -74,9 +74,12 @@ def reference_cmd(source, output, force, cut_rows, text_file, tokens_file, ctx, 
 @click.option("--json", "json_file", type=click.Path(path_type=Path), default=None,
               help="Also write the report as JSON to this file ('-' for stdout).")
 @click.option("--no-tensors", is_flag=True, help="Skip the tensor-by-tensor comparison.")
+@click.option("--strict-chat-template", is_flag=True,
+              help="Fail on any chat the template renders differently from openai-harmony (by default only on "
+                   "differences the reference's own template does not have).")
 @_input_options
-def verify_cmd(artifact, reference, integrity, max_kld, min_top1, json_file, no_tensors, text_file, tokens_file,
-               ctx, max_chunks, top_k, quiet):
+def verify_cmd(artifact, reference, integrity, max_kld, min_top1, json_file, no_tensors, strict_chat_template,
+               text_file, tokens_file, ctx, max_chunks, top_k, quiet):
     """Verify ARTIFACT (original/, MLX folder, Metal model.bin or GGUF) against a BF16 reference."""
     if integrity:
         _check_integrity(Path(artifact), json_file)
@@ -92,7 +95,8 @@ def verify_cmd(artifact, reference, integrity, max_kld, min_top1, json_file, no_
     report = verify(artifact, reference, inputs,
                     max_kld=DEFAULT_MAX_KLD if max_kld is None else max_kld,
                     min_top1=DEFAULT_MIN_TOP1 if min_top1 is None else min_top1,
-                    check_tensors=not no_tensors, progress=BarProgress(not quiet))
+                    check_tensors=not no_tensors, strict_chat_template=strict_chat_template,
+                    progress=BarProgress(not quiet))
     text = json.dumps(_finite(report), indent=2, default=_jsonable, allow_nan=False)
     if json_file is not None and str(json_file) == "-":
         click.echo(text)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .. import quantize
+from .. import chat, quantize
 from ..atomic import publishing
 from ..errors import InputError, OssConvertError, OutputExistsError, UsageError
 from ..formats.gguf import OUTTYPES
@@ -51,6 +51,8 @@ OPTIONS = {
     "split_max_size": Option("--split-max-size", "GGUF: split into shards of at most this size (e.g. 5G)."),
     "shard_size": Option("--shard-size", "Max size of one safetensors shard (e.g. 5G)."),
     "vocab": Option("--vocab", "Metal: o200k_base.tiktoken vocabulary when there is no tokenizer.json."),
+    "chat_template": Option("--chat-template", "The chat template to embed: keep (the source's own, the default), "
+                                               "harmony (oss-convert's, renders as openai-harmony does) or a .jinja file."),
 }
 
 
@@ -71,17 +73,19 @@ class Target:
 
 
 TARGETS = {t.name: t for t in (
-    Target("mlx", "a folder mlx_lm.load opens (MXFP4 experts)", ("shard_size", "recipe"),
+    Target("mlx", "a folder mlx_lm.load opens (MXFP4 experts)", ("shard_size", "recipe", "chat_template"),
            recipes={name: f"MXFP4 experts, other linear layers affine {bits}-bit (mlx_lm.convert -q --q-bits {bits})"
                     for name, bits in AFFINE_RECIPES.items()}),
     Target("metal", "the gpt-oss Metal model.bin", ("vocab",)),
-    Target("gguf", "a GGUF file llama.cpp runs (MXFP4 experts)", ("outtype", "split_max_size"), outtypes=OUTTYPES),
+    Target("gguf", "a GGUF file llama.cpp runs (MXFP4 experts)", ("outtype", "split_max_size", "chat_template"),
+           outtypes=OUTTYPES),
     Target("hf", "the Hub's MXFP4 transformers root (transformers, vLLM, llama.cpp's and mlx-lm's converters)",
-           ("recipe", "shard_size"), recipes={name: f"MXFP4 scales by {name} rounding (from dense BF16 experts)"
-                                              for name in quantize.RECIPES}, dense_experts=True),
-    Target("hf-bf16", "a transformers folder, every weight BF16", ("shard_size",), dense_experts=True),
+           ("recipe", "shard_size", "chat_template"),
+           recipes={name: f"MXFP4 scales by {name} rounding (from dense BF16 experts)" for name in quantize.RECIPES},
+           dense_experts=True),
+    Target("hf-bf16", "a transformers folder, every weight BF16", ("shard_size", "chat_template"), dense_experts=True),
     Target("original", "OpenAI's original/ layout (experts encoded to MXFP4 from dense BF16)",
-           ("recipe", "shard_size"), recipes={name: f"MXFP4 scales by {name} rounding (from dense BF16 experts)"
+           ("recipe", "shard_size", "chat_template"), recipes={name: f"MXFP4 scales by {name} rounding (from dense BF16 experts)"
                                               for name in quantize.RECIPES}, dense_experts=True),
 )}
 ALL_RECIPES = tuple(dict.fromkeys(r for t in TARGETS.values() for r in t.recipes))
@@ -109,6 +113,8 @@ def check_options(spec: Target, options: dict) -> dict:
                          f"choose one of {list(spec.recipes)}")
     if "outtype" in given and given["outtype"] not in spec.outtypes:
         raise UsageError(f"--outtype {given['outtype']} is not one of {list(spec.outtypes)}")
+    if given.get("chat_template") == "keep":
+        del given["chat_template"]  # the default: the source's own template
     return given
 
 
@@ -148,10 +154,14 @@ def convert(source: str | Path, target_name: str, output: str | Path, *, force: 
             raise InputError(
                 f"the experts are dense BF16; encode them to MXFP4 first: oss-convert convert {source} "
                 f"--to original -o OUT [--recipe ocp|search], then convert OUT --to {spec.name}", file=src.path)
+        # The target is given the template's text, read and parsed before any byte is written;
+        # the manifest records the choice.
+        run_options = {**options, "chat_template": chat.resolve(options["chat_template"])} \
+            if "chat_template" in options else options
         if scan:
             refuse_invalid_values(src, progress)
         try:
-            return _convert_with_manifest(src, spec, output, force, progress, manifest, options)
+            return _convert_with_manifest(src, spec, output, force, progress, manifest, run_options, options)
         except OSError as exc:
             if exc.errno not in _DISK_FULL:
                 raise
@@ -165,8 +175,9 @@ def source_inputs(src: Source, options: dict) -> list[Path]:
     paths = [src.path, Path(src.repo_root), src.config_path, *(f.path for f in src.files)]
     paths += sorted(p for p in Path(src.path).iterdir() if p.is_file())
     paths += [Path(src.repo_root) / name for name in TOKENIZER_FILES]
-    if options.get("vocab") is not None:
-        paths.append(Path(options["vocab"]))
+    for name in ("vocab", "chat_template"):
+        if options.get(name) not in (None, *chat.TEMPLATE_CHOICES):
+            paths.append(Path(options[name]))
     return paths
 
 
@@ -181,7 +192,7 @@ def refuse_invalid_values(src: Source, progress: Progress = SILENT) -> None:
 
 
 def _convert_with_manifest(src: Source, spec: Target, output: Path, force: bool, progress: Progress,
-                           manifest: bool, options: dict) -> Converted:
+                           manifest: bool, options: dict, recorded: dict) -> Converted:
     from ..provenance import file_digest, manifest_hook
 
     source_files = [f.path for f in src.files] + [src.config_path]
@@ -201,7 +212,7 @@ def _convert_with_manifest(src: Source, spec: Target, output: Path, force: bool,
         # Hash the source while converting: both read the same pages, and hashlib drops the GIL.
         source_hashes = pool.submit(hash_source)
         # The manifest is written from the finished temporary files, before they are published.
-        hook = manifest_hook(target=spec.name, options=options, source_path=src.path,
+        hook = manifest_hook(target=spec.name, options=recorded, source_path=src.path,
                              source_hashes=source_hashes.result)
         try:
             with publishing(hook):

@@ -137,7 +137,8 @@ def plan(src: Source, outtype: str = DEFAULT_OUTTYPE) -> list[Planned]:
 
 
 def convert(src: Source, out: Path, *, force: bool = False, progress: Progress = SILENT,
-            outtype: str = DEFAULT_OUTTYPE, split_max_size: str | int | None = None) -> Path:
+            outtype: str = DEFAULT_OUTTYPE, split_max_size: str | int | None = None,
+            chat_template: str | None = None) -> Path:
     """Write ``out`` (a ``.gguf`` file; with splits, ``out``'s stem + ``-0000i-of-0000n.gguf``).
 
     Returns the path llama.cpp should be given: the file, or the first split.
@@ -154,7 +155,7 @@ def convert(src: Source, out: Path, *, force: bool = False, progress: Progress =
     add_general(writer, root)
     add_model_params(writer, src.config, outtypes()[outtype][1])
     writer.add_quantization_version(gguf_py().GGML_QUANT_VERSION)
-    add_tokenizer(writer, root, src.config.vocab_size)
+    add_tokenizer(writer, root, src.config.vocab_size, chat_template)
 
     finals = split_paths(out, len(writer.tensors))
     total = sum(item.tensor.nbytes for item in planned)

@@ -41,7 +41,7 @@ def plan(src: Source, encoder: quantize.ExpertEncoder | None) -> list[Planned]:
 
 
 def convert(src: Source, out: Path, *, force: bool = False, progress: Progress = SILENT, recipe: str = "ocp",
-            shard_size: str | int = HUB_SHARD_BYTES) -> Path:
+            shard_size: str | int = HUB_SHARD_BYTES, chat_template: str | None = None) -> Path:
     """Write the Hub MXFP4 root for ``src`` (``OriginalCheckpoint`` or ``formats.hf.HfCheckpoint``)."""
     if recipe not in quantize.RECIPES:
         raise InputError(f"unknown recipe {recipe!r} for --to hf; choose one of {list(quantize.RECIPES)}")
@@ -56,7 +56,7 @@ def convert(src: Source, out: Path, *, force: bool = False, progress: Progress =
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index))
         (tmp / "config.json").write_text(json.dumps(hub_config(src.config), indent=2, sort_keys=True) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(src.config), indent=2) + "\n")
-        copy_tokenizer_files(Path(src.repo_root), tmp)  # the source's generation_config.json wins
+        copy_tokenizer_files(Path(src.repo_root), tmp, chat_template)  # the source's generation_config.json wins
         summary = encoder.write_report(tmp) if encoder is not None else None
     if summary:
         progress.note(summary)

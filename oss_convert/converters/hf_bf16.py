@@ -66,7 +66,7 @@ def _experts_transposed(src, name: str) -> Callable[[], Iterator[np.ndarray]]:
 
 
 def convert(src: Source, out: Path, *, force: bool = False, progress: Progress = SILENT,
-            shard_size: str | int = DEFAULT_SHARD_SIZE) -> Path:
+            shard_size: str | int = DEFAULT_SHARD_SIZE, chat_template: str | None = None) -> Path:
     """Write the HF BF16 folder for ``src`` (``OriginalCheckpoint`` or ``formats.hf.HfCheckpoint``)."""
     planned = plan(src)
     groups = group_by_size(planned, parse_size(shard_size))
@@ -78,5 +78,5 @@ def convert(src: Source, out: Path, *, force: bool = False, progress: Progress =
             index = {"metadata": {"total_size": total_bytes(planned)}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(hf_config(src.config), indent=2) + "\n")
-        copy_tokenizer_files(Path(src.repo_root), tmp)
+        copy_tokenizer_files(Path(src.repo_root), tmp, chat_template)
     return out

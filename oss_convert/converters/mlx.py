@@ -174,7 +174,8 @@ def _quantized_part(src, name: str, rows: slice | None, part: int, group_size: i
 
 
 def convert(src: Source, out: Path, *, force: bool = False, progress: Progress = SILENT,
-            shard_size: str | int = DEFAULT_SHARD_SIZE, recipe: str | None = None) -> Path:
+            shard_size: str | int = DEFAULT_SHARD_SIZE, recipe: str | None = None,
+            chat_template: str | None = None) -> Path:
     """Write the MLX folder for ``src`` (``OriginalCheckpoint`` or ``formats.hf.HfCheckpoint``)."""
     if recipe is not None and recipe not in AFFINE_RECIPES:
         raise InputError(f"unknown MLX recipe {recipe!r}; choose one of {sorted(AFFINE_RECIPES)}")
@@ -192,5 +193,5 @@ def convert(src: Source, out: Path, *, force: bool = False, progress: Progress =
                  "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=4) + "\n")
         (tmp / "config.json").write_text(json.dumps(mlx_config(src.config, overrides), indent=4) + "\n")
-        copy_tokenizer_files(Path(src.repo_root), tmp)
+        copy_tokenizer_files(Path(src.repo_root), tmp, chat_template)
     return out

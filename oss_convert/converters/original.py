@@ -27,7 +27,7 @@ REPORT_FILE = quantize.REPORT_FILE
 
 
 def convert(src: Source, out: Path, *, force: bool = False, progress: Progress = SILENT, recipe: str = "ocp",
-            shard_size: str | int | None = None) -> Path:
+            shard_size: str | int | None = None, chat_template: str | None = None) -> Path:
     """Write ``out/original/`` from ``src`` (``OriginalCheckpoint`` or ``formats.hf.HfCheckpoint``)."""
     if recipe not in quantize.RECIPES:
         raise InputError(f"unknown recipe {recipe!r} for --to original; choose one of {list(quantize.RECIPES)}")
@@ -45,7 +45,7 @@ def convert(src: Source, out: Path, *, force: bool = False, progress: Progress =
         if len(groups) > 1:
             index = {"metadata": {"total_size": total_bytes(planned)}, "weight_map": weight_map}
             (original / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        copy_tokenizer_files(Path(src.repo_root), tmp)
+        copy_tokenizer_files(Path(src.repo_root), tmp, chat_template)
         summary = encoder.write_report(tmp) if encoder is not None else None
     if summary:
         progress.note(summary)

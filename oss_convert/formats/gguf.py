@@ -275,9 +275,10 @@ def _byte_level_post_processor(doc: dict) -> bool:
     return any(isinstance(p, dict) and p.get("type") == "ByteLevel" for p in processors)
 
 
-def add_tokenizer(writer, root: Path, vocab_size: int) -> None:
+def add_tokenizer(writer, root: Path, vocab_size: int, chat_template: str | None = None) -> None:
     """``_set_vocab_gpt2``: model/pre/tokens/types, then merges, special ids and chat template
-    through gguf-py's ``SpecialVocab`` (the converter's own code path)."""
+    through gguf-py's ``SpecialVocab`` (the converter's own code path); ``chat_template``
+    replaces the source's template."""
     g = gguf_py()
     doc = read_tokenizer_json(root)
     tokens, types = vocab(root, vocab_size, doc)
@@ -292,6 +293,8 @@ def add_tokenizer(writer, root: Path, vocab_size: int) -> None:
     if special.chat_template is None and (root / "chat_template.jinja").is_file():
         # SpecialVocab reads the .jinja only beside a tokenizer_config.json; take it anyway.
         special.chat_template = (root / "chat_template.jinja").read_text(encoding="utf-8")
+    if chat_template is not None:
+        special.chat_template = chat_template
     if _byte_level_post_processor(doc):
         # llama.cpp's own gguf-py (vocab.py, _try_load_from_tokenizer_json) writes add_bos/add_eos
         # false for a ByteLevel post-processor, as gpt-oss's tokenizer.json has; older gguf

@@ -11,6 +11,7 @@ import numpy as np
 from .. import artifacts
 from ..errors import InputError
 from ..progress import SILENT, Progress
+from . import template as chat_template
 from . import text as textmod
 from .metrics import TokenMetrics, compare_block, summarize
 from .reference import DEFAULT_TOP_K, METAL_VOCAB_ROWS, Reference, chunk_tokens, compute_reference, scored_rows
@@ -100,7 +101,7 @@ def score(artifact_model, ref: Reference, progress: Progress = SILENT,
 
 
 def verify(artifact: str | Path, reference: str | Path, inputs: Inputs, *, max_kld: float = DEFAULT_MAX_KLD,
-           min_top1: float = DEFAULT_MIN_TOP1, check_tensors: bool = True,
+           min_top1: float = DEFAULT_MIN_TOP1, check_tensors: bool = True, strict_chat_template: bool = False,
            progress: Progress = SILENT) -> dict:
     """The full report (see ``report.py``) for ``artifact`` against a checkpoint or a ``.npz`` cache."""
     t0 = time.perf_counter()
@@ -118,6 +119,8 @@ def verify(artifact: str | Path, reference: str | Path, inputs: Inputs, *, max_k
         t_art = time.perf_counter()
         tensors = compare_models(ref_model, art) if ref_model is not None else None
         tokenizer = _check_tokenizer(artifact, art, ref)
+        template = chat_template.check(art, textmod.find_tokenizer(artifact, art), _reference_tokenizer(ref),
+                                       strict=strict_chat_template)
         if ref_model is not None:
             ref_model.close()
         timings = {"reference_s": round(t_ref - t0, 3) if ref_model is not None or not _is_cache(reference) else 0.0,
@@ -126,6 +129,7 @@ def verify(artifact: str | Path, reference: str | Path, inputs: Inputs, *, max_k
         return build_report(
             artifact=str(artifact), artifact_kind=artifact_kind, artifact_config=art.config.to_dict(),
             reference=ref, reference_path=str(reference), summary=summary, tensors=tensors, tokenizer=tokenizer,
+            chat_template=template,
             thresholds={"max_kld": max_kld, "min_top1": min_top1}, timings=timings)
     finally:
         art.close()
@@ -152,8 +156,11 @@ def _check_tokenizer(artifact: str | Path, model, ref: Reference) -> dict:
     else:
         ref_vocab = vocabulary.from_tokenizer_json(ref_json.parent)
         problems = vocabulary.compare(ref_vocab, art_vocab, min(model.config.vocab_size, ref.vocab_size))
+        stop_problems, stop_notes = vocabulary.stop_problems(model, art_vocab, found)
         result.update(checked=True, vocabulary=art_vocab.file, reference_tokenizer=str(ref_json),
-                      same_vocabulary=not problems, vocabulary_problems=problems)
+                      same_vocabulary=not problems, vocabulary_problems=problems,
+                      stop_ids=vocabulary.stop_ids(model, art_vocab, found), stop_problems=stop_problems,
+                      stop_notes=stop_notes)
     text = _same_ids(artifact, found, source, ref)
     result.update(text)
     if "same_ids" in text:

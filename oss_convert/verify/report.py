@@ -73,6 +73,7 @@ class Evidence:
     config_diff: list[dict]
     tensors: list | None  # [TensorResult] or None when the reference is a cache
     tokenizer: dict
+    chat_template: dict  # verify.template.check
 
 
 @dataclass
@@ -122,7 +123,7 @@ def check_tokenizer(ev: Evidence) -> Check:
     tok = ev.tokenizer
     if not tok.get("checked"):
         return Check("tokenizer", "not_checked", tok.get("reason", "no tokenizer"))
-    reasons = [f"tokenizer: {p}" for p in tok.get("vocabulary_problems", [])]
+    reasons = [f"tokenizer: {p}" for p in tok.get("vocabulary_problems", []) + tok.get("stop_problems", [])]
     if tok.get("same_ids") is False:
         reasons.append(f"the artifact's tokenizer gives different ids (first mismatch at token {tok.get('first_mismatch')})")
     parts = []
@@ -131,7 +132,40 @@ def check_tokenizer(ev: Evidence) -> Check:
                      else f"{len(tok['vocabulary_problems'])} vocabulary differences")
     if tok.get("same_ids") is not None:
         parts.append("same ids for the text" if tok["same_ids"] else "DIFFERENT ids for the text")
-    return Check("tokenizer", "fail" if reasons else "pass", "; ".join(parts), reasons)
+    if "stop_problems" in tok:
+        parts.append(f"stops on {tok['stop_ids']}" if not tok["stop_problems"] else "WRONG stop ids")
+    notes = [f"tokenizer: {n}" for n in tok.get("stop_notes", [])]
+    return Check("tokenizer", "fail" if reasons else "pass", "; ".join(parts), reasons, notes)
+
+
+def check_chat_template(ev: Evidence) -> Check:
+    t = ev.chat_template
+    if not t.get("checked"):
+        return Check("template", "not_checked", t.get("reason", "no chat template"))
+    if "parse_error" in t:
+        return Check("template", "fail", "does not parse", [f"chat template: {t['parse_error']}"])
+    rows = {r["name"]: r for r in t["conversations"]}
+    failing = list(rows) if t["strict"] else t["regressions"]
+    reasons = [f"chat template ({t['source']}): {_chat_difference(rows[name])}" for name in failing
+               if rows[name]["status"] != "same"]
+    notes = [] if t["strict"] else [f"chat template: {_chat_difference(r)} (as the reference's template)"
+                                    for r in t["conversations"] if r["status"] != "same" and r["name"] not in failing]
+    total = len(rows)
+    summary = f"{t['same']}/{total} chats as openai-harmony renders them"
+    if t["harmony_template"]:
+        summary += " (oss-convert's harmony template)"
+    elif t.get("same_text_as_reference"):
+        summary += "; the reference's own template"
+    elif total - t["same"]:
+        summary += f"; {len(t['regressions'])} differ where the reference's template does not"
+    return Check("template", "fail" if reasons else "pass", summary, reasons, notes)
+
+
+def _chat_difference(row: dict) -> str:
+    if row["status"] == "error":
+        return f"{row['name']!r} does not render: {row['error']}"
+    return (f"{row['name']!r} differs from openai-harmony at token {row['first_difference']}: "
+            f"template {row['template_context']!r}, harmony {row['harmony_context']!r}")
 
 
 def check_kl(ev: Evidence) -> Check:
@@ -150,7 +184,7 @@ def check_top1(ev: Evidence) -> Check:
     return Check("top1", "pass", f"{top1:.2%} >= {bound:.2%}")
 
 
-CHECKS = (check_config, check_tensors, check_tokenizer, check_kl, check_top1)
+CHECKS = (check_config, check_tensors, check_tokenizer, check_chat_template, check_kl, check_top1)
 
 
 def run_checks(ev: Evidence) -> list[Check]:
@@ -158,14 +192,15 @@ def run_checks(ev: Evidence) -> list[Check]:
 
 
 def build_report(*, artifact: str, artifact_kind: str, artifact_config: dict, reference, reference_path: str,
-                 summary: dict, tensors, tokenizer: dict, thresholds: dict, timings: dict) -> dict:
+                 summary: dict, tensors, tokenizer: dict, chat_template: dict, thresholds: dict,
+                 timings: dict) -> dict:
     import mlx.core as mx
 
     from .. import __version__
 
     ref_meta = reference.meta
     config_diff = _config_diff(artifact_config, ref_meta["config"])
-    checks = run_checks(Evidence(summary, thresholds, config_diff, tensors, tokenizer))
+    checks = run_checks(Evidence(summary, thresholds, config_diff, tensors, tokenizer, chat_template))
     reasons = [r for c in checks for r in c.reasons]
     notes = [n for c in checks for n in c.notes]
     ctx = reference.ctx
@@ -187,10 +222,27 @@ def build_report(*, artifact: str, artifact_kind: str, artifact_config: dict, re
         "tensors": _tensor_block(tensors) if tensors is not None else None,
         "config_diff": config_diff,
         "tokenizer": tokenizer,
+        "chat_template": chat_template,
         "checks": [c.to_dict() for c in checks],
         "timings": timings,
         "versions": {"oss_convert": __version__, "mlx": mx.__version__},
     }
+
+
+def _chat_lines(template: dict) -> list[str]:
+    """One line per corpus chat: its verdict against openai-harmony, and where it first differs."""
+    if not template.get("conversations"):
+        return []
+    lines = ["", f"  {'chat (template vs openai-harmony)':<40}{'verdict':<9}{'as ref':<8}first difference"]
+    for row in template["conversations"]:
+        as_ref = {True: "yes", False: "no", None: "-"}[row.get("as_reference")]
+        where = ""
+        if row["status"] == "differs":
+            where = f"token {row['first_difference']}: {row['template_context'][-30:]!r}"
+        elif row["status"] == "error":
+            where = row["error"][:60]
+        lines.append(f"  {row['name'][:39]:<40}{row['status']:<9}{as_ref:<8}{where}")
+    return lines
 
 
 def _config_diff(artifact: dict, reference: dict) -> list[dict]:
@@ -241,6 +293,7 @@ def format_table(report: dict) -> str:
     lines.append("")
     for check in report["checks"]:
         lines.append(f"  {check['name']:<10} {check['status'].replace('_', ' '):<12} {check['summary']}")
+    lines += _chat_lines(report.get("chat_template") or {})
     for note in report["notes"][:10]:
         lines.append(f"  note: {note}")
     lines.append("")

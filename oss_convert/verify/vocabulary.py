@@ -185,14 +185,58 @@ def summary(model, tokenizer_json: Path | None) -> dict:
     names = vocab.specials
     out = {"present": True, "file": vocab.file, "text_tokens": len(vocab.tokens), "specials": len(vocab.specials),
            **{role: ({"id": i, "token": names.get(i)} if i is not None else None) for role, i in vocab.ids.items()},
-           "stop_ids": _stop_ids(model, vocab, tokenizer_json)}
+           "stop_ids": stop_ids(model, vocab, tokenizer_json)}
     template = chat_template(model, tokenizer_json)
     out["chat_template"] = None if template is None else {
         "source": template[0], "sha256": hashlib.sha256(template[1].encode("utf-8")).hexdigest(), "chars": len(template[1])}
     return out
 
 
-def _stop_ids(model, vocab: Vocabulary, tokenizer_json: Path | None) -> list[int]:
+STOP_TEXTS = ("<|return|>", "<|call|>")  # what Harmony stops an assistant turn on
+
+
+def stop_problems(model, vocab: Vocabulary, tokenizer_json: Path | None) -> tuple[list[str], list[str]]:
+    """``(problems, notes)`` of the ids a runtime stops generating on.
+
+    - GGUF: llama.cpp stops on EOS and marks end-of-generation by token text at load; EOS must
+      be ``<|return|>`` (never ``<|end|>``, which ends every message) and ``<|call|>`` must be
+      a control token;
+    - Hugging Face folders: ``generation_config.json``'s ``eos_token_id`` (transformers and
+      mlx-lm stop on that list) must hold ``<|return|>`` and ``<|call|>``;
+    - Metal: the runtime knows its stop tokens; nothing is declared.
+    """
+    from ..formats.gguf import GgufModel
+
+    by_text = {text: i for i, text in vocab.specials.items()}
+    missing = [t for t in STOP_TEXTS if t not in by_text]
+    if missing:
+        return [f"no {' or '.join(missing)} among the special tokens ({vocab.file})"], []
+    if vocab.named_slots_only:
+        return [], []
+    if isinstance(model, GgufModel):
+        eos = vocab.ids.get("eos")
+        if eos is None or vocab.specials.get(eos) != "<|return|>":
+            shown = vocab.specials.get(eos, vocab.tokens.get(eos)) if eos is not None else None
+            return [f"EOS is {shown!r} (id {eos}), not <|return|> (id {by_text['<|return|>']}): generation "
+                    f"would not stop where Harmony does ({vocab.file})"], []
+        return [], []
+    config = tokenizer_json.parent / "generation_config.json" if tokenizer_json is not None else None
+    if config is None or not config.is_file():
+        return [], ["no generation_config.json: transformers and mlx-lm stop only on the tokenizer's EOS, "
+                    "not on <|call|>"]
+    try:
+        eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token_id")
+    except ValueError as exc:
+        raise InputError(f"cannot read the generation config: {exc}", file=config) from exc
+    declared = set(eos if isinstance(eos, list) else [eos])
+    lacking = [f"{t} (id {by_text[t]})" for t in STOP_TEXTS if by_text[t] not in declared]
+    if lacking:
+        return [f"generation_config.json eos_token_id {sorted(declared, key=str)} lacks {', '.join(lacking)}: "
+                f"generation would run past it ({config})"], []
+    return [], []
+
+
+def stop_ids(model, vocab: Vocabulary, tokenizer_json: Path | None) -> list[int]:
     """The ids a runtime stops on: generation_config's eos list (HF folders), or the GGUF's eos/eot."""
     from ..formats.gguf import GgufModel
 

@@ -1,0 +1,64 @@
+"""The chat template an artifact carries, rendered over the corpus and held against Harmony.
+
+Each corpus chat (``chat.CORPUS``) is rendered by the artifact's template as the runtimes
+render it, tokenized with the specials recognised, and compared token by token with
+openai-harmony's rendering of the same conversation. The reference repo's own template is
+rendered too, so the report can tell a difference the conversion introduced (a *regression*:
+the artifact differs from Harmony where the reference's template does not, or renders
+differently from the reference's where neither matches Harmony) from one the official
+template already has (those are reported, conversation by conversation, and fail only with
+``strict``). An artifact with no template is "not checked", never "pass".
+Imports: base and support modules, ``verify.vocabulary``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from .. import chat, harmony
+from ..errors import InputError
+from . import vocabulary
+
+
+def check(model, tokenizer_json: Path | None, reference_tokenizer: Path | None, strict: bool = False) -> dict:
+    found = vocabulary.chat_template(model, tokenizer_json)
+    if found is None:
+        return {"checked": False, "reason": "the artifact carries no chat template"}
+    source, text = found
+    result = {"checked": True, "source": source, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+              "harmony_template": text == chat.HARMONY_TEMPLATE, "strict": strict}
+    try:
+        harmony.encoding()
+        template = chat.compile_template(text, source)
+    except InputError as exc:
+        if "does not parse" not in str(exc):
+            return {"checked": False, "reason": str(exc)}
+        return {**result, "parse_error": str(exc), "conversations": [], "regressions": []}
+    reference = vocabulary.chat_template(None, reference_tokenizer) if reference_tokenizer is not None else None
+    ref_template = None
+    if reference is not None and reference[1] != text:
+        try:
+            ref_template = chat.compile_template(reference[1], reference[0])
+        except InputError:
+            ref_template = None
+    result["reference_source"] = reference[0] if reference is not None else None
+    result["same_text_as_reference"] = reference is not None and reference[1] == text
+    rows, regressions = [], []
+    for item in chat.CORPUS:
+        verdict = chat.compare_chat(template, item)
+        row = verdict.to_dict()
+        if reference is None:
+            row["as_reference"] = None
+        elif ref_template is None:
+            row["as_reference"] = result["same_text_as_reference"]
+        else:
+            ours, theirs = chat.render_tokens(template, item), chat.render_tokens(ref_template, item)
+            row["as_reference"] = ours == theirs
+            ref_status = chat.compare_chat(ref_template, item).status
+            if verdict.status != "same" and (ref_status == "same" or not row["as_reference"]):
+                regressions.append(item["name"])
+        rows.append(row)
+    result.update(conversations=rows, regressions=regressions,
+                  **{status: sum(r["status"] == status for r in rows) for status in ("same", "differs", "error")})
+    return result
