@@ -126,6 +126,8 @@ CORPUS: list[dict] = [
         {"role": "user", "content": "Hello"}]},
     {"name": "function tools", "tools": [WEATHER, SEARCH, CLOCK],
      "messages": [{"role": "user", "content": "Is it raining in Tokyo?"}]},
+    {"name": "tool described over two lines", "tools": [SEARCH],
+     "messages": [{"role": "user", "content": "Find my notes on Rust."}]},
     {"name": "instructions and tools", "tools": [WEATHER], "reasoning_effort": "low", "messages": [
         {"role": "developer", "content": "Use the tools when you need data."},
         {"role": "user", "content": "Weather in Paris?"}]},

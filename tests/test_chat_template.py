@@ -27,7 +27,8 @@ REAL_TEMPLATE_VERDICTS = {
     "reasoning high": None,
     "developer instructions": ".\n\n<|end|>",  # a blank line after the instructions
     "system message as instructions": ".\n\n<|end|>",
-    "function tools": ",\n}) => any;",  # a stray "," after an enum's default comment
+    "function tools": ",\n}) => any;",  # a stray "," after a default's comment
+    "tool described over two lines": ".\nReturns at most",  # the second line left uncommented
     "instructions and tools": ",\n}) => any;",  # (with tools, the blank line after the instructions is right)
     "analysis and final": None,
     "tool call, string arguments": '"{\\"path\\"',  # the arguments string re-quoted by tojson
@@ -208,9 +209,9 @@ def test_verify_reports_the_real_templates_differences_without_failing(tiny_repo
     report = verify(out, repo, FAST, check_tensors=False)
     assert _template_check(report)["status"] == "pass", report["reasons"]
     assert report["chat_template"]["same_text_as_reference"] and report["chat_template"]["regressions"] == []
-    assert sum("(as the reference's template)" in n for n in report["notes"]) == 10
+    assert sum("(as the reference's template)" in n for n in report["notes"]) == 11
     strict = verify(out, repo, FAST, check_tensors=False, strict_chat_template=True)
-    assert _template_check(strict)["status"] == "fail" and len(strict["reasons"]) == 10
+    assert _template_check(strict)["status"] == "fail" and len(strict["reasons"]) == 11
 
 
 def test_verify_says_not_checked_without_a_template(tiny_repo, tmp_path):

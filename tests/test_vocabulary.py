@@ -112,6 +112,7 @@ def test_inspect_shows_the_tokenizer_stop_ids_and_template(tiny_repo, tmp_path):
     assert tok["stop_ids"] == [1004, 1007, 1017]  # generation_config: return, endoftext, call
     template = (tiny_repo / "chat_template.jinja").read_bytes()
     assert tok["chat_template"]["sha256"] == hashlib.sha256(template).hexdigest()
+    assert tok["chat_template"]["harmony_template"] is True  # synthetic repos carry oss-convert's template
     gguf = converters.convert(tiny_repo, "gguf", tmp_path / "m.gguf").output
     tok = json.loads(CliRunner().invoke(cli, ["inspect", str(gguf), "--json"]).stdout)["tokenizer"]
     assert tok["chat_template"]["source"] == "GGUF tokenizer.chat_template"

@@ -22,6 +22,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..chat import HARMONY_TEMPLATE
 from ..errors import InputError
 from ..tokenizer import _byte_to_unicode
 
@@ -188,7 +189,8 @@ def summary(model, tokenizer_json: Path | None) -> dict:
            "stop_ids": stop_ids(model, vocab, tokenizer_json)}
     template = chat_template(model, tokenizer_json)
     out["chat_template"] = None if template is None else {
-        "source": template[0], "sha256": hashlib.sha256(template[1].encode("utf-8")).hexdigest(), "chars": len(template[1])}
+        "source": template[0], "sha256": hashlib.sha256(template[1].encode("utf-8")).hexdigest(), "chars": len(template[1]),
+        "harmony_template": template[1] == HARMONY_TEMPLATE}
     return out
 
 
