@@ -105,13 +105,17 @@ def from_mlx_words(words: np.ndarray) -> np.ndarray:
 # config.json and the index
 
 
-def mlx_config(config: ModelConfig, overrides: dict[str, dict] | None = None) -> dict:
+def mlx_config(config: ModelConfig, overrides: dict[str, dict] | None = None, eos_token_id=None) -> dict:
     """HF ``GptOssForCausalLM`` keys plus the quantization block both old and new mlx-lm accept.
 
     ``quantization`` carries ``mode`` (mlx-lm 0.28 assumes affine without it) and is repeated as
-    ``quantization_config``, as ``mlx_lm.utils.save_config`` writes it.
+    ``quantization_config``, as ``mlx_lm.utils.save_config`` writes it. ``eos_token_id``: the
+    list of a ``generation_config.json`` beside the source, which ``mlx_lm.convert`` (through
+    ``load_config``) writes in place of the config's own.
     """
     doc = hf_config(config)
+    if eos_token_id is not None:
+        doc["eos_token_id"] = eos_token_id
     quantization = dict(MXFP4_QUANTIZATION)
     quantization.update(overrides or {})
     doc["quantization"] = quantization

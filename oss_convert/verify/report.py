@@ -40,9 +40,20 @@ JSON schema (``oss-convert verify --json FILE``; schema ``oss-convert-verify/1``
 ``tokenizer``         {"checked" (bool), "same_vocabulary" (bool: every id's bytes, the specials and BOS/EOS/pad as the
                       reference's tokenizer.json), "vocabulary_problems" (each naming the id and both values),
                       "vocabulary" (the file read), "reference_tokenizer", "same_ids" (bool or null: the artifact's
-                      tokenizer.json gives the reference's ids for its text), "first_mismatch", "tokenizer", "reason"}
+                      tokenizer.json gives the reference's ids for its text), "first_mismatch", "tokenizer", "reason",
+                      "stop_ids" (what a runtime stops on), "stop_problems" (GGUF EOS not <|return|>; generation_config
+                      lacking <|return|> or <|call|>), "stop_notes"}
+``chat_template``     {"checked" (bool; false with a "reason" when the artifact carries no template), "source" (the
+                      file or GGUF key), "sha256", "harmony_template" (bool: oss-convert's template), "strict",
+                      "reference_source", "same_text_as_reference", "parse_error" (when it does not parse),
+                      "conversations": [{"name", "status" ("same"|"differs"|"error": against openai-harmony's rendering),
+                      "tokens" (Harmony's count), "first_difference" (token index), "template_context",
+                      "harmony_context" (the renders around it, split at "⟦"), "error", "as_reference" (bool or null:
+                      the same tokens as the reference's template)}], "regressions" (names: differing from Harmony
+                      where the reference's template does not, or differently from it), "same", "differs", "error"}
 ``checks``            [{"name", "status" ("pass"|"fail"|"not_checked"), "summary"}], one per entry of ``CHECKS``
-                      (config, tensors, tokenizer, kl, top1), in that order; ``reasons`` and ``notes`` are theirs
+                      (config, tensors, tokenizer, template, kl, top1), in that order; ``reasons`` and ``notes`` are
+                      theirs
 ``timings``           seconds: "reference_s", "artifact_s", "tensors_s", "total_s"
 ``versions``          {"oss_convert", "mlx"}
 
@@ -52,7 +63,9 @@ as null.
 Verdict: "fail" if any check fails: the config check (a key other than vocab_size differs), the
 tensors check (a tensor's status is "differs": MXFP4 experts decoding to other values, a BF16 tensor
 not identical, an F16/Q8_0 tensor beyond its rounding bound), the tokenizer check (the artifact's
-tokenizer gives different ids), kl (kld_mean > max_kld), top1 (top1_agreement < min_top1). A new
+tokenizer gives different ids, or stops elsewhere), the template check (a chat the conversion made render
+differently from openai-harmony; any difference with --strict-chat-template; a template that does not
+parse), kl (kld_mean > max_kld), top1 (top1_agreement < min_top1). A new
 check is one function ``Evidence -> Check`` added to ``CHECKS``; the JSON, the table and the verdict
 follow from the list.
 """
