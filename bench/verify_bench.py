@@ -69,17 +69,28 @@ def flops_per_token(config, ctx: int) -> float:
     return 2 * (c.num_hidden_layers * (attention + moe) + H * c.vocab_size) + 2 * scores
 
 
-def decode_rate(config) -> float:
+def decode_rates(config) -> dict[str, float]:
+    """Values/s of ``mxfp4.decode`` on one expert matrix, into a fresh array and into a reused one
+    (as the runner decodes expert after expert), beside ``np.full`` of the same fresh float32
+    array: what merely allocating and writing that much memory costs on this machine."""
     rng = np.random.default_rng(1)
     rows, groups = 2 * config.intermediate_size, config.hidden_size // 32
     blocks = rng.integers(0, 256, (rows, groups, 16), dtype=np.uint8)
     scales = rng.integers(110, 130, (rows, groups), dtype=np.uint8)
-    times = []
-    for _ in range(7):
-        t = time.perf_counter()
-        mxfp4.decode(blocks, scales)
-        times.append(time.perf_counter() - t)
-    return blocks.size * 2 / float(np.median(times))
+    out = np.empty((rows, groups * 32), np.float32)
+    jobs = {"decode, fresh array": lambda: mxfp4.decode(blocks, scales),
+            "decode, out= reused array": lambda: mxfp4.decode(blocks, scales, out=out),
+            "np.full, fresh array (memory bound)": lambda: np.full((rows, groups * 32), 1.0, np.float32)}
+    rates = {}
+    for name, job in jobs.items():
+        job()
+        times = []
+        for _ in range(9):
+            t = time.perf_counter()
+            job()
+            times.append(time.perf_counter() - t)
+        rates[name] = blocks.size * 2 / float(np.median(times))
+    return rates
 
 
 def main() -> None:
@@ -125,8 +136,13 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     for job, wall, n, rss in rows:
         print(f"| {job} | {wall:.1f} | {n / wall:.2f} | {n / wall / bound:.0%} | {rss:.0f} |")
-    print(f"\nmxfp4.decode: {decode_rate(config) / 1e9:.2f} G values/s (one [{2 * config.intermediate_size}, "
-          f"{config.hidden_size}] expert matrix)")
+    rates = decode_rates(config)
+    print(f"\nmxfp4.decode on one [{2 * config.intermediate_size}, {config.hidden_size}] expert matrix:\n")
+    print("| job | G values/s | of np.full |")
+    print("|---|---:|---:|")
+    full = rates["np.full, fresh array (memory bound)"]
+    for name, r in rates.items():
+        print(f"| {name} | {r / 1e9:.2f} | {r / full:.0%} |")
     if not args.skip_bf16:
         out, copy = work / f"{name}-bf16", work / f"{name}-copy"
         for p in (out, copy):

@@ -156,3 +156,19 @@ def test_scale_255_keeps_zeros_and_gives_inf():
     out = mxfp4.decode(blocks, np.full((1, 1), 255, np.uint8))
     assert (out[0, [0, 1, 2, 3]] == 0).all() and np.signbit(out[0, 3])  # 0, 0, 0, -0: never NaN
     assert out[0, 4] == 2.0 ** 127 and out[0, 5] == np.inf and out[0, 7] == -np.inf  # 0.5, 6, -6 times 2**128
+
+
+def test_decode_of_a_large_tensor_across_chunks_and_threads_and_into_out():
+    """Past one cache-sized chunk and the threading threshold: every chunk and thread boundary
+    lands where the definition says, whether into a fresh array or into ``out``."""
+    rng = np.random.default_rng(11)
+    blocks = rng.integers(0, 256, (6, 5463, 16), dtype=np.uint8)  # 32778 blocks, past 1 Mi values: neither chunks nor threads divide it evenly
+    scales = rng.integers(0, 256, (6, 5463), dtype=np.uint8)
+    want = mxfp4.decode_slow(blocks, scales).reshape(6, -1)
+    assert mxfp4.decode(blocks, scales).tobytes() == want.tobytes()
+    out = np.full((6, 5463 * 32), np.nan, np.float32)
+    assert mxfp4.decode(blocks, scales, out=out) is not None and out.tobytes() == want.tobytes()
+    with pytest.raises(ValueError):
+        mxfp4.decode(blocks, scales, out=np.empty((6, 5463 * 32), np.float64))
+    with pytest.raises(ValueError):
+        mxfp4.decode(blocks, scales, out=np.empty((6, 5463 * 64), np.float32)[:, ::2])

@@ -382,15 +382,20 @@ def _rope(x, cos, sin, xp):
 
 
 class _ExpertWeights:
-    """One expert's float32 weight at a time: decoded from MXFP4, or sliced from a dense tensor."""
+    """One expert's float32 weight at a time: decoded from MXFP4 (into one buffer, reused by the
+    next call), or sliced from a dense tensor."""
 
     def __init__(self, model: CanonicalModel, layer: int, which: str):
         self.pair = model.mxfp4(layer, which)
         self.dense = None if self.pair is not None else model.f32(f"block.{layer}.mlp.{which}_weight")
+        self.buffer = None
 
     def __call__(self, expert: int) -> np.ndarray:
         if self.pair is not None:
-            return mxfp4.decode(self.pair.blocks[expert], self.pair.scales[expert])
+            scales = self.pair.scales[expert]
+            if self.buffer is None:
+                self.buffer = np.empty(scales.shape[:-1] + (scales.shape[-1] * mxfp4.BLOCK,), np.float32)
+            return mxfp4.decode(self.pair.blocks[expert], scales, out=self.buffer)
         return np.ascontiguousarray(self.dense[expert], dtype=np.float32)
 
 
