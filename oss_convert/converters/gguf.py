@@ -71,7 +71,8 @@ def _dense(src: Source, name: str, shape: tuple[int, ...], ggml_type, rows: slic
             yield encode(np.ascontiguousarray(piece))
         src.release(name)
 
-    return Planned("", LazyTensor(stored_shape(shape), dtype, chunks), ggml_type)
+    computed = ggml_type != gguf_py().GGMLQuantizationType.BF16
+    return Planned("", LazyTensor(stored_shape(shape), dtype, chunks, computed=computed), ggml_type)
 
 
 def _experts(src: Source, layer: int, which: str, rows: slice) -> LazyTensor:
@@ -86,7 +87,7 @@ def _experts(src: Source, layer: int, which: str, rows: slice) -> LazyTensor:
             yield openai_to_ggml(current.blocks[e, rows], current.scales[e, rows])
             src.release(f"block.{layer}.mlp.{which}_weight")  # keep RSS near one expert
 
-    return LazyTensor((E, R, G * 17), np.uint8, chunks)
+    return LazyTensor((E, R, G * 17), np.uint8, chunks, computed=True)
 
 
 def plan(src: Source, outtype: str = DEFAULT_OUTTYPE) -> list[Planned]:

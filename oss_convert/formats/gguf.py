@@ -171,23 +171,28 @@ class LazyTensor:
     """What ``GGUFWriter.add_tensor`` needs of an array (shape, dtype, nbytes, ``tofile``),
     producing the bytes only when the writer reaches this tensor, a chunk at a time."""
 
-    def __init__(self, shape: tuple[int, ...], dtype, chunks: Callable[[], Iterator[np.ndarray]]):
+    def __init__(self, shape: tuple[int, ...], dtype, chunks: Callable[[], Iterator[np.ndarray]],
+                 computed: bool = False):
         self.shape = tuple(int(s) for s in shape)
+        self.computed = computed  # chunks are new arrays (a repack, a quantization), not views of the source
         self.dtype = np.dtype(dtype)
         self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
         self._chunks = chunks
         self.on_bytes: Callable[[int], None] = lambda n: None
 
     def tofile(self, fh) -> None:
-        """Write the chunks, making the next one (the MXFP4 repack, a copy from the source) while
-        this one is written: numpy and the write both release the GIL, so two cores overlap."""
+        """Write the chunks. Computed ones (the MXFP4 repack, a quantization) are made one ahead
+        while the current one is written: numpy and the write both release the GIL, so two
+        cores overlap. Views of the source are written as they come: making the next one would
+        unmap the pages still being written, which the write then maps again for good."""
         written = 0
         chunks = iter(self._chunks())
         make = lambda: _contiguous(next(chunks, None))  # noqa: E731
         with ThreadPoolExecutor(1, thread_name_prefix="gguf-chunk") as pool:
-            upcoming = pool.submit(make)
-            while (chunk := upcoming.result()) is not None:
-                upcoming = pool.submit(make)
+            upcoming = pool.submit(make) if self.computed else None
+            while (chunk := upcoming.result() if upcoming is not None else make()) is not None:
+                if self.computed:
+                    upcoming = pool.submit(make)
                 fh.write(memoryview(chunk).cast("B"))
                 written += chunk.nbytes
                 self.on_bytes(chunk.nbytes)
