@@ -17,7 +17,7 @@ import click
 from .. import __version__, artifacts, converters, synth
 from ..errors import OssConvertError
 from .common import EXIT_ERROR, EXIT_FAIL, BarProgress
-from .verify import reference_cmd, verify_cmd
+from .verify import compare_cmd, reference_cmd, verify_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -140,6 +140,7 @@ def convert_cmd(source: str, target: str, output: Path, force: bool, quiet: bool
 
 cli.add_command(verify_cmd)
 cli.add_command(reference_cmd)
+cli.add_command(compare_cmd)
 
 
 def _interrupt(signum, frame) -> None:

@@ -69,34 +69,48 @@ def reference_cmd(source, output, force, cut_rows, text_file, tokens_file, ctx, 
               help="The source checkpoint (original/ folder or repo) or a cache from `oss-convert reference`.")
 @click.option("--integrity", is_flag=True,
               help="Only re-hash the artifact against its provenance manifest (fast, no model run).")
-@click.option("--max-kld", type=float, default=None, help="Fail if the mean KL divergence exceeds this (nats). [default: 0.01]")
-@click.option("--min-top1", type=float, default=None, help="Fail if top-1 agreement is below this (0..1). [default: 0.95]")
+@click.option("--max-kld", type=float, default=None, help="Fail if the mean KL divergence exceeds this (nats). [default: 5e-4]")
+@click.option("--min-top1", type=float, default=None, help="Fail if top-1 agreement is below this (0..1). [default: 0.99]")
 @click.option("--json", "json_file", type=click.Path(path_type=Path), default=None,
               help="Also write the report as JSON to this file ('-' for stdout).")
 @click.option("--no-tensors", is_flag=True, help="Skip the tensor-by-tensor comparison.")
+@click.option("--plot", "plot_file", type=click.Path(path_type=Path), default=None,
+              help="Draw mean KL by token position (PNG; needs matplotlib): a rising curve shows RoPE/window mistakes.")
 @click.option("--strict-chat-template", is_flag=True,
               help="Fail on any chat the template renders differently from openai-harmony (by default only on "
                    "differences the reference's own template does not have).")
 @_input_options
-def verify_cmd(artifact, reference, integrity, max_kld, min_top1, json_file, no_tensors, strict_chat_template,
-               text_file, tokens_file, ctx, max_chunks, top_k, quiet):
-    """Verify ARTIFACT (original/, MLX folder, Metal model.bin or GGUF) against a BF16 reference."""
+def verify_cmd(artifact, reference, integrity, max_kld, min_top1, json_file, no_tensors, plot_file,
+               strict_chat_template, text_file, tokens_file, ctx, max_chunks, top_k, quiet):
+    """Verify ARTIFACT (original/, MLX folder, Metal model.bin or GGUF, or a Hub quant named
+    user/repo:Q4_K_M in the local Hugging Face cache) against a BF16 reference."""
     if integrity:
         _check_integrity(Path(artifact), json_file)
         return
     if reference is None:
         raise click.UsageError("--reference is required (or use --integrity)")
     from ..verify.check import DEFAULT_MAX_KLD, DEFAULT_MIN_TOP1, verify
+    from ..verify.compare import resolve
     from ..verify.report import format_table
 
+    artifact = str(resolve(artifact))  # a path, or a Hub quant (user/repo:Q4_K_M) from the local cache
+
     inputs = _inputs(text_file, tokens_file, ctx, max_chunks, top_k)
-    if json_file is not None and str(json_file) != "-":
-        refuse_overlap([json_file], [*artifact_inputs(artifact), *artifact_inputs(reference), text_file, tokens_file])
+    outputs = [p for p in (json_file, plot_file) if p is not None and str(p) != "-"]
+    if outputs:
+        refuse_overlap(outputs, [*artifact_inputs(artifact), *artifact_inputs(reference), text_file, tokens_file])
     report = verify(artifact, reference, inputs,
                     max_kld=DEFAULT_MAX_KLD if max_kld is None else max_kld,
                     min_top1=DEFAULT_MIN_TOP1 if min_top1 is None else min_top1,
                     check_tensors=not no_tensors, strict_chat_template=strict_chat_template,
                     progress=BarProgress(not quiet))
+    if plot_file is not None:
+        from ..verify.compare import plot_positions
+
+        config = report["artifact"]["config"]
+        plot_positions(np.array(report["positions"]["kld_mean"]), report["positions"]["first"],
+                       config["sliding_window"], config["initial_context_length"], plot_file,
+                       f"KL by position: {Path(artifact).name} vs {Path(reference).name}")
     text = json.dumps(_finite(report), indent=2, default=_jsonable, allow_nan=False)
     if json_file is not None and str(json_file) == "-":
         click.echo(text)
@@ -140,7 +154,55 @@ def _finite(value):
     return value
 
 
+def _write_or_echo(target: Path, text: str) -> None:
+    if str(target) == "-":
+        click.echo(text, nl=False)
+    else:
+        Path(target).write_text(text)
+
+
 def _jsonable(value):
     if hasattr(value, "item"):
         return value.item()
     return str(value)
+
+
+@click.command("compare")
+@click.argument("artifacts", nargs=-1, required=True)
+@click.option("--reference", "reference", required=True,
+              help="The source checkpoint (original/ folder or repo) or a cache from `oss-convert reference`.")
+@click.option("--max-kld", type=float, default=None, help="Verdict: fail above this mean KL (nats). [default: 5e-4]")
+@click.option("--min-top1", type=float, default=None, help="Verdict: fail below this top-1 agreement. [default: 0.99]")
+@click.option("--json", "json_file", type=click.Path(path_type=Path), default=None, help="Write the table as JSON ('-': stdout).")
+@click.option("--csv", "csv_file", type=click.Path(path_type=Path), default=None, help="Write the table as CSV ('-': stdout).")
+@click.option("--plot", "plot_file", type=click.Path(path_type=Path), default=None,
+              help="Draw size against mean KL for all artifacts (PNG; needs matplotlib).")
+@_input_options
+def compare_cmd(artifacts, reference, max_kld, min_top1, json_file, csv_file, plot_file, text_file, tokens_file, ctx,
+                max_chunks, top_k, quiet):
+    """Compare several ARTIFACTS (paths, or Hub quants as user/repo:Q4_K_M from the local cache)
+    with one reference: size, bits per weight, perplexity ratio, KL, top-1, verdict, by size.
+
+    Exit 0 when every artifact passes, 1 when one fails."""
+    from ..verify.check import DEFAULT_MAX_KLD, DEFAULT_MIN_TOP1
+    from ..verify.compare import compare, format_table, plot_sizes, to_csv
+
+    inputs = _inputs(text_file, tokens_file, ctx, max_chunks, top_k)
+    outputs = [p for p in (json_file, csv_file, plot_file) if p is not None and str(p) != "-"]
+    if outputs:
+        refuse_overlap(outputs, [*(q for a in artifacts for q in artifact_inputs(a)), *artifact_inputs(reference),
+                                 text_file, tokens_file])
+    result = compare(reference, list(artifacts), inputs,
+                     max_kld=DEFAULT_MAX_KLD if max_kld is None else max_kld,
+                     min_top1=DEFAULT_MIN_TOP1 if min_top1 is None else min_top1, progress=BarProgress(not quiet))
+    written = {json_file: json.dumps(_finite(result), indent=2, default=_jsonable, allow_nan=False) + "\n",
+               csv_file: to_csv(result)}
+    for target, text in written.items():
+        if target is not None:
+            _write_or_echo(target, text)
+    if plot_file is not None:
+        plot_sizes(result, plot_file)
+    if "-" not in (str(json_file), str(csv_file)):  # stdout carries the JSON or CSV alone
+        click.echo(format_table(result))
+    if any(r["verdict"] == "fail" for r in result["rows"]):
+        sys.exit(EXIT_FAIL)

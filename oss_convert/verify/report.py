@@ -28,6 +28,8 @@ JSON schema (``oss-convert verify --json FILE``; schema ``oss-convert-verify/1``
    ``logit_max_abs_diff``, ``logit_mean_abs_diff``
                                  |artifact logit - reference logit| over the reference's top-k ids (logit units)
 ``thresholds``        {"max_kld" (bound on kld_mean), "min_top1" (bound on top1_agreement)}
+``positions``         {"first" (the chunk position of the first scored token, ctx//2+1), "kld_mean" (mean KL at each
+                      scored position over the chunks: a curve rising with position is a RoPE / window mistake)}
 ``tensors``           null when the reference is a cache; else {"compared", "identical", "same_values", "within_bound",
                       "lossy", "differs", "experts_bit_identical" (bool: every MXFP4 expert tensor byte-identical),
                       "experts_lossless" (bool: every MXFP4 expert tensor decodes to the source's values),
@@ -206,7 +208,7 @@ def run_checks(ev: Evidence) -> list[Check]:
 
 def build_report(*, artifact: str, artifact_kind: str, artifact_config: dict, reference, reference_path: str,
                  summary: dict, tensors, tokenizer: dict, chat_template: dict, thresholds: dict,
-                 timings: dict) -> dict:
+                 timings: dict, kld_by_position=None) -> dict:
     import mlx.core as mx
 
     from .. import __version__
@@ -232,6 +234,8 @@ def build_report(*, artifact: str, artifact_kind: str, artifact_config: dict, re
         "vocab": {"artifact_rows": art_rows, "reference_rows": ref_rows, "compared_rows": min(art_rows, ref_rows)},
         "metrics": summary,
         "thresholds": thresholds,
+        "positions": {"first": ctx // 2 + 1,
+                      "kld_mean": [] if kld_by_position is None else [float(v) for v in kld_by_position]},
         "tensors": _tensor_block(tensors) if tensors is not None else None,
         "config_diff": config_diff,
         "tokenizer": tokenizer,
