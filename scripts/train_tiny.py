@@ -10,7 +10,7 @@ module's RMSNorm, rotary tables and swiglu; the MoE evaluates every expert and k
 instead of gathering their weights per token). Before training, it is checked against
 ``Transformer.forward`` on one sequence (float32, max |diff| printed; the run stops above 1e-4).
 
-The shapes follow the real models where it matters: head_dim 64, hidden size (160) unlike the
+The shapes follow the real models where it matters: head_dim 64, hidden size (192) unlike the
 expert size (128), 4 layers alternating sliding (window 32) and full attention, 8 experts with
 top-4 routing, YaRN RoPE with theta 150000 and factor 32 over an initial context of 256, and
 the tiny o200k layout (the first 4096 o200k ranks, then the 21 Harmony specials).
@@ -49,7 +49,9 @@ from oss_convert.shards import Planned, write_shards
 from oss_convert.formats.original import dtypes_json
 from oss_convert.tokenizer import write_tokenizer_files
 
-CONFIG = ModelConfig(num_hidden_layers=4, num_experts=8, experts_per_token=4, vocab_size=4117, hidden_size=160,
+# hidden 192 and every other input width multiples of 64, as in the real models (2880 = 45 x 64),
+# so that the MLX recipes quantize every linear layer (mlx-lm leaves other widths in BF16).
+CONFIG = ModelConfig(num_hidden_layers=4, num_experts=8, experts_per_token=4, vocab_size=4117, hidden_size=192,
                      intermediate_size=128, head_dim=64, num_attention_heads=4, num_key_value_heads=2,
                      sliding_window=32, initial_context_length=256)
 SEQ, BATCH, HELD_OUT = 256, 8, 0.05

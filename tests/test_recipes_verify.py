@@ -25,6 +25,7 @@ from click.testing import CliRunner
 from oss_convert import quantize, synth
 from oss_convert.cli.main import cli
 from oss_convert.formats.original import OriginalCheckpoint
+from oss_convert.verify.check import DEFAULT_MAX_KLD, DEFAULT_MIN_TOP1
 
 pytest.importorskip("mlx.core")
 
@@ -204,7 +205,7 @@ def test_metal_passes_lossless_bounds(metal_repo, tmp_path):
 def test_default_bounds_fail_the_4bit_recipe(artifacts_192, reference_192):
     code, report = verify(artifacts_192["mlx-mxfp4-q4"], reference_192, None)
     assert code == 1 and report["verdict"] == "fail"
-    assert report["thresholds"] == {"max_kld": 0.01, "min_top1": 0.95}
+    assert report["thresholds"] == {"max_kld": DEFAULT_MAX_KLD, "min_top1": DEFAULT_MIN_TOP1}
     assert any(r.startswith("mean KL divergence") for r in report["reasons"])
     assert any(r.startswith("top-1 agreement") for r in report["reasons"])
 

@@ -149,22 +149,27 @@ def _size(n: int) -> str:
 
 
 def plot_sizes(result: dict, path: Path) -> Path:
-    """Size (bits per weight) against mean KL, one labelled point per artifact (PNG)."""
+    """Size (bits per weight) against mean KL, one labelled point per artifact (PNG). Exact
+    artifacts (KL 0) sit on a floor line a decade below the smallest non-zero KL."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for r in result["rows"]:
-        kld = max(r["kld_mean"], 1e-12)
+    rows = result["rows"]
+    nonzero = [r["kld_mean"] for r in rows if r["kld_mean"] > 0]
+    floor = min(nonzero + [result["thresholds"]["max_kld"]]) / 10
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    for i, r in enumerate(rows):
+        kld = max(r["kld_mean"], floor)
         ax.scatter(r["bits_per_weight"], kld, color="tab:green" if r["verdict"] == "pass" else "tab:red", zorder=3)
-        ax.annotate(Path(r["artifact"]).name, (r["bits_per_weight"], kld), textcoords="offset points", xytext=(5, 4),
-                    fontsize=7)
-    ax.axhline(result["thresholds"]["max_kld"], color="grey", linestyle="--", linewidth=1, label="--max-kld")
-    ax.set_xscale("log", base=2)
+        ax.annotate(Path(r["artifact"]).name, (r["bits_per_weight"], kld), textcoords="offset points",
+                    xytext=(6, 8 if i % 2 else -12), fontsize=7)  # alternate sides: neighbours do not overlap
+    ax.axhline(result["thresholds"]["max_kld"], color="grey", linestyle="--", linewidth=1, label="--max-kld gate")
+    ax.axhline(floor, color="lightgrey", linestyle=":", linewidth=1, label="KL 0 (exact)")
     ax.set_yscale("log")
+    ax.margins(x=0.25, y=0.2)
     ax.set_xlabel("bits per weight (file size x 8 / parameters)")
     ax.set_ylabel("mean KL divergence vs reference (nats)")
     ax.set_title("Size against quality (green: pass, red: fail)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="center left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -178,7 +183,12 @@ def plot_positions(kld_by_position: np.ndarray, first_position: int, window: int
     plt = _pyplot()
     positions = np.arange(first_position, first_position + len(kld_by_position))
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    ax.plot(positions, np.maximum(kld_by_position, 1e-12), linewidth=1)
+    values = np.maximum(kld_by_position, 1e-12)
+    ax.plot(positions, values, linewidth=0.8, alpha=0.35, label="each position")
+    span = min(16, len(values))
+    smooth = np.convolve(values, np.ones(span) / span, mode="valid")
+    ax.plot(positions[span - 1:], smooth, linewidth=1.8, label=f"mean of {span} positions")
+    ax.legend(loc="upper left", fontsize=8)
     for x, label in ((window, "sliding window"), (initial_context, "initial context length")):
         if positions[0] <= x <= positions[-1]:
             ax.axvline(x, color="grey", linestyle="--", linewidth=1)
