@@ -90,7 +90,9 @@ def _set_window(repo: Path) -> None:
 
 DEFECTS = {
     "swapped nibbles": lambda r: _patch(r, "block.1.mlp.mlp1_weight.blocks", lambda b: (b << 4) | (b >> 4), expert=2),
-    "zeroed expert": lambda r: _patch(r, "block.2.mlp.mlp2_weight.blocks", np.zeros_like, expert=5),
+    # expert 0 of layer 2 takes its share of tokens; its experts 5-7 are hardly routed to, and zeroing
+    # one of those moves the mean KL by 2e-5 to 1e-4 only (the tensors check still fails it)
+    "zeroed expert": lambda r: _patch(r, "block.2.mlp.mlp2_weight.blocks", np.zeros_like, expert=0),
     "scales +1": lambda r: _patch(r, "block.0.mlp.mlp1_weight.scales", lambda s: s + 1, expert=3),
     "wrong window": _set_window,
     "gate/up swapped": lambda r: [_patch(r, f"block.3.mlp.mlp1_weight.{part}", _swap_gate_up) for part in ("blocks", "scales")],
