@@ -7,8 +7,9 @@ one BF16 reference on the held-out text (512-token chunks, second half scored):
 
 - ours: `--to mlx` (lossless, `--recipe mxfp4-q8`, `--recipe mxfp4-q4`), `--to gguf` (bf16, q8_0),
   and the fine-tune path (`--to hf-bf16`, then `--to original --recipe ocp|search`);
-- llama.cpp: `llama_model_quantize` (through llama-cpp-python) of our BF16 GGUF to MXFP4_MOE,
-  Q8_0 and Q4_K_M;
+- llama.cpp: `llama_model_quantize` (through llama-cpp-python) of our BF16 GGUF (its experts
+  MXFP4, as in every GGUF we write) to MXFP4_MOE, and with `allow_requantize` to Q8_0 and Q4_K_M
+  (the experts requantized from MXFP4);
 - mlx-lm: `mlx_lm.convert -q` (8 and 4 bits) of our `--to hf` folder.
 
 Prints the compare table (markdown) with the tool that made each row; paste it into the
@@ -38,6 +39,9 @@ def llama_quantize(src: Path, out: Path, ftype_name: str) -> Path:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype_name}")
     params.nthread = 2
+    # Our GGUF keeps the experts MXFP4; llama.cpp refuses to requantize them to another type
+    # unless asked (and then leaves a zero-filled file behind on failure).
+    params.allow_requantize = ftype_name != "MXFP4_MOE"
     code = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
     if code != 0:
         raise RuntimeError(f"llama_model_quantize {ftype_name} failed ({code})")

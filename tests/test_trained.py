@@ -43,12 +43,13 @@ def test_the_bundled_model_is_shaped_like_gpt_oss_and_trained():
 
 
 def test_the_runner_reproduces_the_stated_held_out_perplexity():
-    """The training script scored every held-out token once in windows of 256 with OpenAI's model
-    code; our runner scores the second half of 512-token chunks: close, not equal."""
+    """The training script scored every held-out token once in windows of 256 (its training
+    length) with OpenAI's model code; our runner scores the second half of 256-token chunks, each
+    token with more context: a little lower (measured 32.37 against 32.76)."""
     record = json.loads((TRAINED / "training.json").read_text())
-    report = verify(TRAINED, TRAINED, Inputs(text_file=HELDOUT, ctx=512), check_tensors=False)
+    report = verify(TRAINED, TRAINED, Inputs(text_file=HELDOUT, ctx=256), check_tensors=False)
     ppl = report["metrics"]["ppl_ref"]
-    assert 0.7 * record["heldout_ppl_release"] < ppl < 1.3 * record["heldout_ppl_release"], ppl
+    assert 0.95 * record["heldout_ppl_release"] < ppl <= record["heldout_ppl_release"], ppl
 
 
 @pytest.mark.parametrize("target, name", [("mlx", "mlx"), ("gguf", "t.gguf"), ("hf", "hf"), ("original", "orig")])

@@ -155,12 +155,18 @@ def plot_sizes(result: dict, path: Path) -> Path:
     rows = result["rows"]
     nonzero = [r["kld_mean"] for r in rows if r["kld_mean"] > 0]
     floor = min(nonzero + [result["thresholds"]["max_kld"]]) / 10
+    points: dict[tuple, list[dict]] = {}  # artifacts with the same size and KL share one labelled point
+    for r in rows:
+        key = (round(r["bits_per_weight"], 1), round(float(np.log10(max(r["kld_mean"], floor))), 1))
+        points.setdefault(key, []).append(r)
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-    for i, r in enumerate(rows):
+    for i, group in enumerate(points.values()):
+        r = group[0]
         kld = max(r["kld_mean"], floor)
         ax.scatter(r["bits_per_weight"], kld, color="tab:green" if r["verdict"] == "pass" else "tab:red", zorder=3)
-        ax.annotate(Path(r["artifact"]).name, (r["bits_per_weight"], kld), textcoords="offset points",
-                    xytext=(6, 8 if i % 2 else -12), fontsize=7)  # alternate sides: neighbours do not overlap
+        label = "\n".join(Path(g["artifact"]).name for g in group)
+        ax.annotate(label, (r["bits_per_weight"], kld), textcoords="offset points", fontsize=7,
+                    xytext=(6, 6) if i % 2 else (6, -8), va="bottom" if i % 2 else "top")  # alternate sides
     ax.axhline(result["thresholds"]["max_kld"], color="grey", linestyle="--", linewidth=1, label="--max-kld gate")
     ax.axhline(floor, color="lightgrey", linestyle=":", linewidth=1, label="KL 0 (exact)")
     ax.set_yscale("log")
