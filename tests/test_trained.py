@@ -174,3 +174,41 @@ def test_verify_plots_kl_by_position(reference, tmp_path, monkeypatch, capsys):
     code, out, err = run_cli(monkeypatch, capsys, "verify", str(bad), "--reference", str(reference), "--text",
                              str(HELDOUT), "--ctx", "512", "--chunks", "4", "--plot", str(png), "-q")
     assert code == 1 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.oracle
+def test_compare_six_artifacts_from_three_tools(reference, tmp_path):
+    """Ours beside llama.cpp's and mlx-lm's quantizations of the same weights, in one table: where
+    two tools make the same thing they score the same (llama.cpp's MXFP4_MOE is our q8_0 GGUF;
+    mlx_lm.convert -q is our MLX recipe), and llama.cpp's Q8_0 requantizes the experts."""
+    import ctypes
+
+    import llama_cpp
+    from mlx_lm.convert import convert as mlx_lm_convert
+
+    def llama_quantize(src: Path, out: Path, ftype: str) -> Path:
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+        params.allow_requantize = ftype != "MXFP4_MOE"  # our GGUF's experts are MXFP4 already
+        assert llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params)) == 0
+        return out
+
+    c = converters.convert
+    bf16 = c(TRAINED, "gguf", tmp_path / "bf16.gguf").output
+    hf = c(TRAINED, "hf", tmp_path / "hf").output
+    mlx_lm_convert(str(hf), mlx_path=str(tmp_path / "mlx-lm-q8"), quantize=True, q_bits=8)
+    made = {"ours q8_0": c(TRAINED, "gguf", tmp_path / "q8_0.gguf", outtype="q8_0").output,
+            "ours mlx q8": c(TRAINED, "mlx", tmp_path / "mlx-q8", recipe="mxfp4-q8").output,
+            "ours bf16": bf16,
+            "llama.cpp MXFP4_MOE": llama_quantize(bf16, tmp_path / "llama-mxfp4.gguf", "MXFP4_MOE"),
+            "llama.cpp Q8_0": llama_quantize(bf16, tmp_path / "llama-q8_0.gguf", "Q8_0"),
+            "mlx-lm q8": tmp_path / "mlx-lm-q8"}
+    result = compare(reference, [str(p) for p in made.values()], INPUTS)
+    assert len(result["rows"]) == 6
+    row = {name: next(r for r in result["rows"] if r["artifact"] == str(path)) for name, path in made.items()}
+    for a, b in (("ours q8_0", "llama.cpp MXFP4_MOE"), ("ours mlx q8", "mlx-lm q8")):
+        assert row[a]["size_bytes"] == row[b]["size_bytes"]
+        assert row[a]["kld_mean"] == pytest.approx(row[b]["kld_mean"], rel=1e-9), (a, b)
+    assert row["ours bf16"]["kld_mean"] == 0 and row["llama.cpp Q8_0"]["kld_mean"] > row["ours q8_0"]["kld_mean"]
+    assert row["llama.cpp Q8_0"]["size_bytes"] > row["ours q8_0"]["size_bytes"]  # Q8_0 experts: bigger than MXFP4
+    assert all(r["verdict"] == "pass" for r in result["rows"])

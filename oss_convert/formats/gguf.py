@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from .. import hashing
 from ..dtypes import bf16_to_f32
 from ..errors import InputError
 from ..model import ModelConfig, Mxfp4Pair, interleave
@@ -361,6 +362,15 @@ def new_writer(split_max_size: int):
 
         def format_shard_names(self, path: Path) -> list[Path]:
             return list(self.targets)
+
+        def open_output_file(self, path: Path | None = None) -> None:
+            """gguf-py's, with each shard hashed as it is written (for the manifest)."""
+            if self.state is g.WriterState.NO_FILE and path is not None:
+                self.path = path
+                self.fout = [hashing.HashingWriter(name) for name in self.format_shard_names(path)]
+                self.state = g.WriterState.EMPTY
+                return
+            super().open_output_file(path)
 
         def _pack_val(self, val, vtype, add_vtype: bool, sub_type=None) -> bytes:
             packed = _pack_long_array(self, val, vtype, sub_type) if vtype == g.GGUFValueType.ARRAY else None
