@@ -207,7 +207,7 @@ def test_compare_six_artifacts_from_three_tools(reference, tmp_path):
     assert len(result["rows"]) == 6
     row = {name: next(r for r in result["rows"] if r["artifact"] == str(path)) for name, path in made.items()}
     for a, b in (("ours q8_0", "llama.cpp MXFP4_MOE"), ("ours mlx q8", "mlx-lm q8")):
-        assert row[a]["size_bytes"] == row[b]["size_bytes"]
+        assert abs(row[a]["size_bytes"] - row[b]["size_bytes"]) <= 64  # the same tensors; headers may differ
         assert row[a]["kld_mean"] == pytest.approx(row[b]["kld_mean"], rel=1e-9), (a, b)
     assert row["ours bf16"]["kld_mean"] == 0 and row["llama.cpp Q8_0"]["kld_mean"] > row["ours q8_0"]["kld_mean"]
     assert row["llama.cpp Q8_0"]["size_bytes"] > row["ours q8_0"]["size_bytes"]  # Q8_0 experts: bigger than MXFP4
