@@ -210,14 +210,17 @@ def render_tokens(template, chat: dict) -> list[int] | str:
 
 def compare_chat(template, chat: dict, today: str = CHECK_DATE) -> Verdict:
     """One chat rendered by ``template`` and by Harmony, token by token."""
-    want = harmony.render(chat, today)
-    got = render_tokens(template, chat)
+    return judge(chat["name"], render_tokens(template, chat), harmony.render(chat, today))
+
+
+def judge(name: str, got: list[int] | str, want: list[int]) -> Verdict:
+    """A template's render (tokens, or the error that stopped it) against Harmony's tokens."""
     if isinstance(got, str):
-        return Verdict(chat["name"], "error", len(want), error=got)
+        return Verdict(name, "error", len(want), error=got)
     if got == want:
-        return Verdict(chat["name"], "same", len(want))
+        return Verdict(name, "same", len(want))
     at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-    return Verdict(chat["name"], "differs", len(want), at, _context(got, at), _context(want, at))
+    return Verdict(name, "differs", len(want), at, _context(got, at), _context(want, at))
 
 
 def check(text: str, source: str, corpus: list[dict] = CORPUS) -> list[Verdict]:

@@ -111,12 +111,9 @@ def verify_cmd(artifact, reference, integrity, max_kld, min_top1, json_file, no_
         plot_positions(np.array(report["positions"]["kld_mean"]), report["positions"]["first"],
                        config["sliding_window"], config["initial_context_length"], plot_file,
                        f"KL by position: {Path(artifact).name} vs {Path(reference).name}")
-    text = json.dumps(_finite(report), indent=2, default=_jsonable, allow_nan=False)
-    if json_file is not None and str(json_file) == "-":
-        click.echo(text)
-    else:
-        if json_file is not None:
-            Path(json_file).write_text(text + "\n")
+    if json_file is not None:
+        _write_or_echo(json_file, json.dumps(_finite(report), indent=2, default=_jsonable, allow_nan=False) + "\n")
+    if str(json_file) != "-":  # stdout carries the JSON alone
         click.echo(format_table(report))
     if report["verdict"] != "pass":
         sys.exit(EXIT_FAIL)

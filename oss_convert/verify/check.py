@@ -122,9 +122,9 @@ def verify(artifact: str | Path, reference: str | Path, inputs: Inputs, *, max_k
         summary, metrics = score(art, ref, progress)
         t_art = time.perf_counter()
         tensors = compare_models(ref_model, art) if ref_model is not None else None
-        tokenizer = _check_tokenizer(artifact, art, ref)
-        template = chat_template.check(art, textmod.find_tokenizer(artifact, art), _reference_tokenizer(ref),
-                                       strict=strict_chat_template)
+        found, ref_json = textmod.find_tokenizer(artifact, art), _reference_tokenizer(ref)
+        tokenizer = _check_tokenizer(art, found, ref_json, ref)
+        template = chat_template.check(art, found, ref_json, strict=strict_chat_template)
         if ref_model is not None:
             ref_model.close()
         timings = {"reference_s": round(t_ref - t0, 3) if ref_model is not None or not _is_cache(reference) else 0.0,
@@ -149,15 +149,14 @@ def _is_cache(reference: str | Path) -> bool:
     return p.is_file() and p.suffix == ".npz"
 
 
-def _check_tokenizer(artifact: str | Path, model, ref: Reference) -> dict:
-    """The artifact's vocabulary (every id's bytes, the specials, BOS/EOS/pad) against the
-    reference repo's ``tokenizer.json``, and its tokenizer's ids for the reference's text."""
+def _check_tokenizer(model, found: Path | None, ref_json: Path | None, ref: Reference) -> dict:
+    """The artifact's vocabulary (every id's bytes, the specials, BOS/EOS/pad; its tokenizer.json
+    is ``found``) against the reference repo's ``ref_json``, and its tokenizer's ids for the
+    reference's text."""
     from . import vocabulary
 
     result: dict = {"checked": False}
     source = ref.meta.get("input", {})
-    ref_json = _reference_tokenizer(ref)
-    found = textmod.find_tokenizer(artifact, model)
     art_vocab = vocabulary.of_artifact(model, found)
     if ref_json is None or art_vocab is None:
         result["reason"] = ("no tokenizer.json beside the reference" if ref_json is None
@@ -170,7 +169,7 @@ def _check_tokenizer(artifact: str | Path, model, ref: Reference) -> dict:
                       same_vocabulary=not problems, vocabulary_problems=problems,
                       stop_ids=vocabulary.stop_ids(model, art_vocab, found), stop_problems=stop_problems,
                       stop_notes=stop_notes)
-    text = _same_ids(artifact, found, source, ref)
+    text = _same_ids(found, source, ref)
     result.update(text)
     if "same_ids" in text:
         result["checked"] = True
@@ -186,7 +185,7 @@ def _reference_tokenizer(ref: Reference) -> Path | None:
     return textmod.find_tokenizer(source) if source and Path(source).exists() else None
 
 
-def _same_ids(artifact: str | Path, found: Path | None, source: dict, ref: Reference) -> dict:
+def _same_ids(found: Path | None, source: dict, ref: Reference) -> dict:
     """Does the artifact's own tokenizer.json give the reference's token ids for the same text?"""
     if found is None or source.get("kind") != "text":
         return {}

@@ -23,8 +23,10 @@ from .. import artifacts
 from ..errors import InputError
 from ..model import expected_tensors
 from ..progress import SILENT, Progress
+from ..provenance import artifact_files
 from .check import DEFAULT_MAX_KLD, DEFAULT_MIN_TOP1, Inputs, _is_cache, kld_by_position, make_reference, score
 from .reference import METAL_VOCAB_ROWS, Reference
+from .report import Evidence, check_kl, check_top1
 
 COLUMNS = ("artifact", "kind", "size_bytes", "bits_per_weight", "ppl_ratio", "kld_mean", "kld_p99", "top1_agreement",
            "verdict")
@@ -58,12 +60,10 @@ def resolve(name: str) -> Path:
 
 def size_on_disk(path: Path) -> int:
     """The bytes a runtime loads: the file (every shard of a split GGUF), or a folder's weights."""
+    files = artifact_files(path).values()
     if path.is_dir():
-        return sum(f.stat().st_size for f in path.rglob("*") if f.suffix in (".safetensors", ".bin", ".gguf"))
-    split = re.match(r"^(?P<stem>.+)-\d{5}-of-(?P<n>\d{5})\.gguf$", path.name)
-    if split:
-        return sum(p.stat().st_size for p in path.parent.glob(f"{split['stem']}-*-of-{split['n']}.gguf"))
-    return path.stat().st_size
+        files = [f for f in files if f.suffix in (".safetensors", ".bin", ".gguf")]
+    return sum(f.stat().st_size for f in files)
 
 
 def parameter_count(config) -> int:
@@ -77,39 +77,40 @@ def compare(reference: str | Path, names: list[str], inputs: Inputs, *, max_kld:
     for name, path in zip(names, paths):
         if not path.exists():
             raise InputError(f"{name}: no such artifact", file=path)
-    if _is_cache(reference):
-        ref = Reference.load(reference)
-    else:
-        cut = sorted({METAL_VOCAB_ROWS} | {_vocab_rows(p) for p in paths})
-        ref = make_reference(reference, inputs, progress, cut_rows=tuple(cut))
-    params = parameter_count(_config_of(ref))
-    rows = []
-    for name, path in zip(names, paths):
-        model = artifacts.open_canonical(path)
-        try:
-            summary, metrics = score(model, ref, progress)
-        finally:
+    models = []  # each artifact opened once: its vocabulary size shapes the reference, then it is scored
+    try:
+        for path in paths:
+            models.append(artifacts.open_canonical(path))
+        if _is_cache(reference):
+            ref = Reference.load(reference)
+        else:
+            cut = sorted({METAL_VOCAB_ROWS} | {m.config.vocab_size for m in models})
+            ref = make_reference(reference, inputs, progress, cut_rows=tuple(cut))
+        params = parameter_count(_config_of(ref))
+        thresholds = {"max_kld": max_kld, "min_top1": min_top1}
+        rows = [_row(name, path, model, ref, params, thresholds, progress)
+                for name, path, model in zip(names, paths, models)]
+    finally:
+        for model in models:
             model.close()
-        size = size_on_disk(path)
-        passed = summary["kld_mean"] <= max_kld and summary["top1_agreement"] >= min_top1
-        rows.append({"artifact": name, "path": str(path), "kind": artifacts.detect(path), "size_bytes": size,
-                     "bits_per_weight": size * 8 / params, "ppl": summary["ppl"], "ppl_ref": summary["ppl_ref"],
-                     "ppl_ratio": summary["ppl_ratio"], "kld_mean": summary["kld_mean"], "kld_p99": summary["kld_p99"],
-                     "top1_agreement": summary["top1_agreement"], "verdict": "pass" if passed else "fail",
-                     "kld_by_position": kld_by_position(metrics.kld, ref.ctx).tolist()})
     rows.sort(key=lambda r: (r["size_bytes"], r["artifact"]))
     return {"schema": "oss-convert-compare/1", "reference": str(reference), "parameters": params,
-            "thresholds": {"max_kld": max_kld, "min_top1": min_top1},
+            "thresholds": thresholds,
             "input": {**ref.meta.get("input", {}), "ctx": ref.ctx, "chunks": int(ref.tokens.shape[0])},
             "first_scored_position": ref.ctx // 2 + 1, "rows": rows}
 
 
-def _vocab_rows(path: Path) -> int:
-    model = artifacts.open_canonical(path)
-    try:
-        return model.config.vocab_size
-    finally:
-        model.close()
+def _row(name: str, path: Path, model, ref: Reference, params: int, thresholds: dict, progress: Progress) -> dict:
+    """One artifact scored on the reference's tokens; the verdict is verify's own KL and top-1 checks."""
+    summary, metrics = score(model, ref, progress)
+    evidence = Evidence(summary, thresholds, config_diff=[], tensors=None, tokenizer={}, chat_template={})
+    passed = check_kl(evidence).status == "pass" and check_top1(evidence).status == "pass"
+    size = size_on_disk(path)
+    return {"artifact": name, "path": str(path), "kind": artifacts.detect(path), "size_bytes": size,
+            "bits_per_weight": size * 8 / params, "ppl": summary["ppl"], "ppl_ref": summary["ppl_ref"],
+            "ppl_ratio": summary["ppl_ratio"], "kld_mean": summary["kld_mean"], "kld_p99": summary["kld_p99"],
+            "top1_agreement": summary["top1_agreement"], "verdict": "pass" if passed else "fail",
+            "kld_by_position": kld_by_position(metrics.kld, ref.ctx).tolist()}
 
 
 def _config_of(ref: Reference):

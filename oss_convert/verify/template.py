@@ -30,10 +30,11 @@ def check(model, tokenizer_json: Path | None, reference_tokenizer: Path | None, 
               "harmony_template": text == chat.HARMONY_TEMPLATE, "strict": strict}
     try:
         harmony.encoding()
+    except InputError as exc:  # openai-harmony or its vocabulary missing
+        return {"checked": False, "reason": str(exc)}
+    try:
         template = chat.compile_template(text, source)
     except InputError as exc:
-        if "does not parse" not in str(exc):
-            return {"checked": False, "reason": str(exc)}
         return {**result, "parse_error": str(exc), "conversations": [], "regressions": []}
     reference = vocabulary.chat_template(None, reference_tokenizer) if reference_tokenizer is not None else None
     ref_template = None
@@ -45,18 +46,19 @@ def check(model, tokenizer_json: Path | None, reference_tokenizer: Path | None, 
     result["reference_source"] = reference[0] if reference is not None else None
     result["same_text_as_reference"] = reference is not None and reference[1] == text
     rows, regressions = [], []
-    for item in chat.CORPUS:
-        verdict = chat.compare_chat(template, item)
+    for item in chat.CORPUS:  # each side rendered once
+        want = harmony.render(item, chat.CHECK_DATE)
+        ours = chat.render_tokens(template, item)
+        verdict = chat.judge(item["name"], ours, want)
         row = verdict.to_dict()
         if reference is None:
             row["as_reference"] = None
         elif ref_template is None:
             row["as_reference"] = result["same_text_as_reference"]
         else:
-            ours, theirs = chat.render_tokens(template, item), chat.render_tokens(ref_template, item)
+            theirs = chat.render_tokens(ref_template, item)
             row["as_reference"] = ours == theirs
-            ref_status = chat.compare_chat(ref_template, item).status
-            if verdict.status != "same" and (ref_status == "same" or not row["as_reference"]):
+            if verdict.status != "same" and (theirs == want or not row["as_reference"]):
                 regressions.append(item["name"])
         rows.append(row)
     result.update(conversations=rows, regressions=regressions,
