@@ -19,15 +19,15 @@ from typing import Iterator
 import numpy as np
 
 from .atomic import atomic_output
+from .chat import HARMONY_TEMPLATE
 from .dtypes import f32_to_bf16
 from .formats import mxfp4
+from .formats.hf import generation_config
 from .formats.original import dtypes_json
 from .guard import refuse_stranger
 from .model import ModelConfig, TensorSpec, expected_tensors
 from .progress import SILENT, Progress
 from .shards import Planned, shard_names, total_bytes, write_shards
-from .chat import HARMONY_TEMPLATE
-from .formats.hf import generation_config
 from .tokenizer import write_tokenizer_files
 
 PRESETS: dict[str, ModelConfig] = {
@@ -139,9 +139,15 @@ def generate(out: str | Path, config: ModelConfig | str = "tiny", *, seed: int =
             index = {"metadata": {"total_size": total_bytes(planned)}, "weight_map": weight_map}
             (original / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         if tokenizer:
-            write_tokenizer_files(tmp, config.vocab_size, HARMONY_TEMPLATE)  # a real-style template
-            (tmp / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")
+            write_root_files(tmp, config)
     return out
+
+
+def write_root_files(root: Path, config: ModelConfig) -> None:
+    """The files beside ``original/`` in the real repos: the tokenizer files, a real-style chat
+    template (oss-convert's Harmony one) and the Hub's ``generation_config.json``."""
+    write_tokenizer_files(root, config.vocab_size, HARMONY_TEMPLATE)
+    (root / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")
 
 
 def preset_with(name: str, **overrides) -> ModelConfig:

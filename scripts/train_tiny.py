@@ -40,14 +40,11 @@ import torch
 
 from gpt_oss.torch import model as oai
 
-from oss_convert import converters
-from oss_convert.chat import HARMONY_TEMPLATE
+from oss_convert import converters, synth
 from oss_convert.dtypes import f32_to_bf16
-from oss_convert.formats.hf import generation_config
 from oss_convert.model import ModelConfig, expected_tensors
 from oss_convert.shards import Planned, write_shards
 from oss_convert.formats.original import dtypes_json
-from oss_convert.tokenizer import write_tokenizer_files
 
 # hidden 192 and every other input width multiples of 64, as in the real models (2880 = 45 x 64),
 # so that the MLX recipes quantize every linear layer (mlx-lm leaves other widths in BF16).
@@ -186,8 +183,7 @@ def write_bf16_release(model: oai.Transformer, root: Path) -> None:
     (original / "config.json").write_text(CONFIG.to_json())
     (original / "dtypes.json").write_text(dtypes_json(CONFIG))
     write_shards(original, [planned], ["model.safetensors"], {"format": "pt"})
-    write_tokenizer_files(root, CONFIG.vocab_size, HARMONY_TEMPLATE)
-    (root / "generation_config.json").write_text(json.dumps(generation_config(CONFIG), indent=2) + "\n")
+    synth.write_root_files(root, CONFIG)
 
 
 def main() -> None:
@@ -201,7 +197,7 @@ def main() -> None:
     text = args.text.read_text(encoding="utf-8") if args.text else kjv_text()
 
     work = Path(tempfile.mkdtemp(prefix="train-tiny-"))
-    write_tokenizer_files(work, CONFIG.vocab_size, HARMONY_TEMPLATE)
+    synth.write_root_files(work, CONFIG)
     from tokenizers import Tokenizer
 
     ids = np.array(Tokenizer.from_file(str(work / "tokenizer.json")).encode(text, add_special_tokens=False).ids,

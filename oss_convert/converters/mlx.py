@@ -27,7 +27,7 @@ import numpy as np
 
 from ..atomic import atomic_output
 from ..errors import InputError
-from ..formats.hf import qkv_split
+from ..formats.hf import generation_eos, qkv_split
 from ..formats.mlx import (AFFINE_GROUP_SIZE, AFFINE_RECIPES, ROUTER_QUANTIZATION, as_mlx_words,
                            missing_tokenizer_warning, mlx_config, mlx_names, total_parameters)
 from ..model import Source, TensorSpec, expected_tensors, gate_up_rows, iter_chunks
@@ -192,18 +192,9 @@ def convert(src: Source, out: Path, *, force: bool = False, progress: Progress =
                               "total_parameters": total_parameters([p.spec for p in planned])},
                  "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=4) + "\n")
-        config = mlx_config(src.config, overrides, _generation_eos(src))
+        # mlx_lm.utils.load_config takes generation_config.json's list when it has one
+        config = mlx_config(src.config, overrides, generation_eos(Path(src.repo_root)) or None)
         (tmp / "config.json").write_text(json.dumps(config, indent=4) + "\n")
         copy_tokenizer_files(Path(src.repo_root), tmp, chat_template)
     return out
 
-
-def _generation_eos(src: Source):
-    """``eos_token_id`` of the source's ``generation_config.json``, as ``mlx_lm.utils.load_config`` reads it."""
-    path = Path(src.repo_root) / "generation_config.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8")).get("eos_token_id") or None
-    except ValueError as exc:
-        raise InputError(f"cannot read the generation config: {exc}", file=path) from exc

@@ -187,22 +187,28 @@ class LazyTensor:
         cores overlap. Views of the source are written as they come: making the next one would
         unmap the pages still being written, which the write then maps again for good."""
         written = 0
-        chunks = iter(self._chunks())
-        make = lambda: _contiguous(next(chunks, None))  # noqa: E731
-        with ThreadPoolExecutor(1, thread_name_prefix="gguf-chunk") as pool:
-            upcoming = pool.submit(make) if self.computed else None
-            while (chunk := upcoming.result() if upcoming is not None else make()) is not None:
-                if self.computed:
-                    upcoming = pool.submit(make)
-                fh.write(memoryview(chunk).cast("B"))
-                written += chunk.nbytes
-                self.on_bytes(chunk.nbytes)
+        for chunk in (_one_ahead(self._chunks()) if self.computed else self._chunks()):
+            chunk = np.ascontiguousarray(chunk)
+            fh.write(memoryview(chunk).cast("B"))
+            written += chunk.nbytes
+            self.on_bytes(chunk.nbytes)
         if written != self.nbytes:
             raise AssertionError(f"produced {written} bytes, planned {self.nbytes}")
 
 
-def _contiguous(chunk):
-    return None if chunk is None else np.ascontiguousarray(chunk)
+def _one_ahead(chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    """The same chunks, each next one made on a worker thread while the caller uses this one."""
+    chunks = iter(chunks)
+
+    def make() -> np.ndarray | None:
+        chunk = next(chunks, None)
+        return None if chunk is None else np.ascontiguousarray(chunk)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="gguf-chunk") as pool:
+        upcoming = pool.submit(make)
+        while (chunk := upcoming.result()) is not None:
+            upcoming = pool.submit(make)
+            yield chunk
 
 
 # --------------------------------------------------------------------------------------

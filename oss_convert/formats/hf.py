@@ -132,6 +132,18 @@ def generation_config(config: ModelConfig) -> dict:
             "pad_token_id": ids["<|endoftext|>"]}
 
 
+def generation_eos(folder: Path):
+    """``eos_token_id`` (an id or a list) of ``folder/generation_config.json``; None when the
+    file or the key is missing. A file that is not JSON is an ``InputError`` naming it."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    except (ValueError, AttributeError) as exc:
+        raise InputError(f"cannot read the generation config: {exc}", file=path) from exc
+
+
 def qkv_split(config: ModelConfig) -> list[int]:
     """Row counts of q, k and v inside the fused ``attn.qkv`` (reference row order)."""
     d = config.head_dim

@@ -24,6 +24,8 @@ from pathlib import Path
 
 from ..chat import HARMONY_TEMPLATE
 from ..errors import InputError
+from ..formats.hf import generation_eos
+from ..harmony import STOP_TEXTS
 from ..tokenizer import _byte_to_unicode
 
 ROLES = ("bos", "eos", "pad")
@@ -194,9 +196,6 @@ def summary(model, tokenizer_json: Path | None) -> dict:
     return out
 
 
-STOP_TEXTS = ("<|return|>", "<|call|>")  # what Harmony stops an assistant turn on
-
-
 def stop_problems(model, vocab: Vocabulary, tokenizer_json: Path | None) -> tuple[list[str], list[str]]:
     """``(problems, notes)`` of the ids a runtime stops generating on.
 
@@ -226,10 +225,7 @@ def stop_problems(model, vocab: Vocabulary, tokenizer_json: Path | None) -> tupl
     if config is None or not config.is_file():
         return [], ["no generation_config.json: transformers and mlx-lm stop only on the tokenizer's EOS, "
                     "not on <|call|>"]
-    try:
-        eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token_id")
-    except ValueError as exc:
-        raise InputError(f"cannot read the generation config: {exc}", file=config) from exc
+    eos = generation_eos(config.parent)
     declared = set(eos if isinstance(eos, list) else [eos])
     lacking = [f"{t} (id {by_text[t]})" for t in STOP_TEXTS if by_text[t] not in declared]
     if lacking:
@@ -246,6 +242,6 @@ def stop_ids(model, vocab: Vocabulary, tokenizer_json: Path | None) -> list[int]
         ids = [model.value(f"tokenizer.ggml.{k}") for k in ("eos_token_id", "eot_token_id", "eom_token_id")]
         return sorted({int(i) for i in ids if i is not None})
     if tokenizer_json is not None and (tokenizer_json.parent / "generation_config.json").is_file():
-        eos = json.loads((tokenizer_json.parent / "generation_config.json").read_text()).get("eos_token_id")
+        eos = generation_eos(tokenizer_json.parent)
         return sorted(eos if isinstance(eos, list) else [eos]) if eos is not None else []
     return [vocab.ids["eos"]] if vocab.ids.get("eos") is not None else []
