@@ -29,6 +29,23 @@ COLD = False
 def drop_caches() -> None:
     subprocess.run(["sync"], check=True)
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    wait_for_idle_disk()
+
+
+def disk_busy_ms() -> int:
+    """Milliseconds every block device has spent doing I/O (``/proc/diskstats`` field 13)."""
+    lines = Path("/proc/diskstats").read_text().split("\n")
+    return sum(int(f[12]) for f in (line.split() for line in lines) if len(f) > 12 and not f[2].startswith("loop"))
+
+
+def wait_for_idle_disk(timeout: float = 120) -> None:
+    """Start a job only once the disk is idle: on a file system mounted with ``discard`` the
+    previous job's ``rm`` keeps it busy for seconds after it returns, which the next job pays."""
+    quiet, deadline = 0, time.time() + timeout
+    while quiet < 3 and time.time() < deadline:
+        before = disk_busy_ms()
+        time.sleep(1)
+        quiet = quiet + 1 if disk_busy_ms() - before < 30 else 0
 
 
 def timed(cmd: list[str]) -> tuple[float, float]:

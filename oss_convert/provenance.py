@@ -17,12 +17,11 @@ The manifest exists before the artifact becomes visible: ``manifest_hook`` is ha
 before they are published (inside the folder, or beside the file under a temporary name that
 is published first). ``check_manifest`` recomputes the output hashes (no model run) and lists
 every difference.
-File hashing streams in 8 MiB reads, so memory stays flat for 65 GB artifacts.
+File hashing maps 64 MiB at a time (``hashing.file_sha256``), so memory stays flat for 65 GB artifacts.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import uuid
@@ -34,7 +33,6 @@ from .errors import InputError
 
 SCHEMA = "oss-convert-manifest/1"
 FOLDER_MANIFEST = "oss-convert-manifest.json"
-READ_BYTES = 8 << 20
 _SPLIT = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")  # llama.cpp's split names
 
 
@@ -48,13 +46,7 @@ def file_digest(path: Path, progress: Callable[[int], None] | None = None) -> di
     known = hashing.written(path)
     if known is not None and known[:2] == (stat.st_size, stat.st_mtime_ns):
         return {"size": stat.st_size, "sha256": known[2]}  # hashed while it was written
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(READ_BYTES):
-            digest.update(chunk)
-            if progress:
-                progress(len(chunk))
-    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"size": stat.st_size, "sha256": hashing.file_sha256(path, progress)}
 
 
 def folder_files(folder: Path) -> dict[str, Path]:

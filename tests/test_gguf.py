@@ -454,7 +454,8 @@ def test_llama_cpp_loads_splits_and_tokenizes_like_tokenizer_json(tiny_repo, tin
 
 def test_fast_repack_equals_the_nibble_by_nibble_definition():
     rng = np.random.default_rng(5)
-    for shape in [(1, 1, 16), (3, 7, 16), (2, 5, 4, 16)]:
+    # The last two span several cache-sized passes, the last one short (REPACK_BLOCKS // 90 rows each).
+    for shape in [(1, 1, 16), (3, 7, 16), (2, 5, 4, 16), (2, 401, 90, 16), (3, 9000, 2, 16)]:
         blocks = rng.integers(0, 256, shape, dtype=np.uint8)
         scales = rng.integers(0, 256, shape[:-1], dtype=np.uint8)
         want = gguf_format._openai_to_ggml_by_nibble(blocks, scales)

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from oss_convert import synth
+from oss_convert.dtypes import SCAN_ELEMENTS, count_bf16_nonfinite
 from oss_convert.errors import InputError
+from oss_convert.formats import mxfp4
 from oss_convert.formats.original import OriginalCheckpoint, resolve
 from oss_convert.model import ModelConfig, expected_tensors
 from oss_convert.formats.safetensors import SafetensorsFile
@@ -164,6 +166,26 @@ def test_scan_finds_nan_and_scale_255(repo_copy):
         problems = ckpt.scan()
     assert any("'embedding.weight'" in p and "1 NaN/Inf" in p for p in problems)
     assert any(scale_name in p and "255" in p for p in problems)
+
+
+def test_scan_counters_agree_with_numpy_on_every_bit_pattern():
+    """The fast counters (a mask and a max per pass) against numpy's own isfinite / equality."""
+    every = np.arange(1 << 16, dtype=np.uint16)
+    as_f32 = (every.astype(np.uint32) << 16).view(np.float32)  # BF16 is float32's top half
+    assert count_bf16_nonfinite(every) == np.count_nonzero(~np.isfinite(as_f32)) == 2 * 128
+    rng = np.random.default_rng(3)
+    finite = rng.integers(0, 1 << 16, 3 * SCAN_ELEMENTS + 17, dtype=np.uint16)
+    finite[~np.isfinite((finite.astype(np.uint32) << 16).view(np.float32))] = 0
+    assert count_bf16_nonfinite(finite) == 0
+    for at in (0, SCAN_ELEMENTS - 1, SCAN_ELEMENTS, finite.size - 1):  # the first, a pass's edges, the last
+        planted = finite.copy()
+        planted[at] = 0xFF80  # -Inf
+        assert count_bf16_nonfinite(planted.reshape(-1, 1)) == 1
+    assert count_bf16_nonfinite(np.array([0x7F7F, 0xFF7F], np.uint16)) == 0  # the largest finite values
+    scales = np.full(1000, 254, np.uint8)
+    assert mxfp4.count_nan_scales(scales) == 0 and mxfp4.count_nan_scales(scales[:0]) == 0
+    scales[[3, 999]] = 255
+    assert mxfp4.count_nan_scales(scales) == 2
 
 
 def test_real_config_serialises_like_the_hub_file():

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from oss_convert import hashing
 from oss_convert.atomic import atomic_output
 from oss_convert.errors import InputError, OutputExistsError
 from oss_convert.formats.safetensors import SafetensorsFile
@@ -167,6 +168,37 @@ def test_fuzz_safetensors_header_parser(tmp_path, blob):
     for name in f.entries:  # whatever parses must be readable within the file
         f.array(name)
     f.close()
+
+
+@pytest.mark.parametrize("size", [0, 1, 4 * 4096, 5 * 4096 + 3])
+def test_file_hashing_in_steps_equals_hashlib(size, tmp_path, monkeypatch):
+    """Steps of two pages, so the files end on, before and past a step's edge."""
+    import mmap
+
+    monkeypatch.setattr(hashing, "READ_BYTES", 2 * mmap.PAGESIZE)
+    data = os.urandom(size)
+    (tmp_path / "f").write_bytes(data)
+    steps = []
+    assert hashing.file_sha256(tmp_path / "f", steps.append) == hashlib.sha256(data).hexdigest()
+    assert sum(steps) == size and all(n <= 2 * mmap.PAGESIZE for n in steps)
+
+
+def test_output_hashed_while_written_equals_hashlib(tmp_path, monkeypatch):
+    """Large writes are hashed on a second thread, small ones in line, in order either way; the
+    write-behind (start write-back, drop from the cache) runs often here and changes no byte."""
+    monkeypatch.setattr(hashing, "WRITE_BEHIND_BYTES", 1 << 20)
+    monkeypatch.setattr(hashing, "DROP_BEHIND_BYTES", 2 << 20)
+    pieces = [os.urandom(n) for n in (10, 3 << 20, 5, 1 << 20, (1 << 20) - 1, 7 << 20, 0, 2)]
+    path = tmp_path / "out"
+    writer = hashing.HashingWriter(path)
+    for piece in pieces:
+        writer.write(piece)
+    writer.close()
+    whole = b"".join(pieces)
+    assert path.read_bytes() == whole
+    size, _, digest = hashing.written(path)
+    assert (size, digest) == (len(whole), hashlib.sha256(whole).hexdigest())
+    assert hashing.written(path) is None  # handed over once
 
 
 def test_manifest_records_provenance_and_integrity_check_catches_changes(tiny_repo, tmp_path):

@@ -7,9 +7,10 @@ does not apply to the target (``UsageError``, exit 2) in one place.
 
 ``convert(source, target, output, **options)`` is the whole job, for the CLI, the benches and
 library callers alike: open the source, refuse dense experts where the target needs MXFP4,
-scan it (NaN/Inf, scale 255), run the target's plan (``converters/<target>.py``, imported on
-demand; each exposes ``convert(src, out, *, force, progress, **its options)``), report a full
-disk as an error that says nothing was left behind, and write the provenance manifest.
+run the target's plan (``converters/<target>.py``, imported on demand; each exposes
+``convert(src, out, *, force, progress, **its options)``) with the source check beside it (the
+scan for NaN/Inf and scale 255, the source hashes: ``source_check``), report a full disk as an
+error that says nothing was left behind, and write the provenance manifest.
 The output is checked before anything is written (``guard``): it must not be, contain or be
 read as any input, and ``--force`` replaces only an output of ours.
 Imports: support and base modules, ``formats``; never a target module by name.
@@ -19,8 +20,6 @@ from __future__ import annotations
 
 import errno
 import importlib
-import threading
-from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -34,6 +33,7 @@ from ..guard import refuse_unsafe_output
 from ..model import Source
 from ..progress import SILENT, Progress
 from ..provenance import manifest_path
+from ..source_check import SourceCheck
 from ..tokenizer import TOKENIZER_FILES
 
 
@@ -158,10 +158,8 @@ def convert(source: str | Path, target_name: str, output: str | Path, *, force: 
         # the manifest records the choice.
         run_options = {**options, "chat_template": chat.resolve(options["chat_template"])} \
             if "chat_template" in options else options
-        if scan:
-            refuse_invalid_values(src, progress)
         try:
-            return _convert_with_manifest(src, spec, output, force, progress, manifest, run_options, options)
+            return _convert_checked(src, spec, output, force, progress, scan, manifest, run_options, options)
         except OSError as exc:
             if exc.errno not in _DISK_FULL:
                 raise
@@ -181,43 +179,21 @@ def source_inputs(src: Source, options: dict) -> list[Path]:
     return paths
 
 
-def refuse_invalid_values(src: Source, progress: Progress = SILENT) -> None:
-    """A NaN weight or a NaN scale converts into an artifact that loads fine and computes garbage."""
-    with progress.task("scan", src.tensor_bytes) as advance:
-        problems = src.scan(progress=advance)
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise InputError(f"the source has {len(problems)} tensors with invalid values (pass --no-scan to convert "
-                         f"anyway): {shown}", file=src.path)
-
-
-def _convert_with_manifest(src: Source, spec: Target, output: Path, force: bool, progress: Progress,
-                           manifest: bool, options: dict, recorded: dict) -> Converted:
-    from ..provenance import file_digest, manifest_hook
-
-    source_files = [f.path for f in src.files] + [src.config_path]
-    stop = threading.Event()
-
-    def check_stop(_: int) -> None:
-        if stop.is_set():  # the conversion failed or was interrupted: do not finish hashing 65 GB
-            raise CancelledError
-
-    def hash_source() -> dict:
-        return {p.name: file_digest(p, check_stop) for p in source_files}
+def _convert_checked(src: Source, spec: Target, output: Path, force: bool, progress: Progress, scan: bool,
+                     manifest: bool, options: dict, recorded: dict) -> Converted:
+    """Run the target's plan with the source check (scan, source hashes) beside it; publish only
+    once both are complete, with the manifest when asked."""
+    from ..provenance import manifest_hook
 
     run = converter(spec.name)
-    if not manifest:
-        return Converted(Path(run(src, output, force=force, progress=progress, **options)), None)
-    with ThreadPoolExecutor(1) as pool:
-        # Hash the source while converting: both read the same pages, and hashlib drops the GIL.
-        source_hashes = pool.submit(hash_source)
-        # The manifest is written from the finished temporary files, before they are published.
-        hook = manifest_hook(target=spec.name, options=recorded, source_path=src.path,
-                             source_hashes=source_hashes.result)
-        try:
-            with publishing(hook):
-                result = Path(run(src, output, force=force, progress=progress, **options))
-        except BaseException:
-            stop.set()
-            raise
-    return Converted(result, manifest_path(result))
+    hashed = [f.path for f in src.files] + [src.config_path] if manifest else []
+    with SourceCheck(src, scan=scan, files=hashed) as check:
+        source_hashes = lambda: check.result(progress)  # noqa: E731
+        if manifest:
+            # The manifest is written from the finished temporary files, before they are published.
+            hook = manifest_hook(target=spec.name, options=recorded, source_path=src.path, source_hashes=source_hashes)
+        else:
+            hook = lambda published: (source_hashes(), [])[1]  # noqa: E731
+        with publishing(hook):
+            result = Path(run(src, output, force=force, progress=check.watch(progress), **options))
+    return Converted(result, manifest_path(result) if manifest else None)

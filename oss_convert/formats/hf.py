@@ -43,7 +43,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..dtypes import bf16_to_f32, f32_to_bf16
+from ..dtypes import bf16_to_f32, count_bf16_nonfinite, f32_to_bf16
 from ..errors import InputError
 from ..tokenizer import SPECIAL_TOKENS, TOKENIZER_FILES, layout
 from . import mxfp4
@@ -425,11 +425,11 @@ class HfCheckpoint(ShardedReader, VocabRows):
             bad = 0
             for chunk in iter_chunks(self._array(name)):
                 if entry.dtype == "BF16":
-                    bad += int(np.count_nonzero((chunk & 0x7F80) == 0x7F80))
+                    bad += count_bf16_nonfinite(chunk)
                 elif entry.dtype in ("F16", "F32"):
                     bad += int(np.count_nonzero(~np.isfinite(chunk)))
                 elif name.endswith("_scales"):
-                    bad += int(np.count_nonzero(chunk == mxfp4.SCALE_NAN))
+                    bad += mxfp4.count_nan_scales(chunk)
             if bad:
                 what = "scale bytes are 255 (NaN in E8M0)" if entry.dtype == "U8" else "NaN/Inf values"
                 problems.append(f"file {entry.file}, tensor {name!r}: {bad} {what}")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..dtypes import bf16_to_f32
+from ..dtypes import bf16_to_f32, count_bf16_nonfinite
 from ..errors import InputError
 from ..model import (VOCAB_TENSORS, ModelConfig, Mxfp4Pair, TensorSpec, VocabRows, expert_name, interleave,
                      is_expert_weight, iter_chunks)
@@ -365,11 +365,11 @@ class MlxModel(ShardedReader, VocabRows):
             bad = 0
             for chunk in iter_chunks(self._array(name)):
                 if entry.dtype == "BF16":
-                    bad += int(np.count_nonzero((chunk & 0x7F80) == 0x7F80))
+                    bad += count_bf16_nonfinite(chunk)
                 elif entry.dtype in ("F16", "F32"):
                     bad += int(np.count_nonzero(~np.isfinite(chunk)))
                 elif name in e8m0:
-                    bad += int(np.count_nonzero(chunk == mxfp4.SCALE_NAN))
+                    bad += mxfp4.count_nan_scales(chunk)
             if bad:
                 what = "scale bytes are 255 (NaN in E8M0)" if name in e8m0 else "NaN/Inf values"
                 problems.append(f"file {entry.file}, tensor {name!r}: {bad} {what}")

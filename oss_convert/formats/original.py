@@ -15,7 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..dtypes import bf16_to_f32
+from ..dtypes import bf16_to_f32, count_bf16_nonfinite
 from ..errors import InputError
 from ..model import (ModelConfig, Mxfp4Pair, TensorSpec, VocabRows, expected_tensors, expert_name, is_expert_weight,
                      iter_chunks)
@@ -190,11 +190,11 @@ class OriginalCheckpoint(ShardedReader, VocabRows):
             chunks = self.chunks(spec.name)
             if spec.dtype == "BF16":
                 # exponent bits all ones: inf or NaN
-                bad = sum(int(np.count_nonzero((c & 0x7F80) == 0x7F80)) for c in chunks)
+                bad = sum(count_bf16_nonfinite(c) for c in chunks)
                 if bad:
                     problems.append(f"file {entry.file}, tensor {spec.name!r}: {bad} NaN/Inf values")
             elif spec.name.endswith(".scales"):
-                bad = sum(int(np.count_nonzero(c == 255)) for c in chunks)
+                bad = sum(mxfp4.count_nan_scales(c) for c in chunks)
                 if bad:
                     problems.append(f"file {entry.file}, tensor {spec.name!r}: {bad} scale bytes are 255 (NaN in E8M0)")
             if progress is not None:

@@ -18,6 +18,7 @@ import math
 import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable
@@ -69,6 +70,7 @@ class SafetensorsFile:
         self.file_size = os.fstat(self._fh.fileno()).st_size
         self.metadata, self.entries = self._parse_header()
         self._mmap: mmap.mmap | None = None
+        self._mapping = threading.Lock()  # the source check reads beside the conversion: one mapping
 
     # -- header -------------------------------------------------------------------------
 
@@ -147,10 +149,11 @@ class SafetensorsFile:
     def array(self, name: str) -> np.ndarray:
         """A read-only zero-copy view of the tensor's raw data (BF16 as uint16 bits)."""
         entry = self.entries[name]
-        if self._mmap is None:
-            if self.file_size == 0:
-                raise self._fail("empty file")
-            self._mmap = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
+        with self._mapping:
+            if self._mmap is None:
+                if self.file_size == 0:
+                    raise self._fail("empty file")
+                self._mmap = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
         return np.frombuffer(
             self._mmap, dtype=DTYPES[entry.dtype], count=math.prod(entry.shape), offset=entry.start
         ).reshape(entry.shape)
