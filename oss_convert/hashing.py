@@ -64,6 +64,12 @@ class HashingWriter:
             with _LOCK:
                 _WRITTEN[str(self.path)] = (stat.st_size, stat.st_mtime_ns, self._digest.hexdigest())
 
+    def __enter__(self) -> "HashingWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def __getattr__(self, name):
         return getattr(self._file, name)
 

@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from . import hashing
 from .errors import InputError
 from .formats.safetensors import SafetensorsWriter
 from .model import TensorSpec, iter_chunks
@@ -89,7 +90,7 @@ def write_shards(folder: Path, groups: list[list[Planned]], names: list[str], me
     """Write each group as one safetensors file in ``folder``; returns tensor name -> file name."""
     weight_map = {}
     for file_name, group in zip(names, groups):
-        with open(folder / file_name, "wb") as fh:
+        with hashing.HashingWriter(folder / file_name) as fh:  # hashed for the manifest as it goes
             writer = SafetensorsWriter(fh, [p.spec for p in group], metadata)
             for item in group:
                 for chunk in item.chunks():

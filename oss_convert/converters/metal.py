@@ -22,6 +22,7 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
+from .. import hashing
 from ..atomic import atomic_output
 from ..errors import InputError
 from ..formats.metal import (ACTIVE_EXPERTS, HEAD_DIM, LAYOUT_UUID, MAGIC, MAX_SCALE, MODEL_UUID, NUM_INCLUDED_TOKENS,
@@ -44,7 +45,7 @@ def convert(src: Source, out: Path, *, force: bool = False, progress: Progress =
     out = Path(out)
     is_dir = out.suffix != ".bin"  # OUT/model.bin, as the Hub repo's metal/model.bin
     with atomic_output(out, force=force, is_dir=is_dir) as tmp, progress.task("metal", layout.file_size) as advance:
-        with open(tmp / "model.bin" if is_dir else tmp, "wb") as fh:
+        with hashing.HashingWriter(tmp / "model.bin" if is_dir else tmp) as fh:  # hashed as it goes
             writer = PaddedWriter(fh, advance)
             writer.write(prefix)
             write_shared(src, layout, writer)
