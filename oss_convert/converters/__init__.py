@@ -188,12 +188,16 @@ def _convert_checked(src: Source, spec: Target, output: Path, force: bool, progr
     run = converter(spec.name)
     hashed = [f.path for f in src.files] + [src.config_path] if manifest else []
     with SourceCheck(src, scan=scan, files=hashed) as check:
-        source_hashes = lambda: check.result(progress)  # noqa: E731
-        if manifest:
-            # The manifest is written from the finished temporary files, before they are published.
-            hook = manifest_hook(target=spec.name, options=recorded, source_path=src.path, source_hashes=source_hashes)
-        else:
-            hook = lambda published: (source_hashes(), [])[1]  # noqa: E731
+        def source_hashes() -> dict:
+            return check.result(progress)  # raises the scan's error: nothing is published
+
+        def checked_only(published: dict) -> list:
+            source_hashes()
+            return []
+
+        # The manifest is written from the finished temporary files, before they are published.
+        hook = manifest_hook(target=spec.name, options=recorded, source_path=src.path,
+                             source_hashes=source_hashes) if manifest else checked_only
         with publishing(hook):
             result = Path(run(src, output, force=force, progress=check.watch(progress), **options))
     return Converted(result, manifest_path(result) if manifest else None)
