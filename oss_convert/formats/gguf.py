@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -362,17 +363,24 @@ def add_tokenizer(writer, root: Path, vocab_size: int, chat_template: str | None
     special.add_to_gguf(writer, quiet=True)
 
 
+SPECIAL_VOCAB_FILE_BYTES = 8 << 20  # the files beside tokenizer.json that SpecialVocab may read are small
+
+
 def _special_vocab(root: Path, doc: dict):
     """gguf-py's ``SpecialVocab(root, load_merges=False)`` without its second parse of the 27 MB
     ``tokenizer.json`` (1.5 s before the first byte is written): it reads only ``added_tokens``
-    and ``post_processor`` of it, so it is shown a folder with those two beside links to every
-    other file of ``root``."""
+    and ``post_processor`` of it, so it is shown a folder with those two beside copies of the
+    root's small files (its config, tokenizer config and templates; no link into the source)."""
     g = gguf_py()
     with tempfile.TemporaryDirectory(prefix="oss-convert-vocab-") as folder:
         view = Path(folder)
         for item in root.iterdir():
-            if item.name != "tokenizer.json":
-                (view / item.name).symlink_to(item.resolve())
+            if item.name == "tokenizer.json":
+                continue
+            if item.is_file() and item.stat().st_size <= SPECIAL_VOCAB_FILE_BYTES:
+                shutil.copyfile(item, view / item.name)
+            elif item.is_dir() and item.name == "additional_chat_templates":
+                shutil.copytree(item, view / item.name)
         (view / "tokenizer.json").write_text(json.dumps(
             {key: doc[key] for key in ("added_tokens", "post_processor") if key in doc}), encoding="utf-8")
         return g.SpecialVocab(view, load_merges=False)
