@@ -43,7 +43,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..dtypes import bf16_to_f32, count_bf16_nonfinite, f32_to_bf16
+from ..dtypes import bf16_to_f32, f32_to_bf16
 from ..errors import InputError
 from ..tokenizer import SPECIAL_TOKENS, TOKENIZER_FILES, layout
 from . import mxfp4
@@ -356,7 +356,7 @@ class HfCheckpoint(ShardedReader, VocabRows):
 
     def _array(self, hf_name: str) -> np.ndarray:
         entry = self.entries[hf_name]
-        return next(f for f in self.files if f.path == entry.file).array(hf_name)
+        return self._file(entry).array(hf_name)
 
     def _bits(self, hf_name: str) -> np.ndarray:
         """BF16 bits of a float tensor, zero-copy when it is stored as BF16."""
@@ -407,7 +407,7 @@ class HfCheckpoint(ShardedReader, VocabRows):
         for canonical in names:
             for hf_name in self._sources(canonical):
                 entry = self.entries[hf_name]
-                next(f for f in self.files if f.path == entry.file).release(hf_name)
+                self._file(entry).release(hf_name)
 
     def _bf16_bits(self, name: str) -> np.ndarray | None:
         sources = self._sources(name)
@@ -419,23 +419,9 @@ class HfCheckpoint(ShardedReader, VocabRows):
         return self.entries[self._sources(name)[0]].dtype
 
     def scan(self, progress=None) -> list[str]:
-        """Read every byte: NaN/Inf in float tensors, scale byte 255. ``progress(nbytes)`` per tensor."""
-        problems = []
-        for name, entry in self.entries.items():
-            bad = 0
-            for chunk in iter_chunks(self._array(name)):
-                if entry.dtype == "BF16":
-                    bad += count_bf16_nonfinite(chunk)
-                elif entry.dtype in ("F16", "F32"):
-                    bad += int(np.count_nonzero(~np.isfinite(chunk)))
-                elif name.endswith("_scales"):
-                    bad += mxfp4.count_nan_scales(chunk)
-            if bad:
-                what = "scale bytes are 255 (NaN in E8M0)" if entry.dtype == "U8" else "NaN/Inf values"
-                problems.append(f"file {entry.file}, tensor {name!r}: {bad} {what}")
-            if progress is not None:
-                progress(entry.nbytes)
-        return problems
+        """Read every value that can be invalid: NaN/Inf in float tensors, scale byte 255.
+        ``progress(nbytes)`` per tensor."""
+        return self.scan_values(lambda name: name.endswith("_scales"), progress=progress)
 
 
 # --------------------------------------------------------------------------------------

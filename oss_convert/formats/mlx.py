@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..dtypes import bf16_to_f32, count_bf16_nonfinite
+from ..dtypes import bf16_to_f32
 from ..errors import InputError
 from ..model import (VOCAB_TENSORS, ModelConfig, Mxfp4Pair, TensorSpec, VocabRows, expert_name, interleave,
-                     is_expert_weight, iter_chunks)
+                     is_expert_weight)
 from ..tokenizer import TOKENIZER_FILES
 from . import mxfp4
 from .hf import hf_config, model_config_from_hf, qkv_split
@@ -281,7 +281,7 @@ class MlxModel(ShardedReader, VocabRows):
 
     def _array(self, name: str) -> np.ndarray:
         entry = self.entries[name]
-        return next(f for f in self.files if f.path == entry.file).array(name)
+        return self._file(entry).array(name)
 
     def _float(self, name: str) -> np.ndarray:
         data, dtype = self._array(name), self.entries[name].dtype
@@ -355,25 +355,13 @@ class MlxModel(ShardedReader, VocabRows):
             for tensor in ([source + s for s in (".weight", ".scales", ".biases")] if source in self.quant else [source]):
                 if tensor in self.entries:
                     entry = self.entries[tensor]
-                    next(f for f in self.files if f.path == entry.file).release(tensor)
+                    self._file(entry).release(tensor)
 
-    def scan(self) -> list[str]:
-        """Read every byte: NaN/Inf in float tensors, E8M0 scale byte 255 (NaN) in MXFP layers."""
-        problems = []
+    def scan(self, progress=None) -> list[str]:
+        """Read every value that can be invalid: NaN/Inf in float tensors, E8M0 scale byte 255
+        (NaN) in MXFP layers."""
         e8m0 = {m + ".scales" for m, q in self.quant.items() if q is not None and q.mode in ("mxfp4", "mxfp8")}
-        for name, entry in self.entries.items():
-            bad = 0
-            for chunk in iter_chunks(self._array(name)):
-                if entry.dtype == "BF16":
-                    bad += count_bf16_nonfinite(chunk)
-                elif entry.dtype in ("F16", "F32"):
-                    bad += int(np.count_nonzero(~np.isfinite(chunk)))
-                elif name in e8m0:
-                    bad += mxfp4.count_nan_scales(chunk)
-            if bad:
-                what = "scale bytes are 255 (NaN in E8M0)" if name in e8m0 else "NaN/Inf values"
-                problems.append(f"file {entry.file}, tensor {name!r}: {bad} {what}")
-        return problems
+        return self.scan_values(e8m0.__contains__, progress=progress)
 
 
 # --------------------------------------------------------------------------------------

@@ -34,6 +34,10 @@ FP4_VALUES = np.array(
 SCALE_BIAS = 127
 SCALE_NAN = 255
 _EMAX_E2M1 = 2
+# Midpoints between neighbouring FP4 magnitudes, and whether a tie there rounds up
+# (the upper neighbour's code is even, i.e. its mantissa bit is 0).
+_MIDPOINTS = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=np.float32)
+_TIE_ROUNDS_UP = np.array([False, True, False, True, False, True, False])
 
 
 def count_nan_scales(scales: np.ndarray) -> int:
@@ -42,10 +46,6 @@ def count_nan_scales(scales: np.ndarray) -> int:
     if scales.size == 0 or scales.max() < SCALE_NAN:
         return 0
     return int(np.count_nonzero(scales == SCALE_NAN))
-# Midpoints between neighbouring FP4 magnitudes, and whether a tie there rounds up
-# (the upper neighbour's code is even, i.e. its mantissa bit is 0).
-_MIDPOINTS = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=np.float32)
-_TIE_ROUNDS_UP = np.array([False, True, False, True, False, True, False])
 
 
 def _scaled_pair_table() -> np.ndarray:

@@ -15,12 +15,12 @@ from typing import Iterator
 
 import numpy as np
 
-from ..dtypes import bf16_to_f32, count_bf16_nonfinite
+from ..dtypes import bf16_to_f32
 from ..errors import InputError
 from ..model import (ModelConfig, Mxfp4Pair, TensorSpec, VocabRows, expected_tensors, expert_name, is_expert_weight,
                      iter_chunks)
 from . import mxfp4
-from .safetensors import SafetensorsFile, ShardedReader, TensorEntry
+from .safetensors import ShardedReader, TensorEntry
 
 
 def dtypes_json(config: ModelConfig) -> str:
@@ -176,30 +176,10 @@ class OriginalCheckpoint(ShardedReader, VocabRows):
             return "MXFP4"
         return self.entry(name).dtype
 
-    def _file(self, entry: TensorEntry) -> SafetensorsFile:
-        for f in self.files:
-            if f.path == entry.file:
-                return f
-        raise AssertionError(entry.file)
-
     def scan(self, progress=None) -> list[str]:
-        """Read every byte; return problems (NaN/Inf in BF16, scale byte 255) naming file and tensor."""
-        problems = []
-        for spec in self.specs:
-            entry = self.entries[spec.name]
-            chunks = self.chunks(spec.name)
-            if spec.dtype == "BF16":
-                # exponent bits all ones: inf or NaN
-                bad = sum(count_bf16_nonfinite(c) for c in chunks)
-                if bad:
-                    problems.append(f"file {entry.file}, tensor {spec.name!r}: {bad} NaN/Inf values")
-            elif spec.name.endswith(".scales"):
-                bad = sum(mxfp4.count_nan_scales(c) for c in chunks)
-                if bad:
-                    problems.append(f"file {entry.file}, tensor {spec.name!r}: {bad} scale bytes are 255 (NaN in E8M0)")
-            if progress is not None:
-                progress(entry.nbytes)
-        return problems
+        """Read every value that can be invalid; return problems (NaN/Inf in BF16, scale byte 255)
+        naming file and tensor. The expert blocks are not read: every FP4 code is a number."""
+        return self.scan_values(lambda name: name.endswith(".scales"), [spec.name for spec in self.specs], progress)
 
 
 # --------------------------------------------------------------------------------------

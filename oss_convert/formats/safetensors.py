@@ -21,13 +21,14 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Callable, Iterable
 
 import numpy as np
 
-from ..dtypes import DTYPES
+from ..dtypes import DTYPES, count_bf16_nonfinite
 from ..errors import InputError
-from ..model import TensorSpec
+from ..model import TensorSpec, iter_chunks
+from .mxfp4 import count_nan_scales
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own limit
 
@@ -211,6 +212,43 @@ class ShardedReader:
                 if name in self.entries:
                     raise InputError(f"tensor is also in {self.entries[name].file.name}", file=f.path, tensor=name)
                 self.entries[name] = entry
+
+    def _file(self, entry: TensorEntry) -> SafetensorsFile:
+        for f in self.files:
+            if f.path == entry.file:
+                return f
+        raise AssertionError(entry.file)
+
+    def scan_values(self, is_e8m0: Callable[[str], bool], names: Iterable[str] | None = None,
+                    progress: Callable[[int], None] | None = None) -> list[str]:
+        """Problems naming file and tensor: NaN/Inf in the float tensors, scale byte 255 in those
+        ``is_e8m0`` names (in ``names`` order, default the files'). Other tensors are not read;
+        each read piece is unmapped at once, so RSS stays flat beside a conversion."""
+        problems = []
+        for name in self.entries if names is None else names:
+            entry = self.entries[name]
+            scale = is_e8m0(name)
+            if scale or entry.dtype in ("BF16", "F16", "F32"):
+                bad = self._count_invalid(entry, scale)
+                if bad:
+                    what = "scale bytes are 255 (NaN in E8M0)" if scale else "NaN/Inf values"
+                    problems.append(f"file {entry.file}, tensor {name!r}: {bad} {what}")
+            if progress is not None:
+                progress(entry.nbytes)
+        return problems
+
+    def _count_invalid(self, entry: TensorEntry, scale: bool) -> int:
+        file, offset, bad = self._file(entry), 0, 0
+        for piece in iter_chunks(file.array(entry.name)):
+            if scale:
+                bad += count_nan_scales(piece)
+            elif entry.dtype == "BF16":
+                bad += count_bf16_nonfinite(piece)
+            else:
+                bad += int(np.count_nonzero(~np.isfinite(piece)))
+            file.release(entry.name, offset, piece.nbytes)
+            offset += piece.nbytes
+        return bad
 
     @property
     def tensor_bytes(self) -> int:
