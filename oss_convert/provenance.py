@@ -17,7 +17,8 @@ The manifest exists before the artifact becomes visible: ``manifest_hook`` is ha
 before they are published (inside the folder, or beside the file under a temporary name that
 is published first). ``check_manifest`` recomputes the output hashes (no model run) and lists
 every difference.
-File hashing maps 64 MiB at a time (``hashing.file_sha256``), so memory stays flat for 65 GB artifacts.
+File hashing reads 8 MiB at a time (``hashing.file_sha256``), so memory stays flat for 65 GB artifacts;
+an output written through ``hashing.HashingWriter`` is not read back.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from ..formats.mlx import AFFINE_RECIPES
 from ..guard import refuse_unsafe_output
 from ..model import Source
 from ..progress import SILENT, Progress
-from ..provenance import manifest_path
+from ..provenance import manifest_hook, manifest_path
 from ..source_check import SourceCheck
 from ..tokenizer import TOKENIZER_FILES
 
@@ -183,8 +183,6 @@ def _convert_checked(src: Source, spec: Target, output: Path, force: bool, progr
                      manifest: bool, options: dict, recorded: dict) -> Converted:
     """Run the target's plan with the source check (scan, source hashes) beside it; publish only
     once both are complete, with the manifest when asked."""
-    from ..provenance import manifest_hook
-
     run = converter(spec.name)
     hashed = [f.path for f in src.files] + [src.config_path] if manifest else []
     with SourceCheck(src, scan=scan, files=hashed) as check:
