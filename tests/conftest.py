@@ -12,6 +12,8 @@ import pytest
 
 from oss_convert import synth
 
+from oracles import assert_wide_router_margins
+
 pytest_plugins = ["strict_oracles"]  # in CI a skipped oracle test fails the run
 
 
@@ -35,9 +37,12 @@ def metal_repo(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tokens_300() -> np.ndarray:
-    """300 token ids (longer than the 128 sliding window) valid for the tiny vocab."""
-    return np.random.default_rng(7).integers(0, 1000, size=300).astype(np.int64)
+def tokens_300(tiny_repo) -> np.ndarray:
+    """300 token ids (longer than the 128 sliding window) valid for the tiny vocab, on which
+    ``tiny_repo``'s routing has no near-tie (checked: tests compare it across implementations)."""
+    tokens = np.random.default_rng(7).integers(0, 1000, size=300).astype(np.int64)
+    assert_wide_router_margins(tiny_repo, tokens)
+    return tokens
 
 
 @pytest.fixture(scope="session")

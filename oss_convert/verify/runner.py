@@ -42,14 +42,23 @@ from ..model import CanonicalModel, ModelConfig, logical_names
 from ..formats import mxfp4
 from ..formats.mlx import as_mlx_words
 
+Routing = Callable[[int, np.ndarray, int], np.ndarray]  # (layer, router logits [N, E], k) -> expert ids [N, k]
+
 RMS_EPS = 1e-5  # hard-coded in the reference's RMSNorm
 SWIGLU_ALPHA = 1.702  # hard-coded in the reference's swiglu
 
 
 def rope_tables(config: ModelConfig, num_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """``cos, sin`` ``[T, head_dim/2]`` float32, concentration folded in, like the reference."""
+    """``cos, sin`` ``[T, head_dim/2]`` float32, concentration folded in, like the reference.
+
+    The reference's float32 steps, with each elementary function correctly rounded: the
+    frequencies ``theta ** (2i / head_dim)`` and the cosines and sines are computed in float64
+    and rounded once. numpy's float32 ``power``/``cos`` take SIMD kernels that differ between
+    processors by an ulp (6 of gpt-oss's 32 frequencies on one AVX-512 machine); an ulp of a
+    frequency is 3e-4 rad of angle at position 4608, so the tables must not depend on them."""
     hd = config.head_dim
-    freq = np.float32(config.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd))
+    exponents = np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)
+    freq = (np.float64(np.float32(config.rope_theta)) ** exponents.astype(np.float64)).astype(np.float32)
     if config.rope_scaling_factor > 1.0:
         concentration = 0.1 * math.log(config.rope_scaling_factor) + 1.0
         d_half = hd / 2
@@ -64,9 +73,9 @@ def rope_tables(config: ModelConfig, num_tokens: int) -> tuple[np.ndarray, np.nd
     else:
         concentration = 1.0
         inv_freq = (np.float32(1.0) / freq).astype(np.float32)
-    angles = np.outer(np.arange(num_tokens, dtype=np.float32), inv_freq).astype(np.float32)
+    angles = np.outer(np.arange(num_tokens, dtype=np.float32), inv_freq).astype(np.float64)
     c = np.float32(concentration)
-    return (np.cos(angles) * c).astype(np.float32), (np.sin(angles) * c).astype(np.float32)
+    return np.cos(angles).astype(np.float32) * c, np.sin(angles).astype(np.float32) * c
 
 
 LOGIT_BLOCK_ROWS = 512  # positions whose logits exist at once (412 MiB of float32 for gpt-oss)
@@ -135,14 +144,23 @@ class Runner:
     experts are not MXFP4 fall back to their dense values. ``experts="dequantized"`` always
     decodes one expert at a time to float32 (the reference path). ``device`` is ``"cpu"`` or
     ``"gpu"``; by default MLX's default device decides.
+
+    ``routing`` replaces the router's own top-k choice: called as ``routing(layer, logits, k)``
+    with the layer's router logits ``[N, E]`` (numpy float32), it returns the ``[N, k]`` expert ids
+    each token takes (the gates stay the softmax over those ids' logits). Comparisons with another
+    implementation use it to run both on one routing: where two router logits nearly tie, a
+    last-bit difference between two float32 implementations picks different experts, and every
+    later position that attends to that token differs with it.
     """
 
-    def __init__(self, model: CanonicalModel, experts: str = "quantized", device: str | None = None):
+    def __init__(self, model: CanonicalModel, experts: str = "quantized", device: str | None = None,
+                 routing: Routing | None = None):
         if experts not in ("quantized", "dequantized"):
             raise ValueError(f"experts must be 'quantized' or 'dequantized', not {experts!r}")
         self.model = model
         self.config: ModelConfig = model.config
         self.experts = experts
+        self.routing = routing
         self.device = device or ("cpu" if mx.default_device() == mx.cpu else "gpu")
         if self.device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', not {device!r}")
@@ -248,6 +266,18 @@ class Runner:
         v = qkv[..., (nq + nkv) * hd: (nq + 2 * nkv) * hd].reshape(C, T, nkv, hd)
         return q, k, v
 
+    def _choose_experts(self, layer: int, router, xp):
+        """``[N, k]`` expert ids per token: the top-k router logits, or what ``routing`` says."""
+        k = self.config.experts_per_token
+        if self.routing is None:
+            return xp.argpartition(-router, kth=k - 1, axis=-1)[:, :k]
+        logits = np.asarray(router, dtype=np.float32)
+        chosen = np.asarray(self.routing(layer, logits, k))
+        if (chosen.shape != (logits.shape[0], k) or chosen.dtype.kind not in "iu" or chosen.min() < 0
+                or chosen.max() >= self.config.num_experts or (np.diff(np.sort(chosen, -1), axis=-1) == 0).any()):
+            raise ValueError(f"routing must give {k} distinct expert ids in [0, {self.config.num_experts}) per token")
+        return mx.array(chosen.astype(np.uint32)) if xp is mx else chosen.astype(np.int64)
+
     # -- CPU: numpy and its BLAS ------------------------------------------------------------
 
     def _attention_cpu(self, layer: int, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -277,7 +307,7 @@ class Runner:
         t = rms_norm(x, self._f32(p + "norm.scale")).reshape(C * T, H)
         router = t @ self._f32(p + "gate.weight").T + self._f32(p + "gate.bias")
         k = c.experts_per_token
-        indices = np.argpartition(-router, k - 1, axis=-1)[:, :k]
+        indices = self._choose_experts(layer, router, np)
         chosen = np.take_along_axis(router, indices, axis=-1)
         chosen = np.exp(chosen - chosen.max(axis=-1, keepdims=True))
         gates = chosen / chosen.sum(axis=-1, keepdims=True)  # softmax over the k chosen logits
@@ -322,8 +352,7 @@ class Runner:
         C, T, H = x.shape
         t = mx.fast.rms_norm(x, self._w(p + "norm.scale"), RMS_EPS).reshape(C * T, H)
         router = t @ self._w(p + "gate.weight").T + self._w(p + "gate.bias")
-        k = c.experts_per_token
-        indices = mx.argpartition(-router, kth=k - 1, axis=-1)[:, :k]
+        indices = self._choose_experts(layer, router, mx)
         expert_weights = mx.softmax(mx.take_along_axis(router, indices, axis=-1), axis=-1, precise=True)
         mx.eval(t, indices, expert_weights)
         pair1 = self.model.mxfp4(layer, "mlp1") if self.experts == "quantized" else None
