@@ -121,3 +121,26 @@ def assert_wide_router_margins(repo: Path, tokens: np.ndarray) -> None:
     assert narrowest[0] > MIN_ROUTER_MARGIN, (
         f"{repo}: a top-k margin of {narrowest[0]:.2e} in layer {narrowest[1]} is a near-tie that two float32 "
         "implementations may break differently; choose other tokens or weights for this fixture")
+
+
+def llama(model_path, **kwargs):
+    """``llama_cpp.Llama(model_path, **kwargs)`` with llama.cpp's extra CPU buffer types off
+    (``--no-repack`` in llama.cpp's tools): on a processor with AMX (Intel Sapphire Rapids and
+    later) llama.cpp repacks Q8_0 weights for its AMX kernels, which crash with a segmentation
+    fault on these models' widths (ggml-org/llama.cpp#20824). The numbers are llama.cpp's own
+    either way; only which kernel computes them differs."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp.llama_cpp as library
+
+    default = library.llama_model_default_params
+
+    def without_extra_buffer_types():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    library.llama_model_default_params = without_extra_buffer_types
+    try:
+        return llama_cpp.Llama(model_path=str(model_path), **kwargs)
+    finally:
+        library.llama_model_default_params = default

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from chat_strategies import chats
+from oracles import llama
 from test_reliability_formats import run_cli
 from oss_convert import chat, converters, harmony
 from oss_convert.verify.check import Inputs, verify
@@ -101,7 +102,7 @@ def test_llama_cpp_python_formats_and_tokenizes_as_harmony(harmony_gguf):
     llama_cpp = pytest.importorskip("llama_cpp")
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    llm = llama_cpp.Llama(model_path=str(harmony_gguf), n_ctx=64, verbose=False, vocab_only=True)
+    llm = llama(harmony_gguf, n_ctx=64, verbose=False, vocab_only=True)
     try:
         embedded = llm.metadata["tokenizer.chat_template"]
         assert embedded == chat.HARMONY_TEMPLATE

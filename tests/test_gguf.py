@@ -24,6 +24,8 @@ from oss_convert.errors import InputError, OutputExistsError
 from oss_convert.formats import gguf as gguf_format, mxfp4
 from oss_convert.formats.original import OriginalCheckpoint
 
+from oracles import llama
+
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
 
@@ -353,8 +355,7 @@ def test_describe(tiny_gguf):
 
 
 def llama_logits(path: Path, tokens: np.ndarray) -> np.ndarray:
-    llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=2, seed=0)
+    llm = llama(path, n_ctx=512, logits_all=True, verbose=False, n_threads=2, seed=0)
     try:
         llm.eval([int(t) for t in tokens])
         return np.array(llm.scores[:llm.n_tokens], dtype=np.float64)
@@ -441,7 +442,7 @@ def test_llama_cpp_loads_splits_and_tokenizes_like_tokenizer_json(tiny_repo, tin
     np.testing.assert_array_equal(llama_logits(first, tokens_300[:64]), llama_logits(tiny_gguf, tokens_300[:64]))
 
     hf = tokenizers.Tokenizer.from_file(str(tiny_repo / "tokenizer.json"))
-    llm = llama_cpp.Llama(model_path=str(tiny_gguf), n_ctx=64, verbose=False, vocab_only=True)
+    llm = llama(tiny_gguf, n_ctx=64, verbose=False, vocab_only=True)
     try:
         text = "The quick brown fox, it's 2026! Jumps over   the lazy dog.\nNew line 12345 <|start|>user"
         ours = llm.tokenize(text.encode(), add_bos=False, special=True)
