@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, runtime_checkable
@@ -33,7 +34,17 @@ import numpy as np
 from .dtypes import DTYPES, bf16_to_f32
 from .errors import InputError
 
-EXPERT_WEIGHTS = ("mlp1", "mlp2")
+# Facts of the gpt-oss architecture that no config file states: the torch reference
+# (gpt_oss/torch/model.py) hard-codes them, and every format and the runner take them from here.
+RMS_NORM_EPS = 1e-5  # RMSNorm's epsilon
+SWIGLU_ALPHA = 1.702  # swiglu's sigmoid scale
+NUM_TEXT_TOKENS = 199998  # o200k text tokens; the Harmony specials start at this id
+EXPERT_WEIGHTS = ("mlp1", "mlp2")  # the two expert matrices of a layer: gate/up (interleaved) and down
+
+
+def is_windowed(layer: int) -> bool:
+    """The reference windows even layers (layer 0 included); odd layers attend to everything."""
+    return layer % 2 == 0
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,16 @@ class ModelConfig:
     @property
     def qkv_dim(self) -> int:
         return self.head_dim * (self.num_attention_heads + 2 * self.num_key_value_heads)
+
+    @property
+    def qkv_rows(self) -> tuple[int, int, int]:
+        """Rows of q, k and v inside the fused ``attn.qkv`` (reference order; formats that split it use these)."""
+        d = self.head_dim
+        return self.num_attention_heads * d, self.num_key_value_heads * d, self.num_key_value_heads * d
+
+    def window(self, layer: int) -> int:
+        """The sliding window of ``layer``: ``sliding_window`` on windowed layers, 0 (none) on the others."""
+        return self.sliding_window if is_windowed(layer) else 0
 
     @classmethod
     def from_dict(cls, raw: dict, *, file: Path | None = None) -> "ModelConfig":
@@ -191,15 +212,20 @@ def logical_names(config: ModelConfig) -> list[str]:
     return [spec.name for spec in expected_tensors(config, "bf16")]
 
 
+_EXPERT_NAME = re.compile(r"^block\.(\d+)\.mlp\.(mlp1|mlp2)_weight(?:\.blocks|\.scales)?$")
+
+
 def is_expert_weight(name: str) -> bool:
-    """``block.N.mlp.mlp1_weight`` / ``mlp2_weight`` (the logical name of an MXFP4 pair)."""
-    return name.endswith(("mlp1_weight", "mlp2_weight"))
+    """``block.N.mlp.mlp1_weight`` / ``mlp2_weight`` (the logical name of an MXFP4 pair, or a dense expert)."""
+    return name.startswith("block.") and name.endswith(tuple(w + "_weight" for w in EXPERT_WEIGHTS))
 
 
 def expert_name(name: str) -> tuple[int, str]:
     """``block.3.mlp.mlp1_weight`` (or its ``.blocks``/``.scales``) -> ``(3, "mlp1")``."""
-    parts = name.split(".")
-    return int(parts[1]), parts[3].split("_")[0]
+    match = _EXPERT_NAME.match(name)
+    if match is None:
+        raise ValueError(f"{name!r} is not an expert weight")
+    return int(match[1]), match[2]
 
 
 def gate_up_rows(data: np.ndarray, parity: int | None, axis: int = 0) -> np.ndarray:
@@ -267,6 +293,10 @@ class CanonicalModel(Protocol):
 
     def release(self, name: str) -> None:
         """Unmap the pages of a tensor the caller is done with (a no-op where nothing is mapped)."""
+
+    def embedded(self):
+        """What the artifact carries for a runtime (``tokens.vocabulary.Embedded``: vocabulary,
+        chat template, stop ids), or ``None`` when it carries no tokenizer."""
 
     def close(self) -> None: ...
 

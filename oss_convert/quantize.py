@@ -2,7 +2,8 @@
 
 Two recipes:
 
-- ``"ocp"``: the OCP Microscaling rule of ``formats/mxfp4.py:encode`` (shared exponent
+- ``"ocp"``: the OCP Microscaling rule of ``formats/mxfp4.py:encode`` (the codec, its one FP4
+  rounding and the OCP exponent live there; this module only chooses scales) (shared exponent
   ``floor(log2 amax) - 2``). It never clips more than to 6, but for blocks whose largest
   magnitude lies in ``[6, 8) * 2**e`` it saturates that value, and it never trades a little
   clipping for a finer grid.
@@ -28,7 +29,7 @@ import numpy as np
 
 from .dtypes import bf16_to_f32
 from .formats import mxfp4
-from .formats.mxfp4 import _EMAX_E2M1, BLOCK, SCALE_BIAS, SCALE_NAN
+from .formats.mxfp4 import SCALE_BIAS, SCALE_NAN
 
 RECIPES = ("ocp", "search")
 REPORT_FILE = "quantization.json"  # written beside an output whose experts were encoded here
@@ -45,13 +46,6 @@ def encode(values: np.ndarray, recipe: str = "ocp") -> tuple[np.ndarray, np.ndar
     raise ValueError(f"unknown recipe {recipe!r}; choose one of {RECIPES}")
 
 
-def encode_with_scales(values: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """FP4 blocks of ``[*P, N]`` values for given scale bytes ``[*P, N/32]``."""
-    x = _as_blocks(values)
-    shared = scales.astype(np.int32) - SCALE_BIAS
-    return _pack(fp4_codes(np.ldexp(x, -shared[..., None])))
-
-
 def search_encode(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per block, the scale among OCP, OCP+1 and OCP-1 with the least squared error.
 
@@ -59,8 +53,8 @@ def search_encode(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     the values by ``2**-k`` exactly and the squared error by ``4**k`` exactly, so the
     comparison is the same as on the original values, and exact blocks (error 0) stay OCP.
     """
-    x = _as_blocks(values)
-    ocp = ocp_exponents(x)
+    x = mxfp4.as_blocks(values)
+    ocp = mxfp4.ocp_exponents(x)
     y = np.ldexp(x, -ocp[..., None])
     best_error = _sq_error(y)
     best_offset = np.zeros(ocp.shape, dtype=np.int32)
@@ -70,58 +64,13 @@ def search_encode(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         better = allowed & (error < best_error)  # strict: the OCP scale keeps every tie
         best_error = np.where(better, error, best_error)
         best_offset = np.where(better, offset, best_offset)
-    shared = ocp + best_offset
-    blocks = _pack(fp4_codes(np.ldexp(x, -shared[..., None])))
-    return blocks, (shared + SCALE_BIAS).astype(np.uint8)
-
-
-def ocp_exponents(x: np.ndarray) -> np.ndarray:
-    """Shared exponent per ``[..., 32]`` block by OCP rules, as ``formats/mxfp4.py:encode``."""
-    amax = np.abs(x).max(axis=-1)
-    _, exp = np.frexp(amax)  # amax = m * 2**exp, m in [0.5, 1)
-    shared = np.where(amax > 0, exp.astype(np.int32) - 1 - _EMAX_E2M1, -SCALE_BIAS)
-    return np.clip(shared, -SCALE_BIAS, SCALE_NAN - 1 - SCALE_BIAS).astype(np.int32)
-
-
-def fp4_round(y: np.ndarray) -> np.ndarray:
-    """Nearest FP4 value (sign kept), ties to the even code, saturating at 6.
-
-    The E2M1 grid has spacing 0.5 below 2, 1 below 4 and 2 up to 6, and within each range
-    the even multiples of the spacing are exactly the even codes, so ``rint`` (ties to even)
-    on ``y / spacing`` is the OCP rounding. Arithmetic instead of a table search: ~2x faster
-    than ``mxfp4._round_to_fp4``, which tests check it against value by value.
-    """
-    m = np.minimum(np.abs(y), np.float32(6))
-    inverse_step = np.where(m < 2, np.float32(2), np.where(m < 4, np.float32(1), np.float32(0.5)))
-    return np.copysign(np.rint(m * inverse_step) / inverse_step, y)
-
-
-def fp4_codes(y: np.ndarray) -> np.ndarray:
-    """The 4-bit code of ``fp4_round(y)`` (bit 3 the sign of ``y``, so -0.1 gives -0)."""
-    q = np.abs(fp4_round(y))
-    code = np.where(q < 2, q * 2, np.where(q < 4, q + 2, q * 0.5 + 4)).astype(np.uint8)
-    return code | (np.signbit(y).astype(np.uint8) << 3)
-
-
-def _pack(codes: np.ndarray) -> np.ndarray:
-    """``[..., 32]`` codes -> ``[..., 16]`` bytes, element 2j in the low nibble."""
-    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    return mxfp4.encode_with_exponents(x, ocp + best_offset)
 
 
 def _sq_error(y: np.ndarray) -> np.ndarray:
     """Squared rounding error per block of scaled values, summed in float64."""
-    diff = y - fp4_round(y)
+    diff = y - mxfp4.fp4_round(y)
     return np.square(diff, dtype=np.float64).sum(axis=-1)
-
-
-def _as_blocks(values: np.ndarray) -> np.ndarray:
-    """``[*P, N]`` -> ``[*P, N/32, 32]`` float32 (a view when possible)."""
-    x = np.asarray(values, dtype=np.float32)
-    if x.shape[-1] % BLOCK:
-        raise ValueError(f"last dimension {x.shape[-1]} is not a multiple of {BLOCK}")
-    if np.isnan(x).any():
-        raise ValueError("cannot encode NaN to MXFP4")
-    return x.reshape(x.shape[:-1] + (x.shape[-1] // BLOCK, BLOCK))
 
 
 # --------------------------------------------------------------------------------------

@@ -4,16 +4,13 @@ One home for what every folder target shares (``--to mlx``, ``hf-bf16``, ``origi
 ``synth``): a ``Planned`` tensor is a spec plus a function producing its bytes chunk by
 chunk; ``group_by_size`` cuts the plan into shards of at most ``--shard-size`` bytes;
 ``write_shards`` streams each group through ``formats.safetensors.SafetensorsWriter`` into a
-folder and returns the ``weight_map`` for the index. Also ``parse_size`` (``5G``) and
-``copy_tokenizer_files`` (the repo-root files every folder target carries along).
-Imports: base modules, ``formats.safetensors``, ``tokenizer``.
+folder and returns the ``weight_map`` for the index. Also ``parse_size`` (``5G``).
+Imports: base modules, ``formats.safetensors``.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -25,7 +22,6 @@ from .errors import InputError
 from .formats.safetensors import SafetensorsWriter
 from .model import TensorSpec, iter_chunks
 from .progress import Advance
-from .tokenizer import TOKENIZER_FILES
 
 DEFAULT_SHARD_SIZE = "5G"
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -104,24 +100,3 @@ def write_shards(folder: Path, groups: list[list[Planned]], names: list[str], me
 
 def total_bytes(planned: list[Planned]) -> int:
     return sum(p.spec.nbytes for p in planned)
-
-
-def copy_tokenizer_files(root: Path, dest: Path, chat_template: str | None = None) -> list[str]:
-    """Copy the tokenizer and chat template files the source has (a missing one is reported
-    later); ``chat_template`` replaces the source's template: it is written as
-    ``chat_template.jinja`` and any ``chat_template`` key of ``tokenizer_config.json`` is dropped,
-    so that no runtime can pick the old one."""
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (root / name).is_file():
-            shutil.copyfile(root / name, dest / name)
-            copied.append(name)
-    if chat_template is not None:
-        (dest / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
-        config = dest / "tokenizer_config.json"
-        if config.is_file():
-            doc = json.loads(config.read_text(encoding="utf-8"))
-            if doc.pop("chat_template", None) is not None:
-                config.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        copied = sorted(set(copied) | {"chat_template.jinja"})
-    return copied

@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 
 from .atomic import atomic_output
-from .chat import HARMONY_TEMPLATE
+from .tokens.templates import HARMONY_TEMPLATE
 from .dtypes import f32_to_bf16
 from .formats import mxfp4
 from .formats.hf import generation_config
@@ -28,7 +28,7 @@ from .guard import refuse_stranger
 from .model import ModelConfig, TensorSpec, expected_tensors
 from .progress import SILENT, Progress
 from .shards import Planned, shard_names, total_bytes, write_shards
-from .tokenizer import write_tokenizer_files
+from .tokens.files import write_tokenizer_files
 
 PRESETS: dict[str, ModelConfig] = {
     # Small and fast; hidden != expert size so transposition mistakes show; 4 layers so both

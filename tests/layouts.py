@@ -19,7 +19,7 @@ def write_hub_layout(src: OriginalCheckpoint, out: Path) -> Path:
     specs, arrays = [], []
     for spec in src.specs:
         names, data = hf.hf_names(spec.name), src.raw(spec.name)
-        parts = np.split(data, np.cumsum(hf.qkv_split(src.config))[:-1]) if len(names) == 3 else [data]
+        parts = np.split(data, np.cumsum(src.config.qkv_rows)[:-1]) if len(names) == 3 else [data]
         for name, part in zip(names, parts):
             specs.append(TensorSpec(name, spec.dtype, part.shape))
             arrays.append(part)

@@ -24,7 +24,8 @@ from oss_convert.converters import metal as metal_converter
 from oss_convert.errors import InputError, OutputExistsError
 from oss_convert.formats import metal
 from oss_convert.formats.original import OriginalCheckpoint
-from oss_convert.tokenizer import load_ranks
+from oss_convert.tokens.files import TokenizerJson
+from oss_convert.tokens.vocabulary import load_ranks
 
 # Spec §4.1 test vectors, produced by the real script for the 20b config.
 HEADER_20B = bytes.fromhex(
@@ -111,7 +112,7 @@ def test_spec_test_vectors(converted):
 
 
 def test_text_tokens_from_tokenizer_json_are_o200k(metal_repo, converted):
-    tokens = metal_converter.tokens_from_tokenizer_json(metal_repo / "tokenizer.json")
+    tokens = TokenizerJson(metal_repo / "tokenizer.json").text_token_bytes(199998)
     ranks = load_ranks()  # bpe-openai's o200k_base, ranks 0..199997
     assert len(tokens) == 199998 and tokens == ranks
     assert max(map(len, tokens)) == 128  # the C decoder's signed-char length bug would bite here

@@ -22,7 +22,7 @@ from oss_convert.progress import Progress
 from oss_convert.formats import hf, mlx as mlx_format
 from oss_convert.formats.original import OriginalCheckpoint
 from oss_convert.formats.safetensors import SafetensorsFile, SafetensorsWriter
-from oss_convert.tokenizer import TOKENIZER_FILES
+from oss_convert.tokens.files import TOKENIZER_FILES
 
 from layouts import write_hub_layout
 from oracles import torch_reference_logits

@@ -24,6 +24,7 @@ from click.testing import CliRunner
 
 from oss_convert import quantize, synth
 from oss_convert.cli.main import cli
+from oss_convert.formats import mxfp4
 from oss_convert.formats.original import OriginalCheckpoint
 from oss_convert.verify.check import DEFAULT_MAX_KLD, DEFAULT_MIN_TOP1
 
@@ -247,9 +248,9 @@ def test_fine_tune_recipe_meets_its_bounds(recipe, requantized, dense_192, confi
             for which in ("mlp1", "mlp2"):
                 values = src.f32(f"block.{layer}.mlp.{which}_weight")
                 pair = got.mxfp4(layer, which)
-                assert np.array_equal(quantize.encode_with_scales(values, pair.scales), pair.blocks)
+                assert np.array_equal(mxfp4.encode_with_scales(values, pair.scales), pair.blocks)
                 blocks = values.reshape(*values.shape[:-1], -1, 32)
-                offset = pair.scales.astype(np.int32) - quantize.SCALE_BIAS - quantize.ocp_exponents(blocks)
+                offset = pair.scales.astype(np.int32) - mxfp4.SCALE_BIAS - mxfp4.ocp_exponents(blocks)
                 allowed = {0} if recipe == "ocp" else {-1, 0, 1}
                 assert set(np.unique(offset).tolist()) <= allowed
 

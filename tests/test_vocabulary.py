@@ -10,18 +10,17 @@ from pathlib import Path
 import pytest
 
 from oss_convert import artifacts, converters
+from oss_convert.tokens.vocabulary import Vocabulary
 from oss_convert.verify import vocabulary
 from oss_convert.verify.check import Inputs, verify
 
 FAST = Inputs(ctx=256, max_chunks=1)
 
 
-def _vocab_of(path: Path) -> vocabulary.Vocabulary:
-    from oss_convert.verify.text import find_tokenizer
-
+def _vocab_of(path: Path) -> Vocabulary:
     model = artifacts.open_canonical(path)
     try:
-        return vocabulary.of_artifact(model, find_tokenizer(path, model))
+        return model.embedded().vocabulary
     finally:
         model.close()
 
@@ -29,7 +28,7 @@ def _vocab_of(path: Path) -> vocabulary.Vocabulary:
 @pytest.mark.parametrize("target, name", [("gguf", "m.gguf"), ("mlx", "mlx"), ("hf", "hf")])
 def test_every_target_carries_the_reference_vocabulary(tiny_repo, tmp_path, target, name):
     out = converters.convert(tiny_repo, target, tmp_path / name).output
-    ref = vocabulary.from_tokenizer_json(tiny_repo)
+    ref = vocabulary.of_reference(tiny_repo / "tokenizer.json")
     art = _vocab_of(out)
     assert len(art.tokens) == len(ref.tokens) == 1003 and len(art.specials) == 21
     assert vocabulary.compare(ref, art, 1024) == []
@@ -39,7 +38,7 @@ def test_every_target_carries_the_reference_vocabulary(tiny_repo, tmp_path, targ
 
 def test_metal_carries_the_reference_vocabulary(metal_repo, tmp_path):
     out = converters.convert(metal_repo, "metal", tmp_path / "metal").output
-    ref = vocabulary.from_tokenizer_json(metal_repo)
+    ref = vocabulary.of_reference(metal_repo / "tokenizer.json")
     art = _vocab_of(out)
     assert len(art.tokens) == 199998 and {"<|return|>", "<|call|>", "<|start|>"} <= set(art.specials.values())
     assert vocabulary.compare(ref, art, 200014) == []
@@ -81,7 +80,7 @@ def _drop_special(repo: Path) -> None:
 ])
 def test_a_planted_defect_in_a_gguf_fails_naming_the_id(tiny_repo, tmp_path, edit, expect):
     bad = converters.convert(_edited_repo(tiny_repo, tmp_path, edit), "gguf", tmp_path / "bad.gguf").output
-    problems = vocabulary.compare(vocabulary.from_tokenizer_json(tiny_repo), _vocab_of(bad), 1024)
+    problems = vocabulary.compare(vocabulary.of_reference(tiny_repo / "tokenizer.json"), _vocab_of(bad), 1024)
     for text in expect:
         assert any(p.startswith(text) and "bad.gguf" in p for p in problems), problems
 

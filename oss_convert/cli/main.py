@@ -77,12 +77,11 @@ def inspect_cmd(path: str, as_json: bool, scan: bool) -> None:
 
 
 def _tokenizer_summary(path: str) -> dict:
-    from ..verify.text import find_tokenizer
     from ..verify.vocabulary import summary
 
     model = artifacts.open_canonical(path)
     try:
-        return summary(model, find_tokenizer(path, model))
+        return summary(model)
     finally:
         model.close()
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .. import chat, quantize
+from .. import quantize
+from ..tokens import templates as chat
 from ..atomic import publishing
 from ..errors import InputError, OssConvertError, OutputExistsError, UsageError
 from ..formats.gguf import OUTTYPES
@@ -34,7 +35,7 @@ from ..model import Source
 from ..progress import SILENT, Progress
 from ..provenance import manifest_hook, manifest_path
 from ..source_check import SourceCheck
-from ..tokenizer import TOKENIZER_FILES
+from ..tokens.files import TOKENIZER_FILES
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,6 @@ from ..atomic import atomic_outputs
 from ..errors import InputError
 from ..formats.gguf import (DEFAULT_OUTTYPE, LazyTensor, add_general, add_model_params, add_tokenizer, check_config,
                             encoder, gguf_names, new_writer, openai_to_ggml, outtypes, split_paths, gguf_py)
-from ..formats.hf import qkv_split
 from ..model import Source, iter_chunks
 from ..progress import SILENT, Progress
 from ..shards import parse_size
@@ -110,7 +109,7 @@ def plan(src: Source, outtype: str = DEFAULT_OUTTYPE) -> list[Planned]:
         p = f"block.{n}."
         add(p + "attn.norm.scale", _dense(src, p + "attn.norm.scale", (H,), Q.F32))
         start = 0
-        for i, count in enumerate(qkv_split(c)):
+        for i, count in enumerate(c.qkv_rows):
             part = slice(start, start + count)
             add(p + "attn.qkv.weight", _dense(src, p + "attn.qkv.weight", (count, H), main_type, rows=part), i)
             add(p + "attn.qkv.bias", _dense(src, p + "attn.qkv.bias", (count,), Q.F32, rows=part), i)

@@ -18,10 +18,11 @@ from pathlib import Path
 from .. import quantize
 from ..atomic import atomic_output
 from ..errors import InputError
-from ..formats.hf import HUB_SHARD_BYTES, generation_config, hf_names, hub_config, hub_shard_names, qkv_split
+from ..formats.hf import HUB_SHARD_BYTES, generation_config, hf_names, hub_config, hub_shard_names
 from ..model import Source, TensorSpec, expected_tensors
 from ..progress import SILENT, Progress
-from ..shards import Planned, copy_chunks, copy_tokenizer_files, group_by_size, parse_size, total_bytes, write_shards
+from ..tokens.files import copy_tokenizer_files
+from ..shards import Planned, copy_chunks, group_by_size, parse_size, total_bytes, write_shards
 
 
 def plan(src: Source, encoder: quantize.ExpertEncoder | None) -> list[Planned]:
@@ -31,7 +32,7 @@ def plan(src: Source, encoder: quantize.ExpertEncoder | None) -> list[Planned]:
         names = hf_names(spec.name)
         if len(names) == 3:  # q, k, v rows of the fused qkv
             start = 0
-            for hf_name, rows in zip(names, qkv_split(src.config)):
+            for hf_name, rows in zip(names, src.config.qkv_rows):
                 out.append(Planned(TensorSpec(hf_name, "BF16", (rows,) + spec.shape[1:]),
                                    copy_chunks(src, spec.name, slice(start, start + rows))))
                 start += rows

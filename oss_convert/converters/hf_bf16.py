@@ -19,10 +19,11 @@ import numpy as np
 
 from ..atomic import atomic_output
 from ..formats import mxfp4
-from ..formats.hf import hf_config, hf_names, is_dense_expert, qkv_split
-from ..model import Source, TensorSpec, expected_tensors, expert_name
+from ..formats.hf import hf_config, hf_names
+from ..model import Source, TensorSpec, expected_tensors, expert_name, is_expert_weight
 from ..progress import SILENT, Progress
-from ..shards import (DEFAULT_SHARD_SIZE, Planned, copy_chunks, copy_tokenizer_files, group_by_size, parse_size,
+from ..tokens.files import copy_tokenizer_files
+from ..shards import (DEFAULT_SHARD_SIZE, Planned, copy_chunks, group_by_size, parse_size,
                       shard_names,
                       total_bytes, write_shards)
 
@@ -35,11 +36,11 @@ def plan(src) -> list[Planned]:
         names = hf_names(spec.name)
         if len(names) == 3:
             start = 0
-            for hf_name, rows in zip(names, qkv_split(config)):
+            for hf_name, rows in zip(names, config.qkv_rows):
                 out.append(Planned(TensorSpec(hf_name, "BF16", (rows,) + spec.shape[1:]),
                                    copy_chunks(src, spec.name, slice(start, start + rows))))
                 start += rows
-        elif is_dense_expert(spec.name):
+        elif is_expert_weight(spec.name):
             E, rows, cols = spec.shape
             out.append(Planned(TensorSpec(names[0], "BF16", (E, cols, rows)), _experts_transposed(src, spec.name)))
         else:

@@ -16,7 +16,6 @@ Deliberate differences from upstream, none of which changes the bytes of a valid
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -26,10 +25,11 @@ from .. import hashing
 from ..atomic import atomic_output
 from ..errors import InputError
 from ..formats.metal import (ACTIVE_EXPERTS, HEAD_DIM, LAYOUT_UUID, MAGIC, MAX_SCALE, MODEL_UUID, NUM_INCLUDED_TOKENS,
-                             NUM_TEXT_TOKENS, UE8_OFFSET, Layout, MetalHeader, permute_qkv, tokenizer_section)
-from ..model import ModelConfig, Source
+                             UE8_OFFSET, Layout, MetalHeader, permute_qkv, tokenizer_section)
+from ..model import NUM_TEXT_TOKENS, ModelConfig, Source
 from ..progress import SILENT, Progress
-from ..tokenizer import O200K_PATTERN, _byte_to_unicode, load_ranks
+from ..tokens.files import TokenizerJson
+from ..tokens.vocabulary import O200K_PATTERN, load_ranks
 
 
 def convert(src: Source, out: Path, *, force: bool = False, progress: Progress = SILENT,
@@ -108,38 +108,11 @@ def text_tokens(src: Source, vocab: str | Path | None) -> list[bytes]:
         return load_ranks(NUM_TEXT_TOKENS, vocab)
     path = Path(src.repo_root) / "tokenizer.json"
     if path.is_file():
-        return tokens_from_tokenizer_json(path)
+        return TokenizerJson(path).text_token_bytes(NUM_TEXT_TOKENS)
     raise InputError(
         "the Metal model.bin embeds the tokenizer, but there is no tokenizer.json beside original/; pass "
         "--vocab o200k_base.tiktoken (the bpe-openai package ships it as bpe_openai/data/o200k_base.tiktoken.gz)",
         file=path)
-
-
-def tokens_from_tokenizer_json(path: Path) -> list[bytes]:
-    """Text tokens 0..199997 of a byte-level BPE ``tokenizer.json``, decoded back to bytes."""
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-        vocab = document["model"]["vocab"]
-        added = {entry["id"] for entry in document.get("added_tokens", [])}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"cannot read a BPE vocabulary from it: {exc}", file=path) from exc
-    by_id: dict[int, str] = {i: text for text, i in vocab.items() if i not in added}
-    missing = [i for i in range(NUM_TEXT_TOKENS) if i not in by_id]
-    if missing:
-        raise InputError(f"has no text token for ids {missing[:5]} ({len(missing)} missing); gpt-oss needs o200k "
-                         f"text tokens 0..{NUM_TEXT_TOKENS - 1}", file=path)
-    extra = sorted(i for i in by_id if i >= NUM_TEXT_TOKENS)
-    if extra:
-        raise InputError(f"has text tokens beyond id {NUM_TEXT_TOKENS - 1} (e.g. {extra[:3]}): not the gpt-oss "
-                         "o200k vocabulary", file=path)
-    to_byte = {ch: b for b, ch in _byte_to_unicode().items()}
-    tokens = []
-    for i in range(NUM_TEXT_TOKENS):
-        try:
-            tokens.append(bytes(to_byte[ch] for ch in by_id[i]))
-        except KeyError:
-            raise InputError(f"token {i} ({by_id[i]!r}) is not byte-level BPE text", file=path) from None
-    return tokens
 
 
 # --------------------------------------------------------------------------------------

@@ -27,12 +27,12 @@ import numpy as np
 
 from ..atomic import atomic_output
 from ..errors import InputError
-from ..formats.hf import generation_eos, qkv_split
 from ..formats.mlx import (AFFINE_GROUP_SIZE, AFFINE_RECIPES, ROUTER_QUANTIZATION, as_mlx_words,
                            missing_tokenizer_warning, mlx_config, mlx_names, total_parameters)
 from ..model import Source, TensorSpec, expected_tensors, gate_up_rows, iter_chunks
 from ..progress import SILENT, Progress
-from ..shards import (DEFAULT_SHARD_SIZE, Planned, copy_chunks, copy_tokenizer_files, group_by_size, parse_size,
+from ..tokens.files import copy_tokenizer_files, generation_eos
+from ..shards import (DEFAULT_SHARD_SIZE, Planned, copy_chunks, group_by_size, parse_size,
                       shard_names,
                       total_bytes, write_shards)
 
@@ -72,7 +72,7 @@ def plan(src: Source, recipe: str | None = None) -> tuple[list[Planned], dict]:
         p = f"block.{n}."
         plain(p + "attn.norm.scale")
         start = 0
-        for module, bias, size in zip(names(p + "attn.qkv.weight"), names(p + "attn.qkv.bias"), qkv_split(c)):
+        for module, bias, size in zip(names(p + "attn.qkv.weight"), names(p + "attn.qkv.bias"), c.qkv_rows):
             rows = slice(start, start + size)
             linear(module, p + "attn.qkv.weight", rows)
             plain(p + "attn.qkv.bias", rows, bias)

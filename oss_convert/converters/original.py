@@ -21,7 +21,8 @@ from ..errors import InputError
 from ..formats.original import dtypes_json
 from ..model import Source, expected_tensors
 from ..progress import SILENT, Progress
-from ..shards import Planned, copy_tokenizer_files, group_by_size, parse_size, shard_names, total_bytes, write_shards
+from ..tokens.files import copy_tokenizer_files
+from ..shards import Planned, group_by_size, parse_size, shard_names, total_bytes, write_shards
 
 REPORT_FILE = quantize.REPORT_FILE
 

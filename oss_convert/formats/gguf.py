@@ -34,8 +34,10 @@ import numpy as np
 from .. import hashing
 from ..dtypes import bf16_to_f32
 from ..errors import InputError
-from ..model import ModelConfig, Mxfp4Pair, interleave
-from .hf import RMS_NORM_EPS, hf_config
+from ..model import RMS_NORM_EPS, ModelConfig, Mxfp4Pair, interleave
+from ..tokens.files import CHAT_TEMPLATE_FILE, TokenizerJson
+from ..tokens.vocabulary import Embedded, Vocabulary, byte_level_bytes
+from .hf import hf_config
 
 ARCH = "gpt-oss"
 OUTTYPES = ("bf16", "f16", "q8_0")  # --outtype, the type of the non-expert matrices
@@ -283,78 +285,49 @@ def _looks_special(token: str) -> bool:
     return (token.startswith("<|") and token.endswith("|>")) or token in ("<pad>", "<mask>")
 
 
-def read_tokenizer_json(root: Path) -> dict:
-    """``root/tokenizer.json`` as a dict, or an ``InputError`` naming the file."""
-    path = root / "tokenizer.json"
-    if not path.is_file():
-        raise InputError("GGUF needs the tokenizer: tokenizer.json is missing beside original/ "
-                         "(copy it from the Hugging Face repo)", file=path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(doc, dict):
-            raise TypeError("not a JSON object")
-        return doc
-    except (OSError, ValueError, TypeError) as exc:
-        raise InputError(f"cannot read the tokenizer: {exc}", file=path) from exc
-
-
-def vocab(root: Path, vocab_size: int, doc: dict | None = None) -> tuple[list[str], list[int]]:
+def vocab(tokenizer: TokenizerJson, vocab_size: int) -> tuple[list[str], list[int]]:
     """Tokens and token types as ``get_vocab_base`` builds them from ``tokenizer.json``."""
-    g = gguf_py()
-    path = root / "tokenizer.json"
-    doc = read_tokenizer_json(root) if doc is None else doc
-    try:
-        model_vocab: dict[str, int] = doc["model"]["vocab"]
-        added = {t["id"]: t for t in doc.get("added_tokens", [])}
-    except (KeyError, TypeError) as exc:
-        raise InputError(f"cannot read the tokenizer vocabulary: {exc}", file=path) from exc
-    reverse = {i: t for t, i in model_vocab.items()}
-    reverse.update({i: t["content"] for i, t in added.items()})
+    TokenType = gguf_py().TokenType
+    reverse = tokenizer.by_id()
     if reverse and max(reverse) >= vocab_size:
-        raise InputError(f"token id {max(reverse)} does not fit the model's vocab_size {vocab_size}", file=path)
+        raise InputError(f"token id {max(reverse)} does not fit the model's vocab_size {vocab_size}",
+                         file=tokenizer.path)
     tokens, types = [], []
     for i in range(vocab_size):
         token = reverse.get(i)
         if token is None:
             tokens.append(f"[PAD{i}]")
-            types.append(int(g.TokenType.UNUSED))
-        elif i in added:
+            types.append(int(TokenType.UNUSED))
+        elif i in tokenizer.added:
             tokens.append(token)
-            special = added[i].get("special") or _looks_special(token)
-            types.append(int(g.TokenType.CONTROL if special else g.TokenType.USER_DEFINED))
+            special = tokenizer.added[i].get("special") or _looks_special(token)
+            types.append(int(TokenType.CONTROL if special else TokenType.USER_DEFINED))
         else:
             tokens.append(token)
-            types.append(int(g.TokenType.NORMAL))
+            types.append(int(TokenType.NORMAL))
     return tokens, types
-
-
-def _byte_level_post_processor(doc: dict) -> bool:
-    post = doc.get("post_processor") or {}
-    processors = post.get("processors", [post]) if isinstance(post, dict) else []
-    return any(isinstance(p, dict) and p.get("type") == "ByteLevel" for p in processors)
 
 
 def add_tokenizer(writer, root: Path, vocab_size: int, chat_template: str | None = None) -> None:
     """``_set_vocab_gpt2``: model/pre/tokens/types, then merges, special ids and chat template
     through gguf-py's ``SpecialVocab`` (the converter's own code path); ``chat_template``
     replaces the source's template."""
-    doc = read_tokenizer_json(root)
-    tokens, types = vocab(root, vocab_size, doc)
+    tokenizer = TokenizerJson.beside(root, needed_by="GGUF")
+    tokens, types = vocab(tokenizer, vocab_size)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(TOKENIZER_PRE)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    special = _special_vocab(root, doc)
-    special.merges = merges(doc, root)
+    special = _special_vocab(root, tokenizer.doc)
+    special.merges = merges(tokenizer)
     if not special.merges:
-        raise InputError("tokenizer.json has no BPE merges; llama.cpp's gpt2 tokenizer needs them",
-                         file=root / "tokenizer.json")
-    if special.chat_template is None and (root / "chat_template.jinja").is_file():
+        raise InputError("tokenizer.json has no BPE merges; llama.cpp's gpt2 tokenizer needs them", file=tokenizer.path)
+    if special.chat_template is None and (root / CHAT_TEMPLATE_FILE).is_file():
         # SpecialVocab reads the .jinja only beside a tokenizer_config.json; take it anyway.
-        special.chat_template = (root / "chat_template.jinja").read_text(encoding="utf-8")
+        special.chat_template = (root / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
     if chat_template is not None:
         special.chat_template = chat_template
-    if _byte_level_post_processor(doc):
+    if tokenizer.byte_level_post_processor():
         # llama.cpp's own gguf-py (vocab.py, _try_load_from_tokenizer_json) writes add_bos/add_eos
         # false for a ByteLevel post-processor, as gpt-oss's tokenizer.json has; older gguf
         # releases on PyPI do not, so say it here whichever gguf is installed.
@@ -386,11 +359,11 @@ def _special_vocab(root: Path, doc: dict):
         return g.SpecialVocab(view, load_merges=False)
 
 
-def merges(doc: dict, root: Path) -> list[str]:
+def merges(tokenizer: TokenizerJson) -> list[str]:
     """``SpecialVocab``'s merges from a parsed ``tokenizer.json``: "a b" strings, a space inside a
     part written as U+0120 (its rule since transformers 4.45 writes pairs), in one fast pass."""
-    found = (doc.get("model") or {}).get("merges")
-    if not isinstance(found, list) or not found:
+    found = tokenizer.merges()
+    if not found:
         return []
     if isinstance(found[0], str):
         return found
@@ -399,7 +372,7 @@ def merges(doc: dict, root: Path) -> list[str]:
         if set(map(len, found)) == {2} and "".join(joined).count(" ") == len(found):
             return joined  # pairs, and no part holds a space
         return [f"{a.replace(' ', chr(288))} {b.replace(' ', chr(288))}" for a, b in found]
-    raise InputError("unknown tokenizer merges format", file=root / "tokenizer.json")
+    raise InputError("unknown tokenizer merges format", file=tokenizer.path)
 
 
 def add_general(writer, root: Path) -> None:
@@ -761,6 +734,28 @@ class GgufModel:
             if kind not in kinds:
                 kinds.append(kind)
         return "+".join(kinds)
+
+    def embedded(self) -> Embedded:
+        """``tokenizer.ggml.tokens`` / ``token_type`` (CONTROL = special; UNUSED padding rows
+        skipped), ``tokenizer.ggml.{bos,eos,padding}_token_id``, ``tokenizer.chat_template``; llama.cpp
+        stops on the EOS (and EOT/EOM where declared)."""
+        TokenType = gguf_py().TokenType
+        tokens, types = self.value("tokenizer.ggml.tokens"), self.value("tokenizer.ggml.token_type")
+        if tokens is None or types is None or len(tokens) != len(types):
+            raise InputError("no usable tokenizer.ggml.tokens / token_type", file=self.path)
+        vocab = Vocabulary(str(self.path))
+        for i, (text, kind) in enumerate(zip(tokens, types)):
+            if kind == TokenType.CONTROL:
+                vocab.specials[i] = text
+            elif kind != TokenType.UNUSED:  # UNUSED: the converter's [PADn] rows
+                vocab.tokens[i] = byte_level_bytes(text) or text.encode("utf-8")
+        for role, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id")):
+            value = self.value(f"tokenizer.ggml.{key}")
+            vocab.ids[role] = int(value) if value is not None else None
+        stops = [self.value(f"tokenizer.ggml.{k}") for k in ("eos_token_id", "eot_token_id", "eom_token_id")]
+        template = self.value("tokenizer.chat_template")
+        return Embedded(vocab, ("GGUF tokenizer.chat_template", template) if template else None, "eos",
+                        sorted({int(i) for i in stops if i is not None}))
 
     # -- summaries ----------------------------------------------------------------------
 

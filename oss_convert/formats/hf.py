@@ -45,17 +45,15 @@ import numpy as np
 
 from ..dtypes import bf16_to_f32, f32_to_bf16
 from ..errors import InputError
-from ..tokenizer import SPECIAL_TOKENS, TOKENIZER_FILES, layout
+from ..tokens.files import TOKENIZER_FILES, FolderTokens
+from ..tokens.vocabulary import special_ids
 from . import mxfp4
 from .original import OriginalCheckpoint
-from ..model import ModelConfig, Mxfp4Pair, VocabRows, expected_tensors, iter_chunks
+from ..model import (RMS_NORM_EPS, SWIGLU_ALPHA, ModelConfig, Mxfp4Pair, VocabRows, expected_tensors,
+                     expert_name, is_expert_weight, is_windowed, iter_chunks)
 from .safetensors import ShardedReader
 
 MODEL_TYPE = "gpt_oss"
-# Values the torch reference hard-codes; a config that says otherwise describes another model.
-RMS_NORM_EPS = 1e-5
-SWIGLU_ALPHA = 1.702
-FIRST_SPECIAL_ID = 199998  # <|startoftext|> in the full o200k-harmony vocabulary
 
 
 # --------------------------------------------------------------------------------------
@@ -125,43 +123,12 @@ def hub_config(config: ModelConfig) -> dict:
 
 def generation_config(config: ModelConfig) -> dict:
     """The Hub's ``generation_config.json`` (after HF PR #105/#109): stop on return, endoftext and call."""
-    ids = {name: special_id(config.vocab_size, FIRST_SPECIAL_ID + SPECIAL_TOKENS.index(name))
-           for name in ("<|startoftext|>", "<|return|>", "<|endoftext|>", "<|call|>")}
-    return {"bos_token_id": ids["<|startoftext|>"], "do_sample": True,
-            "eos_token_id": [ids["<|return|>"], ids["<|endoftext|>"], ids["<|call|>"]],
-            "pad_token_id": ids["<|endoftext|>"]}
-
-
-def generation_eos(folder: Path):
-    """``eos_token_id`` (an id or a list) of ``folder/generation_config.json``; None when the
-    file or the key is missing. A file that is not JSON is an ``InputError`` naming it."""
-    path = Path(folder) / "generation_config.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-    except (ValueError, AttributeError) as exc:
-        raise InputError(f"cannot read the generation config: {exc}", file=path) from exc
-
-
-def qkv_split(config: ModelConfig) -> list[int]:
-    """Row counts of q, k and v inside the fused ``attn.qkv`` (reference row order)."""
-    d = config.head_dim
-    return [config.num_attention_heads * d, config.num_key_value_heads * d, config.num_key_value_heads * d]
-
-
-def is_dense_expert(name: str) -> bool:
-    return name.endswith(("mlp.mlp1_weight", "mlp.mlp2_weight"))
+    bos, ret, end, call = special_ids(config.vocab_size, "<|startoftext|>", "<|return|>", "<|endoftext|>", "<|call|>")
+    return {"bos_token_id": bos, "do_sample": True, "eos_token_id": [ret, end, call], "pad_token_id": end}
 
 
 # --------------------------------------------------------------------------------------
 # Config
-
-
-def special_id(vocab_size: int, full_id: int) -> int:
-    """Where a Harmony special of the full vocabulary (e.g. 200002) sits in a model's vocab."""
-    _, start = layout(vocab_size)
-    return start + full_id - FIRST_SPECIAL_ID
 
 
 def hf_config(config: ModelConfig, *, torch_dtype: str = "bfloat16") -> dict:
@@ -171,7 +138,7 @@ def hf_config(config: ModelConfig, *, torch_dtype: str = "bfloat16") -> dict:
         "architectures": ["GptOssForCausalLM"],
         "attention_bias": True,
         "attention_dropout": 0.0,
-        "eos_token_id": special_id(c.vocab_size, FIRST_SPECIAL_ID + SPECIAL_TOKENS.index("<|return|>")),
+        "eos_token_id": special_ids(c.vocab_size, "<|return|>")[0],
         "experts_per_token": c.experts_per_token,
         "head_dim": c.head_dim,
         "hidden_act": "silu",
@@ -179,7 +146,6 @@ def hf_config(config: ModelConfig, *, torch_dtype: str = "bfloat16") -> dict:
         "initial_context_length": c.initial_context_length,
         "initializer_range": 0.02,
         "intermediate_size": c.intermediate_size,
-        # the reference windows even layers (layer_idx % 2 == 0)
         "layer_types": hf_config_layer_types(c.num_hidden_layers),
         "max_position_embeddings": int(c.initial_context_length * c.rope_scaling_factor),
         "model_type": MODEL_TYPE,
@@ -189,7 +155,7 @@ def hf_config(config: ModelConfig, *, torch_dtype: str = "bfloat16") -> dict:
         "num_key_value_heads": c.num_key_value_heads,
         "num_local_experts": c.num_experts,
         "output_router_logits": False,
-        "pad_token_id": special_id(c.vocab_size, FIRST_SPECIAL_ID + SPECIAL_TOKENS.index("<|endoftext|>")),
+        "pad_token_id": special_ids(c.vocab_size, "<|endoftext|>")[0],
         "rms_norm_eps": RMS_NORM_EPS,
         # YaRN as the reference computes it: NTK-by-parts ramp between beta_slow (alpha) and
         # beta_fast (beta), no rounding of the ramp ends (truncate false), concentration
@@ -265,7 +231,7 @@ def model_config_from_hf(raw: dict, *, file: Path | None = None) -> ModelConfig:
 
 
 def hf_config_layer_types(layers: int) -> list[str]:
-    return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    return ["sliding_attention" if is_windowed(i) else "full_attention" for i in range(layers)]
 
 
 # --------------------------------------------------------------------------------------
@@ -283,7 +249,7 @@ def looks_hf(folder: str | Path) -> bool:
             and any(folder.glob("*.safetensors")))
 
 
-class HfCheckpoint(ShardedReader, VocabRows):
+class HfCheckpoint(ShardedReader, VocabRows, FolderTokens):
     """A validated, memory-mapped HF-layout folder seen through ``original/`` names.
 
     ``raw(name)`` gives BF16 bits (uint16) of a canonical tensor: zero-copy views for plain
@@ -318,9 +284,9 @@ class HfCheckpoint(ShardedReader, VocabRows):
         for spec in self.specs:
             names = self._sources(spec.name)
             if spec.name.endswith("attn.qkv.weight") or spec.name.endswith("attn.qkv.bias"):
-                for hf_name, rows in zip(names, qkv_split(self.config)):
+                for hf_name, rows in zip(names, self.config.qkv_rows):
                     expected[hf_name] = ((rows,) + spec.shape[1:], floats)
-            elif is_dense_expert(spec.name):
+            elif is_expert_weight(spec.name):
                 E, rows, cols = spec.shape
                 expected[names[0]] = ((E, cols, rows), floats)
             elif spec.dtype == "U8":
@@ -373,18 +339,18 @@ class HfCheckpoint(ShardedReader, VocabRows):
         if name.endswith((".blocks", ".scales")):
             return self._array(sources[0])
         bits = self._bits(sources[0])
-        return bits.transpose(0, 2, 1) if is_dense_expert(name) else bits
+        return bits.transpose(0, 2, 1) if is_expert_weight(name) else bits
 
     def f32(self, name: str) -> np.ndarray:
         """A canonical tensor as float32: BF16 widened, F32/F16 as stored, MXFP4 experts decoded."""
-        if is_dense_expert(name) and self.experts == "mxfp4":
-            layer, which = int(name.split(".")[1]), name.split(".")[3].split("_")[0]
+        if is_expert_weight(name) and self.experts == "mxfp4":
+            layer, which = expert_name(name)
             pair = self.mxfp4(layer, which)
             return mxfp4.decode(pair.blocks, pair.scales)
         sources = self._sources(name)
         if len(sources) == 1 and self.entries[sources[0]].dtype != "BF16":
             array = self._array(sources[0]).astype(np.float32)  # not rounded to BF16
-            return array.transpose(0, 2, 1) if is_dense_expert(name) else array
+            return array.transpose(0, 2, 1) if is_expert_weight(name) else array
         return bf16_to_f32(np.ascontiguousarray(self.raw(name)))
 
     def mxfp4(self, layer: int, which: str) -> Mxfp4Pair | None:
@@ -400,7 +366,7 @@ class HfCheckpoint(ShardedReader, VocabRows):
 
     def release(self, name: str) -> None:
         """Unmap the pages behind a canonical tensor once streamed (as ``OriginalCheckpoint.release``)."""
-        if is_dense_expert(name) and self.experts == "mxfp4":
+        if is_expert_weight(name) and self.experts == "mxfp4":
             names = [name + ".blocks", name + ".scales"]
         else:
             names = [name]
@@ -414,7 +380,7 @@ class HfCheckpoint(ShardedReader, VocabRows):
         return self._array(sources[0]) if len(sources) == 1 and self.entries[sources[0]].dtype == "BF16" else None
 
     def storage(self, name: str) -> str:
-        if is_dense_expert(name) and self.experts == "mxfp4":
+        if is_expert_weight(name) and self.experts == "mxfp4":
             return "MXFP4"
         return self.entries[self._sources(name)[0]].dtype
 

@@ -37,8 +37,9 @@ import numpy as np
 
 from ..dtypes import bf16_to_f32, f32_to_bf16
 from ..errors import InputError
+from ..tokens.vocabulary import ROLES, Embedded, Vocabulary
 from . import mxfp4
-from ..model import VOCAB_TENSORS, ModelConfig, Mxfp4Pair, VocabRows
+from ..model import NUM_TEXT_TOKENS, RMS_NORM_EPS, VOCAB_TENSORS, ModelConfig, Mxfp4Pair, VocabRows, expert_name
 
 MAGIC = b"GPT-OSS v1.0"
 MODEL_UUID = UUID("df52dc86-1789-4ed0-a295-66f10508145b").bytes
@@ -52,11 +53,9 @@ PAGE = 16384  # the format assumes Apple Silicon's 16 KiB pages
 ALIGN = 16
 UE8_OFFSET = 14  # the Metal kernels read a scale byte as float exponent bits, 2^(s-127) needs s+14
 MAX_SCALE = 254 - UE8_OFFSET  # a stored 255 would decode to inf
-NUM_TEXT_TOKENS = 199998
 NUM_INCLUDED_TOKENS = 200014  # create-local-model.py: num_included_tokens = 200013 + 1
 HEAD_DIM = 64  # the converter's q/k scaling and the kernels assume it
 ACTIVE_EXPERTS = 4  # the writer hard-codes it; the runtime has only top-4 kernels
-RMSNORM_EPSILON = 1e-5
 
 _UUID = {name: UUID(text).bytes for name, text in {
     "<|untrusted|>": "07d7da55-b346-4cff-8b37-7cefacf8a3e8",
@@ -128,7 +127,7 @@ class MetalHeader:
             num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads, attention_window=c.sliding_window,
             rope_theta=c.rope_theta, interpolation_scale=1.0 / c.rope_scaling_factor,
             yarn_offset=-yarn_low / (yarn_high - yarn_low), yarn_scale=1.0 / (yarn_high - yarn_low),
-            yarn_multiplier=0.1 * math.log(c.rope_scaling_factor) + 1.0, rmsnorm_epsilon=RMSNORM_EPSILON,
+            yarn_multiplier=0.1 * math.log(c.rope_scaling_factor) + 1.0, rmsnorm_epsilon=RMS_NORM_EPS,
         )
 
     def pack(self) -> bytes:
@@ -412,6 +411,18 @@ class MetalModel(VocabRows):
         start = PREFIX_SIZE + 16 * self.num_special + self.regex_size
         return split_tokens(memoryview(self._mmap)[start:start + self.tokens_size], self.num_text, file=self.path)
 
+    def embedded(self) -> Embedded:
+        """Its 199998 text tokens and the special slots it names (by UUID, after upstream's own
+        table); no BOS/EOS and no chat template: the runtime knows its stop tokens."""
+        vocab = Vocabulary(str(self.path), named_slots_only=True, ids={role: None for role in ROLES})
+        tokens = self.text_tokens()
+        vocab.tokens = dict(enumerate(tokens))
+        for offset, uuid in enumerate(self.special_uuids()):
+            name = UUID_NAMES.get(uuid)
+            if name is not None:  # unnamed slots hold a zero UUID upstream: nothing to compare
+                vocab.specials[len(tokens) + offset] = name
+        return Embedded(vocab, None, "runtime", None)
+
     # -- tensors ------------------------------------------------------------------------
 
     def _view(self, slot: Slot) -> np.ndarray:
@@ -442,7 +453,7 @@ class MetalModel(VocabRows):
         if name.endswith(("mlp1_bias", "mlp2_bias")):
             return self.expert_part(int(parts[1]), parts[3])
         if name.endswith((".blocks", ".scales")):
-            pair = self.mxfp4(int(parts[1]), parts[3].split("_")[0])
+            pair = self.mxfp4(*expert_name(name))
             return pair.blocks if name.endswith(".blocks") else pair.scales
         if name.endswith(("attn.qkv.weight", "attn.qkv.bias")):
             return f32_to_bf16(self.f32(name))
@@ -451,7 +462,7 @@ class MetalModel(VocabRows):
     def f32(self, name: str) -> np.ndarray:
         parts = name.split(".")
         if name.endswith(("mlp1_weight", "mlp2_weight")):
-            pair = self.mxfp4(int(parts[1]), parts[3].split("_")[0])
+            pair = self.mxfp4(*expert_name(name))
             return mxfp4.decode(pair.blocks, pair.scales)
         if name.endswith(("attn.qkv.weight", "attn.qkv.bias")):
             return unpermute_qkv(self.stored(name), self.header.num_heads, self.header.num_kv_heads, self.header.head_dim)
@@ -507,7 +518,7 @@ def open_canonical(path: str | Path) -> MetalModel:
 
 def describe(path: str | Path, *, scan: bool = False) -> dict:
     """Header, tokenizer summary, sizes and validation for ``inspect``."""
-    from ..tokenizer import O200K_PATTERN
+    from ..tokens.vocabulary import O200K_PATTERN
 
     with MetalModel(path) as model:
         layout = model.layout

@@ -28,9 +28,9 @@ from ..dtypes import bf16_to_f32
 from ..errors import InputError
 from ..model import (VOCAB_TENSORS, ModelConfig, Mxfp4Pair, TensorSpec, VocabRows, expert_name, interleave,
                      is_expert_weight)
-from ..tokenizer import TOKENIZER_FILES
+from ..tokens.files import TOKENIZER_FILES, FolderTokens
 from . import mxfp4
-from .hf import hf_config, model_config_from_hf, qkv_split
+from .hf import hf_config, model_config_from_hf
 from .safetensors import SafetensorsFile, ShardedReader
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
@@ -163,7 +163,7 @@ def _modules(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every weight-bearing module (possibly quantized) -> its logical weight shape."""
     c = config
     H, I, E, V = c.hidden_size, c.intermediate_size, c.num_experts, c.vocab_size
-    q, k, v = qkv_split(c)
+    q, k, v = c.qkv_rows
     shapes = {"model.embed_tokens": (V, H), "lm_head": (V, H)}
     for n in range(c.num_hidden_layers):
         a, m = f"model.layers.{n}.self_attn.", f"model.layers.{n}.mlp."
@@ -179,7 +179,8 @@ def _plain_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     c = config
     H, I, E = c.hidden_size, c.intermediate_size, c.num_experts
     shapes = {"model.norm.weight": (H,)}
-    for n, (q, k, v) in ((n, qkv_split(c)) for n in range(c.num_hidden_layers)):
+    q, k, v = c.qkv_rows
+    for n in range(c.num_hidden_layers):
         a, m = f"model.layers.{n}.self_attn.", f"model.layers.{n}.mlp."
         shapes.update({
             f"model.layers.{n}.input_layernorm.weight": (H,), f"model.layers.{n}.post_attention_layernorm.weight": (H,),
@@ -205,7 +206,7 @@ class Quantized:
         return self.mode == "mxfp4" and self.bits == 4 and self.group_size == 32
 
 
-class MlxModel(ShardedReader, VocabRows):
+class MlxModel(ShardedReader, VocabRows, FolderTokens):
     """A validated, memory-mapped MLX gpt-oss folder under ``original/`` names (``CanonicalModel``)."""
 
     def __init__(self, path: str | Path):

@@ -34,10 +34,6 @@ FP4_VALUES = np.array(
 SCALE_BIAS = 127
 SCALE_NAN = 255
 _EMAX_E2M1 = 2
-# Midpoints between neighbouring FP4 magnitudes, and whether a tie there rounds up
-# (the upper neighbour's code is even, i.e. its mantissa bit is 0).
-_MIDPOINTS = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=np.float32)
-_TIE_ROUNDS_UP = np.array([False, True, False, True, False, True, False])
 
 
 def count_nan_scales(scales: np.ndarray) -> int:
@@ -144,35 +140,67 @@ def decode_slow(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
         return np.ldexp(values, scales.astype(np.int32)[..., None] - SCALE_BIAS)
 
 
-def encode(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Quantize float values ``[*P, N]`` (N a multiple of 32) to ``(blocks, scales)``.
-
-    OCP MX rules, documented in the module docstring. NaN input is rejected.
-    """
+def as_blocks(values: np.ndarray) -> np.ndarray:
+    """``[*P, N]`` finite values -> ``[*P, N/32, 32]`` float32 (a view when possible)."""
     x = np.asarray(values, dtype=np.float32)
     if x.shape[-1] % BLOCK:
         raise ValueError(f"last dimension {x.shape[-1]} is not a multiple of {BLOCK}")
     if not np.isfinite(x).all():
         raise ValueError("cannot encode NaN or infinity to MXFP4")
-    x = x.reshape(x.shape[:-1] + (x.shape[-1] // BLOCK, BLOCK))
+    return x.reshape(x.shape[:-1] + (x.shape[-1] // BLOCK, BLOCK))
+
+
+def ocp_exponents(x: np.ndarray) -> np.ndarray:
+    """Shared exponent per ``[..., 32]`` block by OCP rules: ``floor(log2 amax) - 2``, clipped
+    to what a scale byte holds (0 for an all-zero block's scale)."""
     amax = np.abs(x).max(axis=-1)
     _, exp = np.frexp(amax)  # amax = m * 2**exp, m in [0.5, 1) -> floor(log2 amax) = exp - 1
     shared = np.where(amax > 0, exp.astype(np.int32) - 1 - _EMAX_E2M1, -SCALE_BIAS)
-    shared = np.clip(shared, -SCALE_BIAS, SCALE_NAN - 1 - SCALE_BIAS)
-    scaled = np.ldexp(x, -shared[..., None])
-    codes = _round_to_fp4(scaled)
-    blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    return np.clip(shared, -SCALE_BIAS, SCALE_NAN - 1 - SCALE_BIAS).astype(np.int32)
+
+
+def fp4_round(y: np.ndarray) -> np.ndarray:
+    """Nearest FP4 value (sign kept), ties to the even code, saturating at 6.
+
+    The E2M1 grid has spacing 0.5 below 2, 1 below 4 and 2 up to 6, and within each range
+    the even multiples of the spacing are exactly the even codes, so ``rint`` (ties to even)
+    on ``y / spacing`` is the OCP rounding, with no table search.
+    """
+    m = np.minimum(np.abs(y), np.float32(6))
+    inverse_step = np.where(m < 2, np.float32(2), np.where(m < 4, np.float32(1), np.float32(0.5)))
+    return np.copysign(np.rint(m * inverse_step) / inverse_step, y)
+
+
+def fp4_codes(y: np.ndarray) -> np.ndarray:
+    """The 4-bit code of ``fp4_round(y)`` (bit 3 the sign of ``y``, so -0.1 gives -0)."""
+    q = np.abs(fp4_round(y))
+    code = np.where(q < 2, q * 2, np.where(q < 4, q + 2, q * 0.5 + 4)).astype(np.uint8)
+    return code | (np.signbit(y).astype(np.uint8) << 3)
+
+
+def pack_codes(codes: np.ndarray) -> np.ndarray:
+    """``[..., 32]`` codes -> ``[..., 16]`` bytes, element 2j in the low nibble."""
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def encode_with_exponents(x: np.ndarray, shared: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(blocks, scales)`` of ``[..., G, 32]`` blocks ``x`` under the shared exponents ``[..., G]``."""
+    blocks = pack_codes(fp4_codes(np.ldexp(x, -shared[..., None])))
     return blocks, (shared + SCALE_BIAS).astype(np.uint8)
 
 
-def _round_to_fp4(scaled: np.ndarray) -> np.ndarray:
-    """FP4 code of each value: nearest magnitude, ties to the even code, saturate at 6."""
-    magnitude = np.abs(scaled)
-    below = np.searchsorted(_MIDPOINTS, magnitude, side="left")  # midpoints strictly below
-    on_midpoint = np.searchsorted(_MIDPOINTS, magnitude, side="right") - below
-    tie_up = on_midpoint.astype(bool) & _TIE_ROUNDS_UP[np.minimum(below, len(_MIDPOINTS) - 1)]
-    code = (below + tie_up).astype(np.uint8)
-    return code | (np.signbit(scaled).astype(np.uint8) << 3)
+def encode_with_scales(values: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """FP4 blocks of ``[*P, N]`` values for given scale bytes ``[*P, N/32]``."""
+    return encode_with_exponents(as_blocks(values), scales.astype(np.int32) - SCALE_BIAS)[0]
+
+
+def encode(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize float values ``[*P, N]`` (N a multiple of 32) to ``(blocks, scales)``.
+
+    OCP MX rules, documented in the module docstring. NaN and infinity are rejected.
+    """
+    x = as_blocks(values)
+    return encode_with_exponents(x, ocp_exponents(x))
 
 
 def tighten(blocks: np.ndarray, rng: np.random.Generator) -> np.ndarray:

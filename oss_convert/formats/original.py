@@ -17,6 +17,7 @@ import numpy as np
 
 from ..dtypes import bf16_to_f32
 from ..errors import InputError
+from ..tokens.files import FolderTokens
 from ..model import (ModelConfig, Mxfp4Pair, TensorSpec, VocabRows, expected_tensors, expert_name, is_expert_weight,
                      iter_chunks)
 from . import mxfp4
@@ -67,7 +68,7 @@ def resolve(source: str | Path) -> Path:
 # Reading
 
 
-class OriginalCheckpoint(ShardedReader, VocabRows):
+class OriginalCheckpoint(ShardedReader, VocabRows, FolderTokens):
     """A validated, memory-mapped ``original/`` checkpoint.
 
     ``raw(name)`` gives zero-copy views (BF16 as uint16 bits, MXFP4 parts as uint8); nothing is

@@ -124,7 +124,7 @@ def verify(artifact: str | Path, reference: str | Path, inputs: Inputs, *, max_k
         tensors = compare_models(ref_model, art) if ref_model is not None else None
         found, ref_json = textmod.find_tokenizer(artifact, art), _reference_tokenizer(ref)
         tokenizer = _check_tokenizer(art, found, ref_json, ref)
-        template = chat_template.check(art, found, ref_json, strict=strict_chat_template)
+        template = chat_template.check(art, ref_json, strict=strict_chat_template)
         if ref_model is not None:
             ref_model.close()
         timings = {"reference_s": round(t_ref - t0, 3) if ref_model is not None or not _is_cache(reference) else 0.0,
@@ -150,24 +150,25 @@ def _is_cache(reference: str | Path) -> bool:
 
 
 def _check_tokenizer(model, found: Path | None, ref_json: Path | None, ref: Reference) -> dict:
-    """The artifact's vocabulary (every id's bytes, the specials, BOS/EOS/pad; its tokenizer.json
-    is ``found``) against the reference repo's ``ref_json``, and its tokenizer's ids for the
-    reference's text."""
+    """What the artifact embeds (every id's bytes, the specials, BOS/EOS/pad, the stop ids)
+    against the reference repo's ``ref_json``, and its tokenizer's ids (``found``, its
+    tokenizer.json) for the reference's text."""
     from . import vocabulary
 
     result: dict = {"checked": False}
     source = ref.meta.get("input", {})
-    art_vocab = vocabulary.of_artifact(model, found)
-    if ref_json is None or art_vocab is None:
+    embedded = model.embedded()
+    if ref_json is None or embedded is None or embedded.vocabulary is None:
         result["reason"] = ("no tokenizer.json beside the reference" if ref_json is None
                             else "the artifact carries no tokenizer")
     else:
-        ref_vocab = vocabulary.from_tokenizer_json(ref_json.parent)
-        problems = vocabulary.compare(ref_vocab, art_vocab, min(model.config.vocab_size, ref.vocab_size))
-        stop_problems, stop_notes = vocabulary.stop_problems(model, art_vocab, found)
+        art_vocab = embedded.vocabulary
+        problems = vocabulary.compare(vocabulary.of_reference(ref_json), art_vocab,
+                                      min(model.config.vocab_size, ref.vocab_size))
+        stop_problems, stop_notes = vocabulary.stop_problems(embedded)
         result.update(checked=True, vocabulary=art_vocab.file, reference_tokenizer=str(ref_json),
                       same_vocabulary=not problems, vocabulary_problems=problems,
-                      stop_ids=vocabulary.stop_ids(model, art_vocab, found), stop_problems=stop_problems,
+                      stop_ids=vocabulary.stop_ids(embedded), stop_problems=stop_problems,
                       stop_notes=stop_notes)
     text = _same_ids(found, source, ref)
     result.update(text)

@@ -38,14 +38,12 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
-from ..model import CanonicalModel, ModelConfig, logical_names
+from ..model import RMS_NORM_EPS, SWIGLU_ALPHA, CanonicalModel, ModelConfig, logical_names
 from ..formats import mxfp4
 from ..formats.mlx import as_mlx_words
 
 Routing = Callable[[int, np.ndarray, int], np.ndarray]  # (layer, router logits [N, E], k) -> expert ids [N, k]
 
-RMS_EPS = 1e-5  # hard-coded in the reference's RMSNorm
-SWIGLU_ALPHA = 1.702  # hard-coded in the reference's swiglu
 
 
 def rope_tables(config: ModelConfig, num_tokens: int) -> tuple[np.ndarray, np.ndarray]:
@@ -121,7 +119,7 @@ def attend(q, k, v, sinks, window: int, xp):
 
 def rms_norm(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """The reference's RMSNorm in float32: ``x * rsqrt(mean(x^2) + eps) * scale``."""
-    return x * (np.float32(1) / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(RMS_EPS))) * scale
+    return x * (np.float32(1) / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(RMS_NORM_EPS))) * scale
 
 
 def swiglu(h, limit: float, xp):
@@ -129,11 +127,6 @@ def swiglu(h, limit: float, xp):
     glu = xp.minimum(h[..., 0::2], limit)
     linear = xp.clip(h[..., 1::2], -limit, limit)
     return glu * (1 / (1 + xp.exp(-SWIGLU_ALPHA * glu))) * (linear + 1)
-
-
-def layer_window(config: ModelConfig, layer: int) -> int:
-    """The reference windows even layers (layer 0 included); odd layers attend to everything."""
-    return config.sliding_window if layer % 2 == 0 else 0
 
 
 class Runner:
@@ -261,9 +254,10 @@ class Runner:
     def _qkv_split(self, qkv, C: int, T: int):
         c = self.config
         nq, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        q = qkv[..., : nq * hd].reshape(C, T, nq, hd)
-        k = qkv[..., nq * hd: (nq + nkv) * hd].reshape(C, T, nkv, hd)
-        v = qkv[..., (nq + nkv) * hd: (nq + 2 * nkv) * hd].reshape(C, T, nkv, hd)
+        q_rows, k_rows, _ = c.qkv_rows
+        q = qkv[..., :q_rows].reshape(C, T, nq, hd)
+        k = qkv[..., q_rows:q_rows + k_rows].reshape(C, T, nkv, hd)
+        v = qkv[..., q_rows + k_rows:].reshape(C, T, nkv, hd)
         return q, k, v
 
     def _choose_experts(self, layer: int, router, xp):
@@ -296,7 +290,7 @@ class Runner:
         for i in range(C):  # query head h = kv * group + m uses kv head kv
             qi = np.ascontiguousarray((q[i] * scale).reshape(T, nkv, group, hd).transpose(1, 2, 0, 3))
             ki, vi = np.ascontiguousarray(k[i].transpose(1, 0, 2)), np.ascontiguousarray(v[i].transpose(1, 0, 2))
-            out[i] = attend(qi, ki, vi, sinks, layer_window(c, layer), np).reshape(T, nq * hd)
+            out[i] = attend(qi, ki, vi, sinks, c.window(layer), np).reshape(T, nq * hd)
         y = out.reshape(C * T, -1) @ self._f32(p + "out.weight").T + self._f32(p + "out.bias")
         return x + y.reshape(C, T, H)
 
@@ -335,14 +329,14 @@ class Runner:
         C, T, _ = x.shape
         nq, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         group = nq // nkv
-        t = mx.fast.rms_norm(x, self._w(p + "norm.scale"), RMS_EPS)
+        t = mx.fast.rms_norm(x, self._w(p + "norm.scale"), RMS_NORM_EPS)
         qkv = t @ self._w(p + "qkv.weight").T + self._w(p + "qkv.bias")
         q, k, v = self._qkv_split(qkv, C, T)
         q, k = _rope(q, cos, sin, mx), _rope(k, cos, sin, mx)
         sinks = self._w(p + "sinks").reshape(nkv, group)
         q = (q * (1.0 / math.sqrt(hd))).reshape(C, T, nkv, group, hd).transpose(0, 2, 3, 1, 4)  # [C, nkv, group, T, hd]
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [C, nkv, T, hd]
-        attn = mx.stack([attend(q[i], k[i], v[i], sinks, layer_window(c, layer), mx) for i in range(C)])
+        attn = mx.stack([attend(q[i], k[i], v[i], sinks, c.window(layer), mx) for i in range(C)])
         attn = attn.reshape(C, T, nq * hd)
         return x + attn @ self._w(p + "out.weight").T + self._w(p + "out.bias")
 
@@ -350,7 +344,7 @@ class Runner:
         c = self.config
         p = f"block.{layer}.mlp."
         C, T, H = x.shape
-        t = mx.fast.rms_norm(x, self._w(p + "norm.scale"), RMS_EPS).reshape(C * T, H)
+        t = mx.fast.rms_norm(x, self._w(p + "norm.scale"), RMS_NORM_EPS).reshape(C * T, H)
         router = t @ self._w(p + "gate.weight").T + self._w(p + "gate.bias")
         indices = self._choose_experts(layer, router, mx)
         expert_weights = mx.softmax(mx.take_along_axis(router, indices, axis=-1), axis=-1, precise=True)

@@ -8,7 +8,7 @@ the artifact differs from Harmony where the reference's template does not, or re
 differently from the reference's where neither matches Harmony) from one the official
 template already has (those are reported, conversation by conversation, and fail only with
 ``strict``). An artifact with no template is "not checked", never "pass".
-Imports: base and support modules, ``verify.vocabulary``.
+Imports: base modules, ``tokens``.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from .. import chat, harmony
+from ..tokens import harmony, templates as chat
 from ..errors import InputError
-from . import vocabulary
+from ..tokens.files import chat_template as folder_template
 
 
-def check(model, tokenizer_json: Path | None, reference_tokenizer: Path | None, strict: bool = False) -> dict:
-    found = vocabulary.chat_template(model, tokenizer_json)
+def check(model, reference_tokenizer: Path | None, strict: bool = False) -> dict:
+    embedded = model.embedded()
+    found = embedded.chat_template if embedded is not None else None
     if found is None:
         return {"checked": False, "reason": "the artifact carries no chat template"}
     source, text = found
@@ -36,7 +37,7 @@ def check(model, tokenizer_json: Path | None, reference_tokenizer: Path | None, 
         template = chat.compile_template(text, source)
     except InputError as exc:
         return {**result, "parse_error": str(exc), "conversations": [], "regressions": []}
-    reference = vocabulary.chat_template(None, reference_tokenizer) if reference_tokenizer is not None else None
+    reference = folder_template(reference_tokenizer.parent) if reference_tokenizer is not None else None
     ref_template = None
     if reference is not None and reference[1] != text:
         try:

@@ -154,8 +154,6 @@ def _compare_requantized(name: str, storage: str, ref: CanonicalModel, got) -> T
     """MXFP4 experts encoded from a dense source (a fine-tune): each block must be the exact FP4
     rounding of the source under its stored scale, and that scale the OCP one or a neighbour
     (``--recipe search`` moves it at most one step). Anything else is a wrong encoding."""
-    from ..quantize import SCALE_BIAS, encode_with_scales, ocp_exponents
-
     dense = ref.f32(name)
     if dense.shape[:-1] != got.scales.shape[:-1] or dense.shape[-1] != got.scales.shape[-1] * mxfp4.BLOCK:
         return TensorResult(name, storage, "differs", float("inf"),
@@ -163,9 +161,9 @@ def _compare_requantized(name: str, storage: str, ref: CanonicalModel, got) -> T
     problems, worst = [], 0.0
     for e in range(dense.shape[0]):
         values, scales, blocks = dense[e], np.asarray(got.scales[e]), np.asarray(got.blocks[e])
-        offset = scales.astype(np.int32) - SCALE_BIAS - ocp_exponents(values.reshape(*values.shape[:-1], -1, 32))
+        offset = scales.astype(np.int32) - mxfp4.SCALE_BIAS - mxfp4.ocp_exponents(values.reshape(*values.shape[:-1], -1, 32))
         bad_scales = int((np.abs(offset) > 1).sum())
-        bad_blocks = int(np.any(encode_with_scales(values, scales) != blocks, axis=-1).sum())
+        bad_blocks = int(np.any(mxfp4.encode_with_scales(values, scales) != blocks, axis=-1).sum())
         worst = max(worst, float(np.abs(mxfp4.decode(blocks, scales) - values).max()))
         if bad_scales or bad_blocks:
             problems.append(f"expert {e}: {bad_blocks} blocks not the rounding of the source, "

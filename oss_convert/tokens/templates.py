@@ -25,8 +25,8 @@ from datetime import date as _date
 from importlib import resources
 from pathlib import Path
 
+from ..errors import InputError
 from . import harmony
-from .errors import InputError
 
 CHECK_DATE = "2025-08-05"  # what strftime_now gives in the check; Harmony is given the same date
 CONTEXT_TOKENS = 12  # tokens of context shown on each side of a first difference

@@ -37,7 +37,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
 O200K_FILE = "o200k_base.tiktoken"
 STOP_TEXTS = ("<|return|>", "<|call|>")  # Harmony's stop_tokens_for_assistant_actions()

@@ -1,4 +1,4 @@
-"""The o200k tokenizer gpt-oss uses: vocabulary loading and the Hugging Face tokenizer files.
+"""The o200k vocabulary gpt-oss uses, and what an artifact embeds of it.
 
 gpt-oss text tokens are o200k_base ranks 0..199997 (byte strings); the Harmony specials follow
 at 199998..200018 and the embedding has padding rows up to 201088. The full vocabulary comes
@@ -7,19 +7,26 @@ are bundled here so tiny synthetic models need neither.
 
 Tiny synthetic models (vocab_size < 200019) keep the same structure, shrunk: the first
 ``vocab_size - 21`` ranks as text tokens and the 21 specials on the last ids.
+
+``Vocabulary`` is one artifact's tokenizer as the verifier compares it (every text token's
+bytes, the specials at their ids, BOS/EOS/pad), and ``Embedded`` everything an artifact carries
+for a runtime (that vocabulary, its chat template, the ids generation stops on): each format's
+reader builds its own (``CanonicalModel.embedded``). Imports: base modules.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import gzip
-import json
 from importlib import resources
 from pathlib import Path
 
-from .errors import InputError
+from dataclasses import dataclass, field
 
-NUM_TEXT_TOKENS = 199998
+from ..errors import InputError
+from ..model import NUM_TEXT_TOKENS
+
 O200K_PATTERN = "|".join([
     r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
     r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
@@ -90,7 +97,19 @@ def layout(vocab_size: int) -> tuple[int, int]:
     return text, text
 
 
-def _byte_to_unicode() -> dict[int, str]:
+def special_id(vocab_size: int, full_id: int) -> int:
+    """Where a Harmony special of the full vocabulary (e.g. 200002) sits in a model's vocab."""
+    _, start = layout(vocab_size)
+    return start + full_id - NUM_TEXT_TOKENS
+
+
+def special_ids(vocab_size: int, *names: str) -> list[int]:
+    """The ids of Harmony specials by name (``"<|return|>"``) in a model of ``vocab_size``."""
+    return [special_id(vocab_size, NUM_TEXT_TOKENS + SPECIAL_TOKENS.index(name)) for name in names]
+
+
+@functools.lru_cache(maxsize=1)
+def byte_to_unicode() -> dict[int, str]:
     """GPT-2's printable stand-ins for bytes, used by byte-level BPE vocabularies."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     mapping, extra = {}, 0
@@ -103,7 +122,26 @@ def _byte_to_unicode() -> dict[int, str]:
     return mapping
 
 
-def _merges(tokens: list[bytes]) -> list[tuple[bytes, bytes]]:
+@functools.lru_cache(maxsize=1)
+def unicode_to_byte() -> dict[str, int]:
+    return {ch: b for b, ch in byte_to_unicode().items()}
+
+
+def byte_level_bytes(text: str) -> bytes | None:
+    """A byte-level BPE token's text back to its bytes; ``None`` if it is not byte-level text."""
+    table = unicode_to_byte()
+    try:
+        return bytes(table[ch] for ch in text)
+    except KeyError:
+        return None
+
+
+def byte_level_text(token: bytes) -> str:
+    table = byte_to_unicode()
+    return "".join(table[b] for b in token)
+
+
+def rank_merges(tokens: list[bytes]) -> list[tuple[bytes, bytes]]:
     """Every split of each token into two lower-ranked tokens, as transformers' TikTokenConverter does."""
     rank = {t: i for i, t in enumerate(tokens)}
     merges = []
@@ -114,57 +152,40 @@ def _merges(tokens: list[bytes]) -> list[tuple[bytes, bytes]]:
     return merges
 
 
-def tokenizer_json(vocab_size: int, vocab_file: str | Path | None = None) -> str:
-    """A Hugging Face ``tokenizer.json`` for gpt-oss (full o200k, or the tiny shrunk layout)."""
-    text_count, special_start = layout(vocab_size)
-    tokens = load_ranks(text_count, vocab_file)
-    b2u = _byte_to_unicode()
-    encode = lambda t: "".join(b2u[b] for b in t)  # noqa: E731
-    vocab = {encode(t): i for i, t in enumerate(tokens)}
-    added = []
-    for offset, content in enumerate(SPECIAL_TOKENS):
-        vocab[content] = special_start + offset
-        added.append({"id": special_start + offset, "content": content, "single_word": False, "lstrip": False,
-                      "rstrip": False, "normalized": False, "special": True})
-    document = {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": added,
-        "normalizer": None,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": O200K_PATTERN}, "behavior": "Isolated", "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
-        ]},
-        # transformers' TikTokenConverter (how gpt-oss's tokenizer.json was made) sets
-        # processors.ByteLevel(trim_offsets=False); llama.cpp's converter reads add_bos/eos from it.
-        "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                  "vocab": vocab, "merges": [[encode(a), encode(b)] for a, b in _merges(tokens)]},
-    }
-    return json.dumps(document, ensure_ascii=False)
+# --------------------------------------------------------------------------------------
+# What an artifact embeds
 
 
-def write_tokenizer_files(root: Path, vocab_size: int, chat_template: str,
-                          vocab_file: str | Path | None = None) -> list[str]:
-    """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json, chat_template.jinja."""
-    _, special_start = layout(vocab_size)
-    (root / "tokenizer.json").write_text(tokenizer_json(vocab_size, vocab_file), encoding="utf-8")
-    specials = {"bos_token": "<|startoftext|>", "eos_token": "<|return|>", "pad_token": "<|endoftext|>"}
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": 131072,
-        "clean_up_tokenization_spaces": False,
-        "model_input_names": ["input_ids", "attention_mask"],
-        **specials,
-    }
-    (root / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    (root / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
-    (root / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
-    return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
+ROLES = ("bos", "eos", "pad")
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json")
+@dataclass
+class Vocabulary:
+    file: str
+    tokens: dict[int, bytes] = field(default_factory=dict)  # text tokens: id -> bytes
+    specials: dict[int, str] = field(default_factory=dict)  # special tokens: id -> text
+    ids: dict[str, int | None] = field(default_factory=dict)  # bos/eos/pad where the format declares them
+    # Metal names only some special slots, after upstream's own table (its 200000 is <|untrusted|>,
+    # where tokenizer.json has <|reserved_200000|>): only the names both share are compared.
+    named_slots_only: bool = False
+
+
+@dataclass
+class Embedded:
+    """What an artifact carries for a runtime besides its weights.
+
+    ``stops``: how a runtime of this format decides where generation ends:
+
+    - ``"eos"`` (GGUF): llama.cpp stops on the declared EOS (and marks end-of-generation tokens by
+      their text), so ``stop_ids`` holds the EOS (and EOT/EOM where declared) and the EOS must be
+      ``<|return|>``;
+    - ``"list"`` (Hugging Face folders): transformers and mlx-lm stop on
+      ``generation_config.json``'s ``eos_token_id`` list (``stop_ids``; ``None`` when the file is
+      missing), which must hold ``<|return|>`` and ``<|call|>``;
+    - ``"runtime"`` (Metal): the runtime knows its stop tokens; nothing is declared.
+    """
+
+    vocabulary: Vocabulary | None
+    chat_template: tuple[str, str] | None  # (where it came from, text)
+    stops: str
+    stop_ids: list[int] | None
