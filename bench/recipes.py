@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from oss_convert import artifacts, synth
+from oss_convert import formats, synth
 from oss_convert.model import expected_tensors, logical_names
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,7 +81,7 @@ def disk_bytes(path: Path) -> int:
 
 def non_expert_bits(artifact: Path) -> float:
     """Mean storage bits per value over the non-expert tensors, from the reader's storage types."""
-    model = artifacts.open_canonical(artifact)
+    model = formats.open_canonical(artifact)
     try:
         shapes = {s.name: s.shape for s in expected_tensors(model.config, "bf16")}
         bits = values = 0

@@ -11,11 +11,11 @@ Every command that writes calls ``refuse_unsafe_output`` before it writes anythi
   one (replacing a folder removes what is inside), or is a ``*.safetensors`` name directly in a
   folder whose shards the reader globs (the next read would pick it up);
 - ``--force`` replaces an existing output only when it is one of ours: a folder that is empty,
-  carries our manifest or holds a format this tool writes, or a file whose magic says GGUF,
-  Metal ``model.bin`` or a reference ``.npz``. Anything else is a stranger's and stays.
+  carries our manifest or holds a format this tool writes, or a file of such a format (the
+  registry, ``formats.is_ours``, says which). Anything else is a stranger's and stays.
 
 Both refusals are ``InputError`` (exit 2) naming the paths.
-Imports: base modules, ``provenance``, ``artifacts``.
+Imports: base modules, ``formats``, ``provenance``.
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+from . import formats
 from .errors import InputError
-
-# First bytes of the single-file artifacts we write: GGUF, Metal model.bin, a reference .npz (zip).
-OUR_MAGICS = (b"GGUF", b"GPT-OSS v1.0", b"PK\x03\x04")
+from .provenance import FOLDER_MANIFEST, artifact_files, manifest_path
 
 
 def real(path: str | Path) -> Path:
@@ -87,40 +86,16 @@ def refuse_stranger(output: str | Path, force: bool) -> None:
     if not force or not (path.exists() or path.is_symlink()):
         return
     if path.is_dir() and not path.is_symlink():
-        if _is_our_folder(path):
+        if not any(path.iterdir()) or (path / FOLDER_MANIFEST).is_file() or formats.is_ours(path):
             return
         raise InputError(f"{path} is a folder that oss-convert did not write (no manifest of ours, not a format we "
                          "write, not empty); --force only replaces our own outputs: remove it yourself or choose "
                          "another output", file=path)
-    if _has_our_magic(path):
+    if path.is_file() and formats.is_ours(path):
         return
     raise InputError(f"{path} is not an artifact oss-convert writes (not GGUF, a Metal model.bin or a reference "
                      ".npz); --force only replaces our own outputs: remove it yourself or choose another output",
                      file=path)
-
-
-def _is_our_folder(path: Path) -> bool:
-    """Empty, our manifest, or a folder of a format we write (a config.json alone is not enough)."""
-    from .artifacts import looks_original
-    from .formats.hf import looks_hf
-    from .formats.mlx import looks_mlx
-    from .provenance import FOLDER_MANIFEST
-
-    if not any(path.iterdir()) or (path / FOLDER_MANIFEST).is_file():
-        return True
-    original = path / "original"
-    return (looks_mlx(path) or looks_hf(path) or _has_our_magic(path / "model.bin")
-            or (looks_original(original) and any(original.glob("*.safetensors")))
-            or (looks_original(path) and any(path.glob("*.safetensors"))))
-
-
-def _has_our_magic(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(12)
-    except OSError:
-        return False
-    return any(head.startswith(m) for m in OUR_MAGICS)
 
 
 def artifact_inputs(path: str | Path) -> list[Path]:
@@ -130,8 +105,6 @@ def artifact_inputs(path: str | Path) -> list[Path]:
     if p.is_dir():
         return [p, *sorted(q for q in p.rglob("*") if q.is_file() or q.is_dir())]
     if p.is_file():
-        from .provenance import artifact_files, manifest_path
-
         return [p, *artifact_files(p).values(), manifest_path(p)]  # its provenance is part of it
     return [p]
 

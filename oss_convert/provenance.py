@@ -24,17 +24,15 @@ an output written through ``hashing.HashingWriter`` is not read back.
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from pathlib import Path
 from typing import Callable
 
-from . import __version__, hashing
+from . import __version__, formats, hashing
 from .errors import InputError
 
 SCHEMA = "oss-convert-manifest/1"
 FOLDER_MANIFEST = "oss-convert-manifest.json"
-_SPLIT = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")  # llama.cpp's split names
 
 
 def manifest_path(artifact: Path) -> Path:
@@ -52,21 +50,13 @@ def file_digest(path: Path, progress: Callable[[int], None] | None = None) -> di
 
 def folder_files(folder: Path) -> dict[str, Path]:
     """The files of a folder artifact, keyed by their path inside it (hidden files and the manifest left out)."""
-    return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != FOLDER_MANIFEST and not p.name.startswith(".")}
+    return {name: p for name, p in formats.base.folder_files(folder).items() if name != FOLDER_MANIFEST}
 
 
 def artifact_files(artifact: Path) -> dict[str, Path]:
-    """The files that make up an artifact, keyed relative to the manifest's folder."""
-    artifact = Path(artifact)
-    if artifact.is_dir():
-        return folder_files(artifact)
-    split = _SPLIT.match(artifact.name)
-    if split:  # a split GGUF is named by its first shard; every shard is part of the artifact
-        count = int(split["count"])
-        shards = [artifact.with_name(f"{split['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
-        return {p.name: p for p in shards if p.is_file()}
-    return {artifact.name: artifact}
+    """The files that make up an artifact (the registry says which: a split GGUF is named by its
+    first shard and every shard belongs to it), keyed relative to the manifest's folder."""
+    return {name: p for name, p in formats.artifact_files(artifact).items() if name != FOLDER_MANIFEST}
 
 
 def manifest_document(*, target: str, options: dict, source_hashes: dict[str, dict], source_path: Path,

@@ -225,9 +225,9 @@ def main() -> None:
         shutil.rmtree(args.out)
     converters.convert(staging, "original", args.out, recipe="ocp", manifest=False)
     (args.out / "heldout.txt").write_text(cut_text, encoding="utf-8")
-    from oss_convert import artifacts
+    from oss_convert import formats
 
-    released = artifacts.open_canonical(args.out)
+    released = formats.open_canonical(args.out)
     try:
         with torch.no_grad():
             for name, p in model.named_parameters():

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from oss_convert import artifacts, synth
+from oss_convert import formats, synth
 from oss_convert.model import logical_names
 from oss_convert.cli.main import cli
 from oss_convert.converters import metal as metal_converter
@@ -124,7 +124,7 @@ def test_text_tokens_from_tokenizer_json_are_o200k(metal_repo, converted):
 
 
 def test_reader_round_trips_every_tensor(metal_repo, converted):
-    with OriginalCheckpoint(metal_repo) as src, artifacts.open_canonical(converted.parent) as art:
+    with OriginalCheckpoint(metal_repo) as src, formats.open_canonical(converted.parent) as art:
         assert art.config == dataclasses.replace(src.config, vocab_size=200014)
         for name in logical_names(src.config):
             if name.endswith(("mlp1_weight", "mlp2_weight")):
@@ -157,7 +157,7 @@ def test_stored_qkv_is_permuted_and_scaled(metal_repo, converted):
 
 
 def test_describe_and_inspect(converted, tmp_path):
-    info = artifacts.describe(converted)
+    info = formats.describe(converted)
     assert info["kind"] == "metal" and info["valid"], info["problems"]
     assert info["sizes"]["file_bytes"] == info["sizes"]["expected_bytes"] == converted.stat().st_size
     assert info["header"]["num_active_experts"] == 4 and info["header"]["attention_window"] == 128
@@ -218,7 +218,7 @@ def test_reader_refuses_truncated_file(converted, tmp_path, keep):
     with open(converted, "rb") as fh:
         bad.write_bytes(fh.read(keep))
     with pytest.raises(InputError, match="truncated") as info:
-        artifacts.describe(bad)
+        formats.describe(bad)
     assert info.value.file == str(bad)
 
 

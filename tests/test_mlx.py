@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from oss_convert import artifacts, converters, synth
+from oss_convert import formats, converters, synth
 from oss_convert.model import logical_names, TensorSpec
 from oss_convert.converters import mlx as to_mlx
 from oss_convert.errors import InputError, UsageError
@@ -276,10 +276,10 @@ def test_refuses_existing_output_and_unknown_options(tiny_repo, ours):
 
 
 def test_reader_round_trip_is_bit_exact(tiny_repo, ours, theirs):
-    assert artifacts.detect(ours) == "mlx"
+    assert formats.detect(ours) == "mlx"
     with OriginalCheckpoint(tiny_repo) as src:
         for folder in (ours, theirs):  # ours, and a folder written by mlx itself
-            model = artifacts.open_canonical(folder)
+            model = formats.open_canonical(folder)
             assert isinstance(model, mlx_format.MlxModel)
             assert model.config == src.config
             for name in logical_names(src.config):
@@ -296,7 +296,7 @@ def test_reader_round_trip_is_bit_exact(tiny_repo, ours, theirs):
 
 
 def test_describe(ours):
-    info = artifacts.describe(ours)
+    info = formats.describe(ours)
     assert info["kind"] == "mlx" and info["valid"] and info["problems"] == []
     assert info["storage"] == {"embedding": "BF16", "attention": "BF16", "router": "BF16", "experts": "MXFP4",
                                "unembedding": "BF16"}

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from oss_convert import artifacts, synth
+from oss_convert import formats, synth
 from oss_convert.formats.original import OriginalCheckpoint
 
 from oracles import torch_reference_logits
@@ -108,7 +108,7 @@ def _affine_bound(source: np.ndarray, bits: int, group: int = 64) -> np.ndarray:
 
 @pytest.mark.parametrize("recipe, bits", [("mxfp4-q8", 8), ("mxfp4-q4", 4)])
 def test_reader_dequantizes_recipe(recipe, bits, recipes, repo_192):
-    model = artifacts.open_canonical(recipes[recipe])
+    model = formats.open_canonical(recipes[recipe])
     with OriginalCheckpoint(repo_192) as src:
         for name in ("embedding.weight", "block.0.attn.qkv.weight", "block.3.attn.out.weight", "unembedding.weight",
                      "block.2.mlp.gate.weight"):
@@ -125,7 +125,7 @@ def test_reader_dequantizes_recipe(recipe, bits, recipes, repo_192):
         assert np.array_equal(pair.blocks, want.blocks) and np.array_equal(pair.scales, want.scales)
         assert model.storage("block.2.mlp.mlp1_weight") == "MXFP4"
     model.close()
-    info = artifacts.describe(recipes[recipe])
+    info = formats.describe(recipes[recipe])
     assert info["storage"]["embedding"] == f"affine-{bits}bit" and info["storage"]["router"] == "affine-8bit"
     assert info["storage"]["experts"] == "MXFP4"
     assert info["quantized_overrides"] == 2 + 4 * 5

@@ -89,9 +89,9 @@ class _TruncatedVocab:
 def test_truncated_vocab_is_compared_over_shared_rows(metal_repo, monkeypatch, tmp_path):
     fake = tmp_path / "fake-artifact"
     fake.mkdir()
-    real_open = check.artifacts.open_canonical
-    monkeypatch.setattr(check.artifacts, "detect", lambda p: "metal" if Path(p) == fake else "original")
-    monkeypatch.setattr(check.artifacts, "open_canonical",
+    real_open = check.formats.open_canonical
+    monkeypatch.setattr(check.formats, "detect", lambda p: "metal" if Path(p) == fake else "original")
+    monkeypatch.setattr(check.formats, "open_canonical",
                         lambda p: _TruncatedVocab(metal_repo) if Path(p) == fake else real_open(p))
     report = verify(fake, metal_repo, FAST_INPUTS)
     assert report["verdict"] == "pass", report["reasons"]

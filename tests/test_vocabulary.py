@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from oss_convert import artifacts, converters
+from oss_convert import formats, converters
 from oss_convert.tokens.vocabulary import Vocabulary
 from oss_convert.verify import vocabulary
 from oss_convert.verify.check import Inputs, verify
@@ -18,7 +18,7 @@ FAST = Inputs(ctx=256, max_chunks=1)
 
 
 def _vocab_of(path: Path) -> Vocabulary:
-    model = artifacts.open_canonical(path)
+    model = formats.open_canonical(path)
     try:
         return model.embedded().vocabulary
     finally:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from .. import __version__, artifacts, converters, synth
+from .. import __version__, converters, formats, synth
 from ..errors import OssConvertError
 from .common import EXIT_ERROR, EXIT_FAIL, BarProgress
 from .verify import compare_cmd, reference_cmd, verify_cmd
@@ -54,7 +54,7 @@ def synth_cmd(out: Path, preset: str, seed: int, layers: int | None, shards: int
 @click.option("--scan", is_flag=True, help="Also read every byte (NaN/Inf, invalid scales).")
 def inspect_cmd(path: str, as_json: bool, scan: bool) -> None:
     """Describe and validate an artifact: original/, MLX folder, Metal model.bin or GGUF."""
-    info = artifacts.describe(path, scan=scan)
+    info = formats.describe(path, scan=scan)
     info["tokenizer"] = _tokenizer_summary(path)
     kind = info["kind"]
     if as_json:
@@ -79,7 +79,7 @@ def inspect_cmd(path: str, as_json: bool, scan: bool) -> None:
 def _tokenizer_summary(path: str) -> dict:
     from ..verify.vocabulary import summary
 
-    model = artifacts.open_canonical(path)
+    model = formats.open_canonical(path)
     try:
         return summary(model)
     finally:

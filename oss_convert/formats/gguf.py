@@ -37,9 +37,11 @@ from ..errors import InputError
 from ..model import RMS_NORM_EPS, ModelConfig, Mxfp4Pair, interleave
 from ..tokens.files import CHAT_TEMPLATE_FILE, TokenizerJson
 from ..tokens.vocabulary import Embedded, Vocabulary, byte_level_bytes
+from .base import Format, head
 from .hf import hf_config
 
 ARCH = "gpt-oss"
+MAGIC = b"GGUF"
 OUTTYPES = ("bf16", "f16", "q8_0")  # --outtype, the type of the non-expert matrices
 DEFAULT_OUTTYPE = "bf16"
 TOKENIZER_PRE = "gpt-4o"  # o200k_harmony's split regex is GPT-4o's (spec §1.4)
@@ -468,14 +470,25 @@ def split_paths(out: Path, count: int) -> list[Path]:
 # Reading
 
 
-def shard_paths(path: str | Path) -> list[Path]:
-    """All files of a split GGUF given any one of them (a plain file is its own list)."""
+def split_number(name: str) -> tuple[int, int] | None:
+    """``(shard, count)`` of a llama.cpp split name (``model-00002-of-00003.gguf``), else ``None``."""
+    match = _SPLIT.match(name)
+    return (int(match["no"]), int(match["count"])) if match else None
+
+
+def split_members(path: str | Path) -> list[Path]:
+    """Every file name of the split that ``path`` belongs to (a plain file: itself)."""
     path = Path(path)
     match = _SPLIT.match(path.name)
     if not match:
         return [path]
     count = int(match["count"])
-    paths = [path.with_name(f"{match['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    return [path.with_name(f"{match['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+
+
+def shard_paths(path: str | Path) -> list[Path]:
+    """All files of a split GGUF given any one of them (a plain file is its own list)."""
+    paths = split_members(path)
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
         raise InputError(f"split GGUF is missing shards {missing}", file=path)
@@ -488,10 +501,9 @@ def _open_reader(path: Path):
         size = path.stat().st_size
     except OSError as exc:
         raise InputError(f"cannot open: {exc}", file=path) from exc
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
-    if magic != b"GGUF":
-        raise InputError(f"not a GGUF file (magic {magic!r}, expected b'GGUF')", file=path)
+    magic = head(path, len(MAGIC))
+    if magic != MAGIC:
+        raise InputError(f"not a GGUF file (magic {magic!r}, expected {MAGIC!r})", file=path)
     check_header_bounds(path)
     try:
         reader = g.GGUFReader(path, "r")
@@ -874,7 +886,7 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 # --------------------------------------------------------------------------------------
-# The artifact interface (see ``oss_convert/artifacts.py``)
+# The registry's record (``formats/__init__.py``)
 
 
 def open_canonical(path: str | Path) -> GgufModel:
@@ -919,3 +931,14 @@ def describe(path: str | Path, *, scan: bool = False) -> dict:
             "problems": problems,
             "valid": not problems,
         }
+
+
+def _files(path: Path) -> dict[str, Path]:
+    """The file, or every shard of its split that is present."""
+    return {p.name: p for p in split_members(path) if p.is_file()}
+
+
+FORMAT = Format(
+    "gguf", "a GGUF file llama.cpp runs (a split named by its first shard)",
+    lambda path: head(path, len(MAGIC)) == MAGIC, open=open_canonical, describe=describe, files=_files,
+)

@@ -51,6 +51,7 @@ from . import mxfp4
 from .original import OriginalCheckpoint
 from ..model import (RMS_NORM_EPS, SWIGLU_ALPHA, ModelConfig, Mxfp4Pair, VocabRows, expected_tensors,
                      expert_name, is_expert_weight, is_windowed, iter_chunks)
+from .base import Format
 from .safetensors import ShardedReader
 
 MODEL_TYPE = "gpt_oss"
@@ -391,7 +392,7 @@ class HfCheckpoint(ShardedReader, VocabRows, FolderTokens):
 
 
 # --------------------------------------------------------------------------------------
-# The artifact interface (see ``oss_convert/artifacts.py``)
+# The registry's record (``formats/__init__.py``)
 
 
 def open_canonical(path: str | Path) -> HfCheckpoint:
@@ -427,3 +428,10 @@ def describe(path: str | Path, *, scan: bool = False) -> dict:
                               for e in ckpt.entries.values() if not e.name.endswith("_scales")),
             "tokenizer_files": sorted(n for n in TOKENIZER_FILES if (ckpt.path / n).is_file()),
         }
+
+
+FORMAT = Format(
+    "hf", "a Hugging Face transformers folder (the Hub's MXFP4 root, or dense BF16)",
+    lambda path: Path(path).is_dir() and looks_hf(path), open=open_canonical, describe=describe,
+    weights=lambda path: sorted(Path(path).glob("*.safetensors")),
+)

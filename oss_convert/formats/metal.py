@@ -39,6 +39,7 @@ from ..dtypes import bf16_to_f32, f32_to_bf16
 from ..errors import InputError
 from ..tokens.vocabulary import ROLES, Embedded, Vocabulary
 from . import mxfp4
+from .base import Format, head
 from ..model import NUM_TEXT_TOKENS, RMS_NORM_EPS, VOCAB_TENSORS, ModelConfig, Mxfp4Pair, VocabRows, expert_name
 
 MAGIC = b"GPT-OSS v1.0"
@@ -509,7 +510,7 @@ class MetalModel(VocabRows):
 
 
 # --------------------------------------------------------------------------------------
-# The artifact interface (see ``oss_convert/artifacts.py``)
+# The registry's record (``formats/__init__.py``)
 
 
 def open_canonical(path: str | Path) -> MetalModel:
@@ -555,3 +556,16 @@ def describe(path: str | Path, *, scan: bool = False) -> dict:
             "problems": problems,
             "valid": not problems,
         }
+
+
+def recognises(path: Path) -> bool:
+    """A ``model.bin`` by its magic, or a folder holding a ``model.bin`` (the Hub repo's ``metal/``)."""
+    p = Path(path)
+    return (p / "model.bin").is_file() if p.is_dir() else head(p, len(MAGIC)) == MAGIC
+
+
+FORMAT = Format(
+    "metal", "the gpt-oss Metal model.bin", recognises, open=open_canonical, describe=describe,
+    ours=lambda path: head(model_file(path), len(MAGIC)) == MAGIC,
+    weights=lambda path: [model_file(path)],
+)

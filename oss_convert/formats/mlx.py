@@ -31,6 +31,7 @@ from ..model import (VOCAB_TENSORS, ModelConfig, Mxfp4Pair, TensorSpec, VocabRow
 from ..tokens.files import TOKENIZER_FILES, FolderTokens
 from . import mxfp4
 from .hf import hf_config, model_config_from_hf
+from .base import Format
 from .safetensors import SafetensorsFile, ShardedReader
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
@@ -366,7 +367,7 @@ class MlxModel(ShardedReader, VocabRows, FolderTokens):
 
 
 # --------------------------------------------------------------------------------------
-# The artifact interface (see ``oss_convert/artifacts.py``)
+# The registry's record (``formats/__init__.py``)
 
 
 def looks_mlx(folder: str | Path) -> bool:
@@ -434,3 +435,9 @@ def describe(path: str | Path, *, scan: bool = False) -> dict:
             "bytes_by_dtype": model.bytes_by_dtype(),
             "tokenizer_files": tokenizer_files,
         }
+
+
+FORMAT = Format(
+    "mlx", "an MLX folder mlx_lm.load opens", lambda path: Path(path).is_dir() and looks_mlx(path),
+    open=open_canonical, describe=describe, weights=lambda path: sorted(Path(path).glob("model*.safetensors")),
+)

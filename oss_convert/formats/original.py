@@ -21,6 +21,7 @@ from ..tokens.files import FolderTokens
 from ..model import (ModelConfig, Mxfp4Pair, TensorSpec, VocabRows, expected_tensors, expert_name, is_expert_weight,
                      iter_chunks)
 from . import mxfp4
+from .base import Format
 from .safetensors import ShardedReader, TensorEntry
 
 
@@ -184,7 +185,7 @@ class OriginalCheckpoint(ShardedReader, VocabRows, FolderTokens):
 
 
 # --------------------------------------------------------------------------------------
-# The artifact interface (see ``oss_convert/artifacts.py``)
+# The registry's record (``formats/__init__.py``)
 
 
 def open_canonical(path: str | Path) -> OriginalCheckpoint:
@@ -208,3 +209,36 @@ def describe(path: str | Path, *, scan: bool = False) -> dict:
         }
         info["valid"] = not info["problems"]
         return info
+
+
+def looks_original(folder: Path) -> bool:
+    """A folder whose ``config.json`` has the reference's keys (``num_experts``, no ``model_type``)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "num_experts" in config and "model_type" not in config
+
+
+def _is_repo_id(text: str) -> bool:
+    return text.count("/") == 1 and not text.startswith((".", "/"))
+
+
+def recognises(path: Path) -> bool:
+    """A repo root holding ``original/``, an ``original/`` folder, or (not a path) a repo id in the cache."""
+    p = Path(path)
+    if p.is_dir():
+        return (p / "original" / "config.json").is_file() or looks_original(p)
+    return not p.exists() and not p.is_symlink() and _is_repo_id(str(path))
+
+
+def is_ours(path: Path) -> bool:
+    p = Path(path)
+    return any(looks_original(f) and any(f.glob("*.safetensors")) for f in (p / "original", p) if f.is_dir())
+
+
+FORMAT = Format(
+    "original", "OpenAI's original/ checkpoint (or its repo, or a cached repo id)", recognises,
+    open=open_canonical, describe=describe, ours=is_ours,
+    weights=lambda path: sorted(resolve(path).glob("*.safetensors")),
+)

@@ -8,7 +8,7 @@
 - ``report``: the checks (config, tensors, tokenizer, KL, top-1) as one list, the verdict, the
   documented JSON schema, the readable table.
 - ``check``: orchestration. The commands are ``cli/verify.py``'s.
-Imports: support and base modules and ``formats`` (through ``artifacts``); never ``converters`` or ``cli``.
+Imports: support and base modules and ``formats``; never ``converters`` or ``cli``.
 """
 
 from .check import Inputs, make_reference, score, verify

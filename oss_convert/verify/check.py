@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import artifacts
+from .. import formats
 from ..errors import InputError
 from ..progress import SILENT, Progress
 from . import template as chat_template
@@ -69,14 +69,14 @@ def prepare_tokens(inputs: Inputs, tokenizer_json: Path | None, window: int) -> 
 def make_reference(src: str | Path, inputs: Inputs, progress: Progress = SILENT,
                    experts: str = "dequantized", cut_rows: tuple[int, ...] = (METAL_VOCAB_ROWS,)) -> Reference:
     """The BF16 reference of ``src`` (any artifact; normally an ``original/`` checkpoint)."""
-    model = artifacts.open_canonical(src)
+    model = formats.open_canonical(src)
     try:
         chunks, source = prepare_tokens(inputs, textmod.find_tokenizer(src, model), model.config.sliding_window)
         t0 = time.perf_counter()
         with progress.task("reference", chunks.size, unit="tok") as advance:
             ref = compute_reference(Runner(model, experts), chunks, top_k=inputs.top_k, cut_rows=cut_rows,
                                     progress=advance,
-                                    meta={"source": str(src), "source_kind": artifacts.detect(src), "input": source})
+                                    meta={"source": str(src), "source_kind": formats.detect(src), "input": source})
         ref.meta["seconds"] = round(time.perf_counter() - t0, 3)
         return ref
     finally:
@@ -109,15 +109,15 @@ def verify(artifact: str | Path, reference: str | Path, inputs: Inputs, *, max_k
            progress: Progress = SILENT) -> dict:
     """The full report (see ``report.py``) for ``artifact`` against a checkpoint or a ``.npz`` cache."""
     t0 = time.perf_counter()
-    artifact_kind = artifacts.detect(artifact)
-    art = artifacts.open_canonical(artifact)
+    artifact_kind = formats.detect(artifact)
+    art = formats.open_canonical(artifact)
     try:
         ref_model = None
         if _is_cache(reference):
             ref = Reference.load(reference)
         else:
             ref = make_reference(reference, inputs, progress, cut_rows=(METAL_VOCAB_ROWS, art.config.vocab_size))
-            ref_model = artifacts.open_canonical(reference) if check_tensors else None
+            ref_model = formats.open_canonical(reference) if check_tensors else None
         t_ref = time.perf_counter()
         summary, metrics = score(art, ref, progress)
         t_art = time.perf_counter()

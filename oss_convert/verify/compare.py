@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import artifacts
+from .. import formats
 from ..errors import InputError
 from ..model import expected_tensors
 from ..progress import SILENT, Progress
-from ..provenance import artifact_files
 from .check import DEFAULT_MAX_KLD, DEFAULT_MIN_TOP1, Inputs, _is_cache, kld_by_position, make_reference, score
 from .reference import METAL_VOCAB_ROWS, Reference
 from .report import Evidence, check_kl, check_top1
@@ -52,7 +51,7 @@ def resolve(name: str) -> Path:
     wanted = re.compile(rf"(^|[-_.]){re.escape(quant)}([-_.]|$)", re.IGNORECASE)
     files = sorted((f.file_path for rev in cached[repo].revisions for f in rev.files
                     if f.file_name.endswith(".gguf") and wanted.search(f.file_name[:-5])), key=str)
-    firsts = [f for f in files if not re.search(r"-\d{5}-of-\d{5}\.gguf$", f.name) or "-00001-of-" in f.name]
+    firsts = [f for f in files if (formats.gguf.split_number(f.name) or (1, 1))[0] == 1]
     if not firsts:
         raise InputError(f"{name}: no {quant} GGUF of {repo} in the local Hugging Face cache; fetch it with {fetch}")
     return Path(firsts[0])
@@ -60,10 +59,7 @@ def resolve(name: str) -> Path:
 
 def size_on_disk(path: Path) -> int:
     """The bytes a runtime loads: the file (every shard of a split GGUF), or a folder's weights."""
-    files = artifact_files(path).values()
-    if path.is_dir():
-        files = [f for f in files if f.suffix in (".safetensors", ".bin", ".gguf")]
-    return sum(f.stat().st_size for f in files)
+    return sum(f.stat().st_size for f in formats.weight_files(path))
 
 
 def parameter_count(config) -> int:
@@ -80,7 +76,7 @@ def compare(reference: str | Path, names: list[str], inputs: Inputs, *, max_kld:
     models = []  # each artifact opened once: its vocabulary size shapes the reference, then it is scored
     try:
         for path in paths:
-            models.append(artifacts.open_canonical(path))
+            models.append(formats.open_canonical(path))
         if _is_cache(reference):
             ref = Reference.load(reference)
         else:
@@ -106,7 +102,7 @@ def _row(name: str, path: Path, model, ref: Reference, params: int, thresholds: 
     evidence = Evidence(summary, thresholds, config_diff=[], tensors=None, tokenizer={}, chat_template={})
     passed = check_kl(evidence).status == "pass" and check_top1(evidence).status == "pass"
     size = size_on_disk(path)
-    return {"artifact": name, "path": str(path), "kind": artifacts.detect(path), "size_bytes": size,
+    return {"artifact": name, "path": str(path), "kind": formats.detect(path), "size_bytes": size,
             "bits_per_weight": size * 8 / params, "ppl": summary["ppl"], "ppl_ref": summary["ppl_ref"],
             "ppl_ratio": summary["ppl_ratio"], "kld_mean": summary["kld_mean"], "kld_p99": summary["kld_p99"],
             "top1_agreement": summary["top1_agreement"], "verdict": "pass" if passed else "fail",

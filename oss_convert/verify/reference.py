@@ -9,15 +9,11 @@ Per scored token the cache keeps the reference's top-k ids and log-probs (sorted
 its logsumexp, and the log-prob of the actual next token; plus the logsumexp over the first
 200014 rows so an artifact with the Metal vocabulary can be compared over the shared rows.
 
-``.npz`` keys (all arrays; ``meta`` is a JSON string):
-``tokens`` int32 [C, ctx], ``top_ids`` int32 [N, k], ``top_logprobs`` float64 [N, k],
-``logsumexp`` float64 [N], ``target_logprob`` float64 [N], ``cut_rows`` int64 [m],
-``cut_logsumexp`` float64 [m, N], ``meta`` (format version, ctx, vocab_size, config, source, ...).
+The cache file's layout is ``formats/reference.py``'s.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,10 +23,10 @@ import numpy as np
 from .. import __version__
 from ..atomic import atomic_output
 from ..errors import InputError
+from ..formats import reference as cache
 from ..guard import refuse_stranger
 from .metrics import logsumexp
 
-FORMAT = "oss-convert-reference/1"
 METAL_VOCAB_ROWS = 200014  # what the Metal model.bin keeps
 DEFAULT_TOP_K = 1024
 TOP_K_ROWS = 64  # positions ranked at a time (argpartition holds an int64 per vocabulary entry)
@@ -101,31 +97,27 @@ class Reference:
         path = Path(path)
         refuse_stranger(path, force)  # --force replaces an earlier reference, not any file
         cuts = sorted(self.cut_logsumexp)
+        arrays = {"tokens": self.tokens.astype(np.int32), "top_ids": self.top_ids.astype(np.int32),
+                  "top_logprobs": self.top_logprobs, "logsumexp": self.logsumexp, "target_logprob": self.target_logprob,
+                  "cut_rows": np.array(cuts, dtype=np.int64),
+                  "cut_logsumexp": np.array([self.cut_logsumexp[c] for c in cuts],
+                                            dtype=np.float64).reshape(len(cuts), len(self.logsumexp))}
         with atomic_output(path, force=force) as tmp:
             with open(tmp, "wb") as fh:
-                np.savez_compressed(
-                    fh, tokens=self.tokens.astype(np.int32), top_ids=self.top_ids.astype(np.int32),
-                    top_logprobs=self.top_logprobs, logsumexp=self.logsumexp, target_logprob=self.target_logprob,
-                    cut_rows=np.array(cuts, dtype=np.int64),
-                    cut_logsumexp=np.array([self.cut_logsumexp[c] for c in cuts], dtype=np.float64).reshape(len(cuts), len(self.logsumexp)),
-                    meta=np.array(json.dumps({"format": FORMAT, **self.meta}, sort_keys=True)),
-                )
+                cache.write(fh, arrays, self.meta)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "Reference":
+        arrays, meta = cache.read(path)
         try:
-            with np.load(path, allow_pickle=False) as data:
-                meta = json.loads(str(data["meta"]))
-                if meta.get("format") != FORMAT:
-                    raise InputError(f"not an oss-convert reference (format {meta.get('format')!r}, want {FORMAT!r})", file=path)
-                ref = cls(
-                    tokens=data["tokens"], top_ids=data["top_ids"], top_logprobs=data["top_logprobs"],
-                    logsumexp=data["logsumexp"], target_logprob=data["target_logprob"],
-                    cut_logsumexp={int(c): data["cut_logsumexp"][i] for i, c in enumerate(data["cut_rows"])},
-                    meta=meta,
-                )
-        except (OSError, KeyError, ValueError) as exc:
+            ref = cls(
+                tokens=arrays["tokens"], top_ids=arrays["top_ids"], top_logprobs=arrays["top_logprobs"],
+                logsumexp=arrays["logsumexp"], target_logprob=arrays["target_logprob"],
+                cut_logsumexp={int(c): arrays["cut_logsumexp"][i] for i, c in enumerate(arrays["cut_rows"])},
+                meta=meta,
+            )
+        except (IndexError, ValueError, TypeError) as exc:
             raise InputError(f"cannot read reference cache: {exc}", file=path) from exc
         n = ref.targets.shape[0]
         if ref.top_ids.shape[0] != n or ref.logsumexp.shape != (n,) or ref.top_ids.shape != ref.top_logprobs.shape:
