@@ -119,6 +119,8 @@ class ExpertEncoder:
     come next (the order both layouts store them in)."""
 
     def __init__(self, src, recipe: str):
+        if recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {recipe!r}; choose one of {RECIPES}")
         self.src = src
         self.recipe = recipe
         self.errors: dict[str, ErrorTally] = {}

@@ -1,11 +1,12 @@
 """Sharded safetensors folders: planning, naming, writing (support layer).
 
-One home for what every folder target shares (``--to mlx``, ``hf-bf16``, ``original`` and
-``synth``): a ``Planned`` tensor is a spec plus a function producing its bytes chunk by
-chunk; ``group_by_size`` cuts the plan into shards of at most ``--shard-size`` bytes;
-``write_shards`` streams each group through ``formats.safetensors.SafetensorsWriter`` into a
-folder and returns the ``weight_map`` for the index. Also ``parse_size`` (``5G``).
-Imports: base modules, ``formats.safetensors``.
+One home for what every folder target shares (``--to mlx``, ``hf``, ``hf-bf16``, ``original``
+and ``synth``): a ``Planned`` tensor is a spec plus a function producing its bytes chunk by
+chunk; ``write_folder`` writes a whole folder artifact as its format's ``FolderLayout`` says
+(``group_by_size`` cuts the plan into shards of at most ``--shard-size`` bytes, ``write_shards``
+streams each group through ``formats.safetensors.SafetensorsWriter``, then the index and the
+format's files), so a folder converter is a plan and one call. Also ``parse_size`` (``5G``).
+Imports: base modules, ``formats.safetensors``, ``atomic``.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ import numpy as np
 
 from . import hashing
 from .errors import InputError
-from .formats.safetensors import SafetensorsWriter
+from .atomic import atomic_output
+from .formats.safetensors import INDEX_FILE, FolderLayout, SafetensorsWriter
 from .model import TensorSpec, iter_chunks
-from .progress import Advance
+from .progress import SILENT, Advance, Progress
 
-DEFAULT_SHARD_SIZE = "5G"
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -73,14 +74,6 @@ def group_by_size(planned: list[Planned], max_bytes: int | None) -> list[list[Pl
     return groups
 
 
-def shard_names(count: int, separator: str = "-") -> list[str]:
-    """``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` (1-based; the 120b
-    ``original/`` folder uses a double dash: ``separator="--"``)."""
-    if count == 1:
-        return ["model.safetensors"]
-    return [f"model{separator}{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-
-
 def write_shards(folder: Path, groups: list[list[Planned]], names: list[str], metadata: dict[str, str],
                  advance: Advance | None = None) -> dict[str, str]:
     """Write each group as one safetensors file in ``folder``; returns tensor name -> file name."""
@@ -100,3 +93,28 @@ def write_shards(folder: Path, groups: list[list[Planned]], names: list[str], me
 
 def total_bytes(planned: list[Planned]) -> int:
     return sum(p.spec.nbytes for p in planned)
+
+
+def write_folder(out: Path, layout: FolderLayout, planned: list[Planned], files: dict[str, str], *, task: str,
+                 force: bool = False, progress: Progress = SILENT, shard_size: str | int | None = None,
+                 groups: list[list[Planned]] | None = None,
+                 root_files: Callable[[Path], None] | None = None) -> Path:
+    """Write a whole folder artifact as ``layout`` says, atomically: the shards (cut at
+    ``shard_size``, the layout's default when not given, or the given ``groups``), the index, the
+    format's own ``files`` (config and such, beside the shards) and, through ``root_files``, what
+    goes in the folder's root (tokenizer files, a quantization report)."""
+    if groups is None:
+        limit = parse_size(shard_size) if shard_size is not None else layout.default_shard_size
+        groups = group_by_size(planned, limit)
+    names = layout.shard_names(len(groups))
+    with atomic_output(out, force=force, is_dir=True) as tmp, progress.task(task, total_bytes(planned)) as advance:
+        folder = tmp / layout.subfolder if layout.subfolder else tmp
+        folder.mkdir(exist_ok=True)
+        for name, text in files.items():
+            (folder / name).write_text(text)
+        weight_map = write_shards(folder, groups, names, dict(layout.metadata), advance)
+        if layout.index_always or len(groups) > 1:
+            (folder / INDEX_FILE).write_text(layout.index_text([p.spec for p in planned], weight_map))
+        if root_files is not None:
+            root_files(tmp)
+    return Path(out)

@@ -18,16 +18,15 @@ from typing import Iterator
 
 import numpy as np
 
-from .atomic import atomic_output
 from .tokens.templates import HARMONY_TEMPLATE
 from .dtypes import f32_to_bf16
 from .formats import mxfp4
 from .formats.hf import generation_config
-from .formats.original import dtypes_json
+from .formats import original
 from .guard import refuse_stranger
 from .model import ModelConfig, TensorSpec, expected_tensors
 from .progress import SILENT, Progress
-from .shards import Planned, shard_names, total_bytes, write_shards
+from .shards import Planned, total_bytes, write_folder
 from .tokens.files import write_tokenizer_files
 
 PRESETS: dict[str, ModelConfig] = {
@@ -127,20 +126,9 @@ def generate(out: str | Path, config: ModelConfig | str = "tiny", *, seed: int =
     seeds = np.random.SeedSequence(seed).spawn(len(specs))
     planned = [Planned(spec, partial(_values, spec, config, np.random.default_rng(s))) for spec, s in zip(specs, seeds)]
     groups = _split(planned, shards)
-    names = shard_names(len(groups), separator="--")  # the 120b repo's own naming, double dash included
-    out = Path(out)
-    with atomic_output(out, force=force, is_dir=True) as tmp, progress.task("synth", total_bytes(planned)) as advance:
-        original = tmp / "original"
-        original.mkdir()
-        (original / "config.json").write_text(config.to_json())
-        (original / "dtypes.json").write_text(dtypes_json(config))
-        weight_map = write_shards(original, groups, names, {"format": "pt"}, advance)
-        if len(groups) > 1:
-            index = {"metadata": {"total_size": total_bytes(planned)}, "weight_map": weight_map}
-            (original / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        if tokenizer:
-            write_root_files(tmp, config)
-    return out
+    return write_folder(out, original.LAYOUT, planned, original.folder_files(config), task="synth", force=force,
+                        progress=progress, groups=groups,
+                        root_files=(lambda tmp: write_root_files(tmp, config)) if tokenizer else None)
 
 
 def write_root_files(root: Path, config: ModelConfig) -> None:

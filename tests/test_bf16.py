@@ -245,9 +245,6 @@ def test_quantized_fine_tune_runs_in_the_reference_close_to_bf16(dense_repo, tmp
 
 
 def test_unknown_recipe_and_options_are_refused(dense_repo, tiny_repo, tmp_path):
-    with OriginalCheckpoint(dense_repo) as src:
-        with pytest.raises(InputError, match="recipe"):
-            to_original.convert(src, tmp_path / "a", recipe="gptq")
     # the library job refuses, in one place, what a target does not take
     with pytest.raises(UsageError, match="--recipe gptq does not apply to --to original"):
         converters.convert(dense_repo, "original", tmp_path / "a", recipe="gptq")

@@ -20,7 +20,8 @@ from click.testing import CliRunner
 from oss_convert.model import logical_names
 from oss_convert.cli.main import cli
 from oss_convert.converters import gguf as to_gguf
-from oss_convert.errors import InputError, OutputExistsError
+from oss_convert import converters
+from oss_convert.errors import InputError, OutputExistsError, UsageError
 from oss_convert.formats import gguf as gguf_format, mxfp4
 from oss_convert.formats.original import OriginalCheckpoint
 
@@ -238,8 +239,8 @@ def test_refuses_without_tokenizer_and_existing_output(tiny_single_repo, tiny_re
     assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.iterdir())
     with pytest.raises(OutputExistsError):
         convert(tiny_repo, tiny_gguf)
-    with pytest.raises(InputError, match="outtype"):
-        convert(tiny_repo, tmp_path / "y.gguf", outtype="q4_0")
+    with pytest.raises(UsageError, match="--outtype q4_0 is not one of"):
+        converters.convert(tiny_repo, "gguf", tmp_path / "y.gguf", outtype="q4_0")
 
 
 def test_a_failure_midway_leaves_no_output(tiny_repo, tmp_path, monkeypatch):

@@ -265,8 +265,8 @@ def test_refuses_existing_output_and_unknown_options(tiny_repo, ours):
 
     with pytest.raises(OutputExistsError):
         convert(tiny_repo, ours)
-    with pytest.raises(InputError, match="recipe"):
-        convert(tiny_repo, ours.parent / "x", recipe="q3")
+    with pytest.raises(UsageError, match="--recipe q3 does not apply to --to mlx"):
+        converters.convert(tiny_repo, "mlx", ours.parent / "x", recipe="q3")
     with pytest.raises(UsageError, match="--outtype does not apply to --to mlx"):
         converters.convert(tiny_repo, "mlx", ours.parent / "y", outtype="q8_0")
 

@@ -24,7 +24,6 @@ from typing import Iterator
 import numpy as np
 
 from ..atomic import atomic_outputs
-from ..errors import InputError
 from ..formats.gguf import (DEFAULT_OUTTYPE, LazyTensor, add_general, add_model_params, add_tokenizer, check_config,
                             encoder, gguf_names, new_writer, openai_to_ggml, outtypes, split_paths, gguf_py)
 from ..model import Source, iter_chunks
@@ -143,8 +142,6 @@ def convert(src: Source, out: Path, *, force: bool = False, progress: Progress =
 
     Returns the path llama.cpp should be given: the file, or the first split.
     """
-    if outtype not in outtypes():
-        raise InputError(f"unknown --outtype {outtype!r}; choose one of {sorted(outtypes())}")
     check_config(src.config, src.config_path)
     out = Path(out)
     root = Path(src.repo_root)

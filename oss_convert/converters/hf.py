@@ -11,18 +11,15 @@ bytes copied (``attn.qkv`` split into q/k/v by rows). One expert at a time is in
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 
 from .. import quantize
-from ..atomic import atomic_output
-from ..errors import InputError
-from ..formats.hf import HUB_SHARD_BYTES, generation_config, hf_names, hub_config, hub_shard_names
+from ..formats.hf import HUB_LAYOUT, hf_names, hub_files
 from ..model import Source, TensorSpec, expected_tensors
 from ..progress import SILENT, Progress
+from ..shards import Planned, copy_chunks, write_folder
 from ..tokens.files import copy_tokenizer_files
-from ..shards import Planned, copy_chunks, group_by_size, parse_size, total_bytes, write_shards
 
 
 def plan(src: Source, encoder: quantize.ExpertEncoder | None) -> list[Planned]:
@@ -42,23 +39,18 @@ def plan(src: Source, encoder: quantize.ExpertEncoder | None) -> list[Planned]:
 
 
 def convert(src: Source, out: Path, *, force: bool = False, progress: Progress = SILENT, recipe: str = "ocp",
-            shard_size: str | int = HUB_SHARD_BYTES, chat_template: str | None = None) -> Path:
+            shard_size: str | int | None = None, chat_template: str | None = None) -> Path:
     """Write the Hub MXFP4 root for ``src`` (``OriginalCheckpoint`` or ``formats.hf.HfCheckpoint``)."""
-    if recipe not in quantize.RECIPES:
-        raise InputError(f"unknown recipe {recipe!r} for --to hf; choose one of {list(quantize.RECIPES)}")
     encoder = quantize.ExpertEncoder(src, recipe) if src.experts == "bf16" else None
-    planned = plan(src, encoder)
-    groups = group_by_size(planned, parse_size(shard_size))
-    names = hub_shard_names(len(groups))
-    out = Path(out)
-    with atomic_output(out, force=force, is_dir=True) as tmp, progress.task("hf", total_bytes(planned)) as advance:
-        weight_map = write_shards(tmp, groups, names, {"format": "pt"}, advance)
-        index = {"metadata": {"total_size": total_bytes(planned)}, "weight_map": weight_map}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index))
-        (tmp / "config.json").write_text(json.dumps(hub_config(src.config), indent=2, sort_keys=True) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(generation_config(src.config), indent=2) + "\n")
+    summary = []
+
+    def root_files(tmp: Path) -> None:
         copy_tokenizer_files(Path(src.repo_root), tmp, chat_template)  # the source's generation_config.json wins
-        summary = encoder.write_report(tmp) if encoder is not None else None
-    if summary:
-        progress.note(summary)
+        if encoder is not None:
+            summary.append(encoder.write_report(tmp))
+
+    out = write_folder(out, HUB_LAYOUT, plan(src, encoder), hub_files(src.config), task="hf", force=force,
+                       progress=progress, shard_size=shard_size, root_files=root_files)
+    for line in summary:
+        progress.note(line)
     return out

@@ -11,21 +11,17 @@ plus ``model.safetensors.index.json``, and the source's tokenizer files.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
-from ..atomic import atomic_output
 from ..formats import mxfp4
-from ..formats.hf import hf_config, hf_names
+from ..formats.hf import BF16_LAYOUT, bf16_files, hf_names
 from ..model import Source, TensorSpec, expected_tensors, expert_name, is_expert_weight
 from ..progress import SILENT, Progress
 from ..tokens.files import copy_tokenizer_files
-from ..shards import (DEFAULT_SHARD_SIZE, Planned, copy_chunks, group_by_size, parse_size,
-                      shard_names,
-                      total_bytes, write_shards)
+from ..shards import Planned, copy_chunks, write_folder
 
 
 def plan(src) -> list[Planned]:
@@ -67,17 +63,8 @@ def _experts_transposed(src, name: str) -> Callable[[], Iterator[np.ndarray]]:
 
 
 def convert(src: Source, out: Path, *, force: bool = False, progress: Progress = SILENT,
-            shard_size: str | int = DEFAULT_SHARD_SIZE, chat_template: str | None = None) -> Path:
+            shard_size: str | int | None = None, chat_template: str | None = None) -> Path:
     """Write the HF BF16 folder for ``src`` (``OriginalCheckpoint`` or ``formats.hf.HfCheckpoint``)."""
-    planned = plan(src)
-    groups = group_by_size(planned, parse_size(shard_size))
-    names = shard_names(len(groups))
-    out = Path(out)
-    with atomic_output(out, force=force, is_dir=True) as tmp, progress.task("hf-bf16", total_bytes(planned)) as advance:
-        weight_map = write_shards(tmp, groups, names, {"format": "pt"}, advance)
-        if len(groups) > 1:
-            index = {"metadata": {"total_size": total_bytes(planned)}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(hf_config(src.config), indent=2) + "\n")
-        copy_tokenizer_files(Path(src.repo_root), tmp, chat_template)
-    return out
+    return write_folder(out, BF16_LAYOUT, plan(src), bf16_files(src.config), task="hf-bf16", force=force,
+                        progress=progress, shard_size=shard_size,
+                        root_files=lambda tmp: copy_tokenizer_files(Path(src.repo_root), tmp, chat_template))

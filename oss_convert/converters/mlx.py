@@ -27,14 +27,12 @@ import numpy as np
 
 from ..atomic import atomic_output
 from ..errors import InputError
-from ..formats.mlx import (AFFINE_GROUP_SIZE, AFFINE_RECIPES, ROUTER_QUANTIZATION, as_mlx_words,
-                           missing_tokenizer_warning, mlx_config, mlx_names, total_parameters)
+from ..formats.mlx import (AFFINE_GROUP_SIZE, AFFINE_RECIPES, LAYOUT, ROUTER_QUANTIZATION, as_mlx_words,
+                           folder_files, missing_tokenizer_warning, mlx_names)
 from ..model import Source, TensorSpec, expected_tensors, gate_up_rows, iter_chunks
 from ..progress import SILENT, Progress
 from ..tokens.files import copy_tokenizer_files, generation_eos
-from ..shards import (DEFAULT_SHARD_SIZE, Planned, copy_chunks, group_by_size, parse_size,
-                      shard_names,
-                      total_bytes, write_shards)
+from ..shards import Planned, copy_chunks, write_folder
 
 
 # --------------------------------------------------------------------------------------
@@ -174,27 +172,15 @@ def _quantized_part(src, name: str, rows: slice | None, part: int, group_size: i
 
 
 def convert(src: Source, out: Path, *, force: bool = False, progress: Progress = SILENT,
-            shard_size: str | int = DEFAULT_SHARD_SIZE, recipe: str | None = None,
+            shard_size: str | int | None = None, recipe: str | None = None,
             chat_template: str | None = None) -> Path:
     """Write the MLX folder for ``src`` (``OriginalCheckpoint`` or ``formats.hf.HfCheckpoint``)."""
-    if recipe is not None and recipe not in AFFINE_RECIPES:
-        raise InputError(f"unknown MLX recipe {recipe!r}; choose one of {sorted(AFFINE_RECIPES)}")
     planned, overrides = plan(src, recipe)
-    groups = group_by_size(planned, parse_size(shard_size))
-    names = shard_names(len(groups))
-    out = Path(out)
-    warning = missing_tokenizer_warning(Path(src.repo_root))
+    root = Path(src.repo_root)
+    warning = missing_tokenizer_warning(root)
     if warning:
         progress.note(f"warning: {warning}")
-    with atomic_output(out, force=force, is_dir=True) as tmp, progress.task("mlx", total_bytes(planned)) as advance:
-        weight_map = write_shards(tmp, groups, names, {"format": "mlx"}, advance)
-        index = {"metadata": {"total_size": total_bytes(planned),
-                              "total_parameters": total_parameters([p.spec for p in planned])},
-                 "weight_map": dict(sorted(weight_map.items()))}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=4) + "\n")
-        # mlx_lm.utils.load_config takes generation_config.json's list when it has one
-        config = mlx_config(src.config, overrides, generation_eos(Path(src.repo_root)) or None)
-        (tmp / "config.json").write_text(json.dumps(config, indent=4) + "\n")
-        copy_tokenizer_files(Path(src.repo_root), tmp, chat_template)
-    return out
-
+    # mlx_lm.utils.load_config takes generation_config.json's list when it has one
+    files = folder_files(src.config, overrides, generation_eos(root) or None)
+    return write_folder(out, LAYOUT, planned, files, task="mlx", force=force, progress=progress,
+                        shard_size=shard_size, root_files=lambda tmp: copy_tokenizer_files(root, tmp, chat_template))

@@ -52,7 +52,7 @@ from .original import OriginalCheckpoint
 from ..model import (RMS_NORM_EPS, SWIGLU_ALPHA, ModelConfig, Mxfp4Pair, VocabRows, expected_tensors,
                      expert_name, is_expert_weight, is_windowed, iter_chunks)
 from .base import Format
-from .safetensors import ShardedReader
+from .safetensors import FolderLayout, ShardedReader
 
 MODEL_TYPE = "gpt_oss"
 
@@ -112,6 +112,23 @@ QUANTIZATION_CONFIG = {  # convert_gpt_oss_weights_to_hf.py, as on the Hub
 def hub_shard_names(count: int) -> list[str]:
     """``save_sharded_model``'s names: 0-based, "of" the last index, even for one file."""
     return [f"model-{i:05d}-of-{count - 1:05d}.safetensors" for i in range(count)]
+
+
+# The Hub's MXFP4 root: 0-based names, the index always, as json.dump writes it on one line.
+HUB_LAYOUT = FolderLayout(shard_names=hub_shard_names, index_always=True, index_indent=None, index_newline=False,
+                          default_shard_size=HUB_SHARD_BYTES)
+# A dense transformers folder as save_pretrained writes it: 1-based names, the index when split.
+BF16_LAYOUT = FolderLayout()
+
+
+def hub_files(config: ModelConfig) -> dict[str, str]:
+    """``config.json`` and ``generation_config.json`` of the Hub root (keys sorted, indent 2)."""
+    return {"config.json": json.dumps(hub_config(config), indent=2, sort_keys=True) + "\n",
+            "generation_config.json": json.dumps(generation_config(config), indent=2) + "\n"}
+
+
+def bf16_files(config: ModelConfig) -> dict[str, str]:
+    return {"config.json": json.dumps(hf_config(config), indent=2) + "\n"}
 
 
 def hub_config(config: ModelConfig) -> dict:

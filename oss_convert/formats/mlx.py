@@ -32,7 +32,7 @@ from ..tokens.files import TOKENIZER_FILES, FolderTokens
 from . import mxfp4
 from .hf import hf_config, model_config_from_hf
 from .base import Format
-from .safetensors import SafetensorsFile, ShardedReader
+from .safetensors import FolderLayout, SafetensorsFile, ShardedReader
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 MXFP4_QUANTIZATION = {"group_size": 32, "bits": 4, "mode": "mxfp4"}
@@ -142,6 +142,16 @@ def total_parameters(specs: list[TensorSpec]) -> int:
             size = size * 32 // bits
         total += size
     return total
+
+
+# mlx_lm.utils.save_model: 1-based names, the index always (weight_map sorted, total_parameters),
+# indent 4; safetensors metadata {"format": "mlx"}; shards of at most 5 GiB.
+LAYOUT = FolderLayout(index_always=True, index_indent=4, sort_weight_map=True, metadata=(("format", "mlx"),),
+                      index_metadata=lambda specs: {"total_parameters": total_parameters(specs)})
+
+
+def folder_files(config: ModelConfig, overrides: dict[str, dict], eos_token_id=None) -> dict[str, str]:
+    return {"config.json": json.dumps(mlx_config(config, overrides, eos_token_id), indent=4) + "\n"}
 
 
 def missing_tokenizer_warning(root: Path) -> str | None:

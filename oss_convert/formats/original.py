@@ -22,7 +22,19 @@ from ..model import (ModelConfig, Mxfp4Pair, TensorSpec, VocabRows, expected_ten
                      iter_chunks)
 from . import mxfp4
 from .base import Format
-from .safetensors import ShardedReader, TensorEntry
+from .safetensors import FolderLayout, ShardedReader, TensorEntry, numbered_shard_names
+
+
+# The 120b repo's own naming (model--00001-of-00007.safetensors), double dash included; one
+# file unless --shard-size says otherwise; the index only when split.
+LAYOUT = FolderLayout(shard_names=lambda count: numbered_shard_names(count, "--"), subfolder="original",
+                      index_newline=False, default_shard_size=None)
+
+
+def folder_files(config: ModelConfig) -> dict[str, str]:
+    """The files beside the shards in ``original/``: ``config.json`` (one line, as the real file)
+    and ``dtypes.json``."""
+    return {"config.json": config.to_json(), "dtypes.json": dtypes_json(config)}
 
 
 def dtypes_json(config: ModelConfig) -> str:

@@ -183,6 +183,42 @@ class SafetensorsFile:
         self._fh.close()
 
 
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def numbered_shard_names(count: int, separator: str = "-") -> list[str]:
+    """``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` (1-based; the 120b
+    ``original/`` folder uses a double dash: ``separator="--"``)."""
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model{separator}{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+@dataclass(frozen=True)
+class FolderLayout:
+    """The byte facts of a sharded safetensors folder format, which its ``formats/`` module
+    declares and ``shards.write_folder`` follows: where the shards go, their names, when the
+    index is written and how its JSON looks, and the safetensors ``__metadata__``."""
+
+    shard_names: Callable[[int], list[str]] = numbered_shard_names
+    subfolder: str = ""  # "original": the weights and their config in OUT/original/
+    index_always: bool = False  # else only when there is more than one shard
+    index_indent: int | None = 2
+    index_newline: bool = True
+    sort_weight_map: bool = False
+    metadata: tuple[tuple[str, str], ...] = (("format", "pt"),)
+    default_shard_size: int | None = 5 << 30  # --shard-size when not given (None: one file)
+    index_metadata: Callable[[list[TensorSpec]], dict] | None = None  # keys beside total_size
+
+    def index_text(self, specs: list[TensorSpec], weight_map: dict[str, str]) -> str:
+        metadata = {"total_size": sum(spec.nbytes for spec in specs)}
+        if self.index_metadata is not None:
+            metadata.update(self.index_metadata(specs))
+        index = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items())) if self.sort_weight_map
+                 else weight_map}
+        return json.dumps(index, indent=self.index_indent) + ("\n" if self.index_newline else "")
+
+
 class ShardedReader:
     """What every folder-of-safetensors reader shares: its JSON config, its shards opened and
     indexed by tensor name (a name in two shards is an error), byte totals, closing."""
