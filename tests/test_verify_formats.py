@@ -3,6 +3,7 @@ experts; planted defects fail naming what differs."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import mmap
@@ -89,10 +90,9 @@ class _TruncatedVocab:
 def test_truncated_vocab_is_compared_over_shared_rows(metal_repo, monkeypatch, tmp_path):
     fake = tmp_path / "fake-artifact"
     fake.mkdir()
-    real_open = check.formats.open_canonical
-    monkeypatch.setattr(check.formats, "detect", lambda p: "metal" if Path(p) == fake else "original")
-    monkeypatch.setattr(check.formats, "open_canonical",
-                        lambda p: _TruncatedVocab(metal_repo) if Path(p) == fake else real_open(p))
+    real = check.formats.format_of
+    truncated = dataclasses.replace(check.formats.metal.FORMAT, open=lambda p: _TruncatedVocab(metal_repo))
+    monkeypatch.setattr(check.formats, "format_of", lambda p: truncated if Path(p) == fake else real(p))
     report = verify(fake, metal_repo, FAST_INPUTS)
     assert report["verdict"] == "pass", report["reasons"]
     assert report["vocab"] == {"artifact_rows": 200014, "reference_rows": 201088, "compared_rows": 200014}

@@ -16,6 +16,7 @@ import click
 
 from .. import __version__, converters, formats, synth
 from ..errors import OssConvertError
+from ..verify.report import to_json
 from .common import EXIT_ERROR, EXIT_FAIL, BarProgress
 from .verify import compare_cmd, reference_cmd, verify_cmd
 
@@ -58,7 +59,7 @@ def inspect_cmd(path: str, as_json: bool, scan: bool) -> None:
     info["tokenizer"] = _tokenizer_summary(path)
     kind = info["kind"]
     if as_json:
-        click.echo(json.dumps(info, indent=2))
+        click.echo(to_json(info), nl=False)
         return
     click.echo(f"{kind}: {info.get('path', path)}")
     for key, value in info.items():

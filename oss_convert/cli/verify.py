@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import InputError, OutputExistsError
 from ..guard import artifact_inputs, refuse_overlap, refuse_unsafe_output
 from ..verify.reference import DEFAULT_TOP_K
+from ..verify.report import to_json
 from .common import EXIT_FAIL, BarProgress
 
 
@@ -112,7 +113,7 @@ def verify_cmd(artifact, reference, integrity, max_kld, min_top1, json_file, no_
                        config["sliding_window"], config["initial_context_length"], plot_file,
                        f"KL by position: {Path(artifact).name} vs {Path(reference).name}")
     if json_file is not None:
-        _write_or_echo(json_file, json.dumps(_finite(report), indent=2, default=_jsonable, allow_nan=False) + "\n")
+        _write_or_echo(json_file, to_json(report))
     if str(json_file) != "-":  # stdout carries the JSON alone
         click.echo(format_table(report))
     if report["verdict"] != "pass":
@@ -140,28 +141,11 @@ def _check_integrity(artifact: Path, json_file) -> None:
         sys.exit(EXIT_FAIL)
 
 
-def _finite(value):
-    """Strict JSON: non-finite numbers (an infinite difference, a shape mismatch) become null."""
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _write_or_echo(target: Path, text: str) -> None:
     if str(target) == "-":
         click.echo(text, nl=False)
     else:
         Path(target).write_text(text)
-
-
-def _jsonable(value):
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)
 
 
 @click.command("compare")
@@ -192,7 +176,7 @@ def compare_cmd(artifacts, reference, max_kld, min_top1, json_file, csv_file, pl
     result = compare(reference, list(artifacts), inputs,
                      max_kld=DEFAULT_MAX_KLD if max_kld is None else max_kld,
                      min_top1=DEFAULT_MIN_TOP1 if min_top1 is None else min_top1, progress=BarProgress(not quiet))
-    written = {json_file: json.dumps(_finite(result), indent=2, default=_jsonable, allow_nan=False) + "\n",
+    written = {json_file: to_json(result),
                csv_file: to_csv(result)}
     for target, text in written.items():
         if target is not None:

@@ -69,18 +69,24 @@ def prepare_tokens(inputs: Inputs, tokenizer_json: Path | None, window: int) -> 
 def make_reference(src: str | Path, inputs: Inputs, progress: Progress = SILENT,
                    experts: str = "dequantized", cut_rows: tuple[int, ...] = (METAL_VOCAB_ROWS,)) -> Reference:
     """The BF16 reference of ``src`` (any artifact; normally an ``original/`` checkpoint)."""
-    model = formats.open_canonical(src)
+    kind = formats.format_of(src)
+    model = kind.open(src)
     try:
-        chunks, source = prepare_tokens(inputs, textmod.find_tokenizer(src, model), model.config.sliding_window)
-        t0 = time.perf_counter()
-        with progress.task("reference", chunks.size, unit="tok") as advance:
-            ref = compute_reference(Runner(model, experts), chunks, top_k=inputs.top_k, cut_rows=cut_rows,
-                                    progress=advance,
-                                    meta={"source": str(src), "source_kind": formats.detect(src), "input": source})
-        ref.meta["seconds"] = round(time.perf_counter() - t0, 3)
-        return ref
+        return reference_of(model, src, kind.name, inputs, progress, experts, cut_rows)
     finally:
         model.close()
+
+
+def reference_of(model, src: str | Path, kind: str, inputs: Inputs, progress: Progress = SILENT,
+                 experts: str = "dequantized", cut_rows: tuple[int, ...] = (METAL_VOCAB_ROWS,)) -> Reference:
+    """The reference distribution of an opened ``model`` (read from ``src``, of format ``kind``)."""
+    chunks, source = prepare_tokens(inputs, textmod.find_tokenizer(src, model), model.config.sliding_window)
+    t0 = time.perf_counter()
+    with progress.task("reference", chunks.size, unit="tok") as advance:
+        ref = compute_reference(Runner(model, experts), chunks, top_k=inputs.top_k, cut_rows=cut_rows,
+                                progress=advance, meta={"source": str(src), "source_kind": kind, "input": source})
+    ref.meta["seconds"] = round(time.perf_counter() - t0, 3)
+    return ref
 
 
 def score(artifact_model, ref: Reference, progress: Progress = SILENT,
@@ -107,36 +113,39 @@ def score(artifact_model, ref: Reference, progress: Progress = SILENT,
 def verify(artifact: str | Path, reference: str | Path, inputs: Inputs, *, max_kld: float = DEFAULT_MAX_KLD,
            min_top1: float = DEFAULT_MIN_TOP1, check_tensors: bool = True, strict_chat_template: bool = False,
            progress: Progress = SILENT) -> dict:
-    """The full report (see ``report.py``) for ``artifact`` against a checkpoint or a ``.npz`` cache."""
+    """The full report (see ``report.py``) for ``artifact`` against a checkpoint or a ``.npz`` cache.
+    Each input is recognised and opened once."""
     t0 = time.perf_counter()
-    artifact_kind = formats.detect(artifact)
-    art = formats.open_canonical(artifact)
+    artifact_format = formats.format_of(artifact)
+    art = artifact_format.open(artifact)
+    ref_model = None
     try:
-        ref_model = None
         if _is_cache(reference):
             ref = Reference.load(reference)
         else:
-            ref = make_reference(reference, inputs, progress, cut_rows=(METAL_VOCAB_ROWS, art.config.vocab_size))
-            ref_model = formats.open_canonical(reference) if check_tensors else None
+            reference_format = formats.format_of(reference)
+            ref_model = reference_format.open(reference)
+            ref = reference_of(ref_model, reference, reference_format.name, inputs, progress,
+                               cut_rows=(METAL_VOCAB_ROWS, art.config.vocab_size))
         t_ref = time.perf_counter()
         summary, metrics = score(art, ref, progress)
         t_art = time.perf_counter()
-        tensors = compare_models(ref_model, art) if ref_model is not None else None
-        found, ref_json = textmod.find_tokenizer(artifact, art), _reference_tokenizer(ref)
-        tokenizer = _check_tokenizer(art, found, ref_json, ref)
+        tensors = compare_models(ref_model, art) if ref_model is not None and check_tensors else None
+        ref_json = _reference_tokenizer(ref)
+        tokenizer = _check_tokenizer(art, textmod.find_tokenizer(artifact, art), ref_json, ref)
         template = chat_template.check(art, ref_json, strict=strict_chat_template)
-        if ref_model is not None:
-            ref_model.close()
-        timings = {"reference_s": round(t_ref - t0, 3) if ref_model is not None or not _is_cache(reference) else 0.0,
+        timings = {"reference_s": round(t_ref - t0, 3) if ref_model is not None else 0.0,
                    "artifact_s": round(t_art - t_ref, 3), "tensors_s": round(time.perf_counter() - t_art, 3),
                    "total_s": round(time.perf_counter() - t0, 3)}
         return build_report(
-            artifact=str(artifact), artifact_kind=artifact_kind, artifact_config=art.config.to_dict(),
+            artifact=str(artifact), artifact_kind=artifact_format.name, artifact_config=art.config.to_dict(),
             reference=ref, reference_path=str(reference), summary=summary, tensors=tensors, tokenizer=tokenizer,
             chat_template=template, kld_by_position=kld_by_position(metrics.kld, ref.ctx),
             thresholds={"max_kld": max_kld, "min_top1": min_top1}, timings=timings)
     finally:
         art.close()
+        if ref_model is not None:
+            ref_model.close()
 
 
 def kld_by_position(kld: np.ndarray, ctx: int) -> np.ndarray:

@@ -1,66 +1,12 @@
 """The verification report: verdict rules, the JSON schema, and the readable table.
 
-JSON schema (``oss-convert verify --json FILE``; schema ``oss-convert-verify/1``), one object:
-
-``schema``            "oss-convert-verify/1"
-``verdict``           "pass" | "fail"
-``reasons``           list of strings, one per failed check, each naming what differs
-                      (empty when the verdict is "pass")
-``notes``             list of strings that do not fail the run (vocabulary truncation, lossy tensors)
-``artifact``          {"path", "kind" ("original"|"mlx"|"metal"|"gguf"), "config" (the 16 ModelConfig keys as the
-                      artifact states them)}
-``reference``         {"path", "kind" (source kind, or "cache" for an .npz), "source" (the checkpoint the reference was
-                      computed from), "config", "experts" ("dequantized": BF16 reference path), "top_k"}
-``input``             {"kind" ("text"|"token_ids"), "file", "text_sha256", "tokenizer", "total_tokens" (all tokens of the
-                      input), "ctx" (tokens per chunk), "chunks", "scored_per_chunk" (ctx-1-ctx//2: the second half of each
-                      chunk, like llama-perplexity), "tokens_scored"}
-``vocab``             {"artifact_rows", "reference_rows", "compared_rows" (the shared rows; distributions are renormalised
-                      over them)}
-``metrics``           artifact vs reference on the same scored tokens; natural-log units (nats):
-   ``tokens_scored``             number of scored tokens (same as input.tokens_scored)
-   ``ppl``, ``ppl_ref``          perplexity exp(mean NLL) of artifact and reference
-   ``ppl_ratio``                 ppl / ppl_ref;  ``ln_ppl_ratio``: mean NLL difference (nats)
-   ``kld_mean``, ``kld_median``, ``kld_p99``, ``kld_max``
-                                 KL(reference || artifact) per token, nats (reference top-k + tail bucket; exact when
-                                 top_k covers the vocabulary)
-   ``top1_agreement``            fraction of tokens whose argmax agrees (0..1)
-   ``delta_p_rms``               RMS of p_artifact(next token) - p_reference(next token) (probability, 0..1)
-   ``logit_max_abs_diff``, ``logit_mean_abs_diff``
-                                 |artifact logit - reference logit| over the reference's top-k ids (logit units)
-``thresholds``        {"max_kld" (bound on kld_mean), "min_top1" (bound on top1_agreement)}
-``positions``         {"first" (the chunk position of the first scored token, ctx//2+1), "kld_mean" (mean KL at each
-                      scored position over the chunks: a curve rising with position is a RoPE / window mistake)}
-``tensors``           null when the reference is a cache; else {"compared", "identical", "same_values", "within_bound",
-                      "lossy", "differs", "experts_bit_identical" (bool: every MXFP4 expert tensor byte-identical),
-                      "experts_lossless" (bool: every MXFP4 expert tensor decodes to the source's values),
-                      "reencoded_blocks" (MXFP4 blocks stored with another exact encoding of the same values),
-                      "items": [{"name", "storage", "status" ("identical"|"same_values"|"within_bound"|"lossy"|"differs"),
-                      "max_abs_diff", "bound", "detail", "reencoded"}]}  (items list every tensor not identical, plus
-                      the expert tensors)
-``config_diff``       [{"key", "artifact", "reference"}] for ModelConfig keys that differ (vocab_size is a note only
-                      when the artifact keeps at least the tokens used)
-``tokenizer``         {"checked" (bool), "same_vocabulary" (bool: every id's bytes, the specials and BOS/EOS/pad as the
-                      reference's tokenizer.json), "vocabulary_problems" (each naming the id and both values),
-                      "vocabulary" (the file read), "reference_tokenizer", "same_ids" (bool or null: the artifact's
-                      tokenizer.json gives the reference's ids for its text), "first_mismatch", "tokenizer", "reason",
-                      "stop_ids" (what a runtime stops on), "stop_problems" (GGUF EOS not <|return|>; generation_config
-                      lacking <|return|> or <|call|>), "stop_notes"}
-``chat_template``     {"checked" (bool; false with a "reason" when the artifact carries no template), "source" (the
-                      file or GGUF key), "sha256", "harmony_template" (bool: oss-convert's template), "strict",
-                      "reference_source", "same_text_as_reference", "parse_error" (when it does not parse),
-                      "conversations": [{"name", "status" ("same"|"differs"|"error": against openai-harmony's rendering),
-                      "tokens" (Harmony's count), "first_difference" (token index), "template_context",
-                      "harmony_context" (the renders around it, split at "⟦"), "error", "as_reference" (bool or null:
-                      the same tokens as the reference's template)}], "regressions" (names: differing from Harmony
-                      where the reference's template does not, or differently from it), "same", "differs", "error"}
-``checks``            [{"name", "status" ("pass"|"fail"|"not_checked"), "summary"}], one per entry of ``CHECKS``
-                      (config, tensors, tokenizer, template, kl, top1), in that order; ``reasons`` and ``notes`` are
-                      theirs
-``timings``           seconds: "reference_s", "artifact_s", "tensors_s", "total_s"
-``versions``          {"oss_convert", "mlx"}
-
-Numbers are floats or ints; a non-finite number (an infinite difference, e.g. a shape mismatch) is written
-as null.
+JSON schema (``oss-convert verify --json FILE``; schema ``oss-convert-verify/1``): one object,
+``Report`` below: its fields are the JSON's keys in order, and each block's type says its own
+(``ArtifactBlock``, ``ReferenceBlock``, ``VocabBlock``, ``Metrics``, ``Thresholds``, ``Positions``,
+``TensorBlock``, ``Timings``, ``Versions``; the tokenizer and chat template blocks are described
+in their types' docstrings). ``to_json`` writes it as strict JSON: a non-finite number (an
+infinite difference, e.g. a shape mismatch) is written as null. Natural-log units (nats)
+throughout.
 
 Verdict: "fail" if any check fails: the config check (a key other than vocab_size differs), the
 tensors check (a tensor's status is "differs": MXFP4 experts decoding to other values, a BF16 tensor
@@ -74,9 +20,168 @@ follow from the list.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
 
 SCHEMA = "oss-convert-verify/1"
+KINDS = ("original", "mlx", "hf", "metal", "gguf")  # artifact kinds: the format registry's names
+
+
+@dataclass
+class ArtifactBlock:
+    path: str
+    kind: str  # one of KINDS
+    config: dict  # the 16 ModelConfig keys as the artifact states them
+
+
+@dataclass
+class ReferenceBlock:
+    path: str
+    kind: str | None  # the source's kind (KINDS), or "cache" for an .npz
+    source: str | None  # the checkpoint the reference was computed from
+    config: dict
+    experts: str | None  # "dequantized": the BF16 reference path
+    top_k: int | None  # reference log-probs kept per token
+
+
+@dataclass
+class VocabBlock:
+    artifact_rows: int
+    reference_rows: int
+    compared_rows: int  # the shared rows; distributions are renormalised over them
+
+
+@dataclass
+class Metrics:
+    """Artifact against reference on the same scored tokens."""
+
+    tokens_scored: int
+    ppl: float  # exp(mean NLL) of the artifact
+    ppl_ref: float  # and of the reference
+    ppl_ratio: float  # ppl / ppl_ref
+    ln_ppl_ratio: float  # mean NLL difference (nats)
+    kld_mean: float  # KL(reference || artifact) per token (reference top-k + a tail bucket;
+    kld_median: float  # exact when top_k covers the vocabulary)
+    kld_p99: float
+    kld_max: float
+    top1_agreement: float  # fraction of tokens whose argmax agrees (0..1)
+    delta_p_rms: float  # RMS of p_artifact(next token) - p_reference(next token)
+    logit_max_abs_diff: float  # |artifact logit - reference logit| over the reference's top-k ids
+    logit_mean_abs_diff: float
+
+
+@dataclass
+class Thresholds:
+    max_kld: float  # bound on kld_mean
+    min_top1: float  # bound on top1_agreement
+
+
+@dataclass
+class Positions:
+    first: int  # the chunk position of the first scored token, ctx//2+1
+    kld_mean: list[float]  # mean KL at each scored position over the chunks (rising: RoPE / window)
+
+
+@dataclass
+class TensorBlock:
+    """The tensor-by-tensor comparison (null when the reference is a cache). ``items``: every
+    tensor not identical, plus the expert tensors: {"name", "storage", "status" (identical |
+    same_values | within_bound | lossy | differs), "max_abs_diff", "bound", "detail", "reencoded"}."""
+
+    compared: int
+    identical: int
+    same_values: int
+    within_bound: int
+    lossy: int
+    differs: int
+    experts_bit_identical: bool  # every MXFP4 expert tensor byte-identical
+    experts_lossless: bool  # every MXFP4 expert tensor decodes to the source's values
+    reencoded_blocks: int  # MXFP4 blocks stored with another exact encoding of the same values
+    items: list[dict]
+
+
+@dataclass
+class Timings:
+    reference_s: float
+    artifact_s: float
+    tensors_s: float
+    total_s: float
+
+
+@dataclass
+class Versions:
+    oss_convert: str
+    mlx: str
+
+
+@dataclass
+class Report:
+    """One verify run.
+
+    ``tokenizer``: {"checked" (bool), "same_vocabulary" (bool: every id's bytes, the specials and
+    BOS/EOS/pad as the reference's tokenizer.json), "vocabulary_problems" (each naming the id and
+    both values), "vocabulary" (the file read), "reference_tokenizer", "same_ids" (bool or null:
+    the artifact's tokenizer.json gives the reference's ids for its text), "first_mismatch",
+    "tokenizer", "reason", "stop_ids" (what a runtime stops on), "stop_problems", "stop_notes"}.
+
+    ``chat_template``: {"checked" (bool; false with a "reason" when the artifact carries none),
+    "source" (the file or GGUF key), "sha256", "harmony_template" (bool: oss-convert's template),
+    "strict", "reference_source", "same_text_as_reference", "parse_error", "conversations":
+    [{"name", "status" (same | differs | error, against openai-harmony's rendering), "tokens",
+    "first_difference", "template_context", "harmony_context" (split at "⟦"), "error",
+    "as_reference"}], "regressions", "same", "differs", "error"}.
+
+    ``input``: {"kind" (text | token_ids), "file", "text_sha256", "tokenizer", "total_tokens",
+    "ctx", "chunks", "scored_per_chunk" (ctx-1-ctx//2, like llama-perplexity), "tokens_scored"}.
+    ``config_diff``: [{"key", "artifact", "reference"}]. ``checks``: [{"name", "status" (pass |
+    fail | not_checked), "summary"}], one per entry of ``CHECKS``, whose reasons and notes are
+    ``reasons`` and ``notes``.
+    """
+
+    schema: str
+    verdict: str  # "pass" | "fail"
+    reasons: list[str]  # one per failed check, each naming what differs
+    notes: list[str]  # worth saying, not failing
+    artifact: ArtifactBlock
+    reference: ReferenceBlock
+    input: dict
+    vocab: VocabBlock
+    metrics: Metrics
+    thresholds: Thresholds
+    positions: Positions
+    tensors: TensorBlock | None
+    config_diff: list[dict]
+    tokenizer: dict
+    chat_template: dict
+    checks: list[dict]
+    timings: Timings
+    versions: Versions
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def strict(value):
+    """JSON-safe: non-finite floats become None, numpy scalars Python numbers, tuples lists."""
+    if hasattr(value, "item") and not isinstance(value, (list, dict, str)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    return value
+
+
+def to_json(document: dict) -> str:
+    """Strict JSON (RFC 8259: no NaN or Infinity), indented, with a final newline."""
+    return json.dumps(strict(document), indent=2, allow_nan=False, default=str) + "\n"  # paths as text
+
+
+def field_names(cls) -> list[str]:
+    return [f.name for f in fields(cls)]
 
 
 @dataclass
@@ -127,10 +232,10 @@ def check_tensors(ev: Evidence) -> Check:
         elif t.status == "same_values":
             notes.append(f"tensor {t.name}: {t.detail}")
     b = _tensor_block(ev.tensors)
-    experts = ("bit-identical" if b["experts_bit_identical"] else
-               f"lossless ({b['reencoded_blocks']} blocks re-encoded)" if b["experts_lossless"] else "not lossless")
-    summary = (f"{b['compared']} compared: {b['identical']} identical, {b['same_values']} same values, "
-               f"{b['within_bound']} within bound, {b['lossy']} lossy, {b['differs']} differ; experts {experts}")
+    experts = ("bit-identical" if b.experts_bit_identical else
+               f"lossless ({b.reencoded_blocks} blocks re-encoded)" if b.experts_lossless else "not lossless")
+    summary = (f"{b.compared} compared: {b.identical} identical, {b.same_values} same values, "
+               f"{b.within_bound} within bound, {b.lossy} lossy, {b.differs} differ; experts {experts}")
     return Check("tensors", "fail" if reasons else "pass", summary, reasons, notes)
 
 
@@ -216,34 +321,31 @@ def build_report(*, artifact: str, artifact_kind: str, artifact_config: dict, re
     ref_meta = reference.meta
     config_diff = _config_diff(artifact_config, ref_meta["config"])
     checks = run_checks(Evidence(summary, thresholds, config_diff, tensors, tokenizer, chat_template))
-    reasons = [r for c in checks for r in c.reasons]
-    notes = [n for c in checks for n in c.notes]
     ctx = reference.ctx
     art_rows, ref_rows = artifact_config["vocab_size"], reference.vocab_size
-    return {
-        "schema": SCHEMA,
-        "verdict": "fail" if any(c.status == "fail" for c in checks) else "pass",
-        "reasons": reasons,
-        "notes": notes,
-        "artifact": {"path": artifact, "kind": artifact_kind, "config": artifact_config},
-        "reference": {"path": reference_path, "kind": "cache" if reference_path.endswith(".npz") else ref_meta.get("source_kind"),
-                      "source": ref_meta.get("source"), "config": ref_meta["config"], "experts": ref_meta.get("experts"),
-                      "top_k": ref_meta.get("top_k")},
-        "input": {**ref_meta.get("input", {}), "ctx": ctx, "chunks": int(reference.tokens.shape[0]),
-                  "scored_per_chunk": ctx - 1 - ctx // 2, "tokens_scored": summary["tokens_scored"]},
-        "vocab": {"artifact_rows": art_rows, "reference_rows": ref_rows, "compared_rows": min(art_rows, ref_rows)},
-        "metrics": summary,
-        "thresholds": thresholds,
-        "positions": {"first": ctx // 2 + 1,
-                      "kld_mean": [] if kld_by_position is None else [float(v) for v in kld_by_position]},
-        "tensors": _tensor_block(tensors) if tensors is not None else None,
-        "config_diff": config_diff,
-        "tokenizer": tokenizer,
-        "chat_template": chat_template,
-        "checks": [c.to_dict() for c in checks],
-        "timings": timings,
-        "versions": {"oss_convert": __version__, "mlx": mx.__version__},
-    }
+    report = Report(
+        schema=SCHEMA,
+        verdict="fail" if any(c.status == "fail" for c in checks) else "pass",
+        reasons=[r for c in checks for r in c.reasons],
+        notes=[n for c in checks for n in c.notes],
+        artifact=ArtifactBlock(artifact, artifact_kind, artifact_config),
+        reference=ReferenceBlock(reference_path, "cache" if reference_path.endswith(".npz") else ref_meta.get("source_kind"),
+                                 ref_meta.get("source"), ref_meta["config"], ref_meta.get("experts"), ref_meta.get("top_k")),
+        input={**ref_meta.get("input", {}), "ctx": ctx, "chunks": int(reference.tokens.shape[0]),
+               "scored_per_chunk": ctx - 1 - ctx // 2, "tokens_scored": summary["tokens_scored"]},
+        vocab=VocabBlock(art_rows, ref_rows, min(art_rows, ref_rows)),
+        metrics=Metrics(**summary),
+        thresholds=Thresholds(**thresholds),
+        positions=Positions(ctx // 2 + 1, [] if kld_by_position is None else [float(v) for v in kld_by_position]),
+        tensors=_tensor_block(tensors) if tensors is not None else None,
+        config_diff=config_diff,
+        tokenizer=tokenizer,
+        chat_template=chat_template,
+        checks=[c.to_dict() for c in checks],
+        timings=Timings(**timings),
+        versions=Versions(__version__, mx.__version__),
+    )
+    return report.to_dict()
 
 
 def _chat_lines(template: dict) -> list[str]:
@@ -271,17 +373,17 @@ def _config_diff(artifact: dict, reference: dict) -> list[dict]:
     return diffs
 
 
-def _tensor_block(tensors) -> dict:
+def _tensor_block(tensors) -> TensorBlock:
     counts = {s: sum(t.status == s for t in tensors) for s in ("identical", "same_values", "within_bound", "lossy", "differs")}
     experts = [t for t in tensors if t.name.endswith(("mlp1_weight", "mlp2_weight"))]
-    return {
-        "compared": len(tensors), **counts,
-        "experts_bit_identical": bool(experts) and all(t.status == "identical" and t.storage == "MXFP4" for t in experts),
-        "experts_lossless": bool(experts) and all(t.status in ("identical", "same_values") and t.storage == "MXFP4"
-                                                  for t in experts),
-        "reencoded_blocks": sum(t.reencoded for t in experts),
-        "items": [t.to_dict() for t in tensors if t.status != "identical" or t in experts],
-    }
+    return TensorBlock(
+        compared=len(tensors), **counts,
+        experts_bit_identical=bool(experts) and all(t.status == "identical" and t.storage == "MXFP4" for t in experts),
+        experts_lossless=bool(experts) and all(t.status in ("identical", "same_values") and t.storage == "MXFP4"
+                                               for t in experts),
+        reencoded_blocks=sum(t.reencoded for t in experts),
+        items=[t.to_dict() for t in tensors if t.status != "identical" or t in experts],
+    )
 
 
 def format_table(report: dict) -> str:
