@@ -12,6 +12,7 @@ import pytest
 
 from oss_convert import synth
 
+from helpers import run_sub
 from oracles import assert_wide_router_margins
 
 pytest_plugins = ["strict_oracles"]  # in CI a skipped oracle test fails the run
@@ -73,3 +74,31 @@ def llama_cpp_source(tmp_path_factory) -> Path:
 def real_chat_template(llama_cpp_source) -> str:
     """The gpt-oss chat template as llama.cpp vendors it (the one in OpenAI's repos, 16,738 bytes)."""
     return (llama_cpp_source / "models" / "templates" / "openai-gpt-oss-120b.jinja").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_repo, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    assert run_sub("convert", str(tiny_repo), "--to", "gguf", "-o", str(out), "--quiet").returncode == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def metal_bin(metal_repo, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("metal") / "model.bin"
+    result = run_sub("convert", str(metal_repo), "--to", "metal", "-o", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def dense_repo(tmp_path_factory) -> Path:
+    """Dense BF16 experts, as a fine-tune: ``--recipe search`` does real numeric work on them."""
+    return synth.generate(tmp_path_factory.mktemp("dense") / "repo", "tiny", seed=4, experts="bf16", tokenizer=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tiny_repo, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("hf") / "hf"
+    assert run_sub("convert", str(tiny_repo), "--to", "hf-bf16", "-o", str(out), "--quiet").returncode == 0
+    return out

@@ -67,6 +67,8 @@ class Target:
     recipes: dict[str, str] = field(default_factory=dict)  # recipe -> what it does
     outtypes: tuple[str, ...] = ()
     dense_experts: bool = False  # accepts a source whose experts are dense BF16
+    file_suffix: str | None = None  # a single-file format: ``-o NAME<suffix>`` writes that file
+    full_vocabulary: bool = False  # stores the full o200k vocabulary, so the source must have it
 
     @property
     def module(self) -> str:
@@ -77,9 +79,9 @@ TARGETS = {t.name: t for t in (
     Target("mlx", "a folder mlx_lm.load opens (MXFP4 experts)", ("shard_size", "recipe", "chat_template"),
            recipes={name: f"MXFP4 experts, other linear layers affine {bits}-bit (mlx_lm.convert -q --q-bits {bits})"
                     for name, bits in AFFINE_RECIPES.items()}),
-    Target("metal", "the gpt-oss Metal model.bin", ("vocab",)),
+    Target("metal", "the gpt-oss Metal model.bin", ("vocab",), file_suffix=".bin", full_vocabulary=True),
     Target("gguf", "a GGUF file llama.cpp runs (MXFP4 experts)", ("outtype", "split_max_size", "chat_template"),
-           outtypes=OUTTYPES),
+           outtypes=OUTTYPES, file_suffix=".gguf"),
     Target("hf", "the Hub's MXFP4 transformers root (transformers, vLLM, llama.cpp's and mlx-lm's converters)",
            ("recipe", "shard_size", "chat_template"),
            recipes={name: f"MXFP4 scales by {name} rounding (from dense BF16 experts)" for name in quantize.RECIPES},

@@ -16,7 +16,7 @@ from oss_convert.formats.original import OriginalCheckpoint
 from oss_convert.verify.check import DEFAULT_MAX_KLD, DEFAULT_MIN_TOP1, Inputs, make_reference, verify
 from oss_convert.verify.compare import compare
 
-TRAINED = Path(__file__).resolve().parents[1] / "examples" / "gpt-oss-tiny"
+TRAINED = Path(__file__).resolve().parents[2] / "examples" / "gpt-oss-tiny"
 HELDOUT = TRAINED / "heldout.txt"
 INPUTS = Inputs(text_file=HELDOUT, ctx=512, max_chunks=4)  # 4 x 255 scored tokens, past window and initial context
 
@@ -166,7 +166,7 @@ def test_a_hub_quant_in_the_cache_is_found(monkeypatch, tmp_path):
 
 
 def test_verify_plots_kl_by_position(reference, tmp_path, monkeypatch, capsys):
-    from test_reliability_formats import run_cli
+    from helpers import run_cli
 
     bad = Path(shutil.copytree(TRAINED, tmp_path / "bad"))
     _set_window(bad)

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
 
 from oss_convert import synth
 from oss_convert.formats import mxfp4
@@ -57,33 +53,3 @@ def test_20b_shapes_fit_the_real_model():
     assert sum(s.nbytes for s in specs) == 13_761_264_768
     specs = expected_tensors(synth.PRESETS["120b"])
     assert len(specs) == 543 and sum(s.nbytes for s in specs) == 65_248_815_744
-
-
-@pytest.mark.slow
-def test_generate_streams_in_bounded_memory(tmp_path):
-    """A 50-layer, 200 MB-per-layer model needs no more memory than a 2-layer one."""
-    script = (
-        "import resource, sys; from oss_convert import synth;"
-        "cfg = synth.preset_with('tiny', num_hidden_layers=int(sys.argv[2]), num_experts=32, hidden_size=1024,"
-        " intermediate_size=1024, vocab_size=4096);"
-        "synth.generate(sys.argv[1], cfg);"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-    )
-    peaks = []
-    for layers in (2, 20):
-        out = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"m{layers}"), str(layers)],
-                             check=True, capture_output=True, text=True)
-        peaks.append(int(out.stdout.strip()) / 1024)  # MiB
-    size = sum(p.stat().st_size for p in (tmp_path / "m20").rglob("*.safetensors")) / 2**20
-    assert size > 900
-    assert peaks[1] < peaks[0] + 64, f"peak RSS grew from {peaks[0]:.0f} to {peaks[1]:.0f} MiB"
-
-    # Reading every byte back (inspect --scan) through the memory map stays flat as well:
-    # touched file pages count towards RSS unless the reader unmaps them as it goes.
-    scan = (
-        "import resource, sys; from oss_convert.formats.original import OriginalCheckpoint;"
-        "ckpt = OriginalCheckpoint(sys.argv[1]); assert ckpt.scan() == [];"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-    )
-    out = subprocess.run([sys.executable, "-c", scan, str(tmp_path / "m20")], check=True, capture_output=True, text=True)
-    assert int(out.stdout.strip()) / 1024 < peaks[0] + 160, "scan held the file's pages"

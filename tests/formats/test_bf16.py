@@ -17,7 +17,7 @@ from oss_convert import converters, quantize, synth
 from oss_convert.converters import hf_bf16, original as to_original
 from oss_convert.model import logical_names, TensorSpec
 from oss_convert.errors import InputError, UsageError
-from oss_convert.formats import hf, mxfp4
+from oss_convert.formats import hf
 from oss_convert.formats.original import OriginalCheckpoint
 from oss_convert.formats.safetensors import SafetensorsFile, SafetensorsWriter
 

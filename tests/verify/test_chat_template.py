@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 
 from chat_strategies import chats
 from oracles import llama
-from test_reliability_formats import run_cli
+from helpers import run_cli
 from oss_convert import converters
 from oss_convert.tokens import harmony, templates as chat
 from oss_convert.verify.check import Inputs, verify

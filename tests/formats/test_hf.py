@@ -20,7 +20,6 @@ from click.testing import CliRunner
 
 from oss_convert import converters, synth
 from oss_convert.cli.main import cli
-from oss_convert.formats import hf
 from oss_convert.formats.original import OriginalCheckpoint
 from oss_convert.formats.safetensors import SafetensorsFile
 
