@@ -88,8 +88,8 @@ def _write_behind(fd: int, start: int, end: int, dropped: int, drop_to: int) -> 
 
 def file_sha256(path: str | Path, progress: Callable[[int], None] | None = None) -> str:
     """The file's sha256, read front to back into one buffer; ``progress(n)`` after each read
-    (it may raise to stop). Cold, this reads at 0.6-0.7 GB/s on the project's VM where hashing
-    through a mapping read at 0.4-0.5 (page faults wait for the disk a window at a time)."""
+    (it may raise to stop). Reads, not a mapping: from a cold cache a mapping's page faults wait
+    for the disk a window at a time and read slower (bench/RESULTS.md, session 4)."""
     digest = hashlib.sha256()
     buffer = bytearray(READ_BYTES)
     view = memoryview(buffer)

@@ -11,7 +11,6 @@ Imports: base modules, ``formats.safetensors``, ``atomic``.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -19,24 +18,11 @@ from typing import Callable, Iterator
 import numpy as np
 
 from . import hashing
-from .errors import InputError
 from .atomic import atomic_output
 from .formats.safetensors import INDEX_FILE, FolderLayout, SafetensorsWriter
 from .model import TensorSpec, iter_chunks
 from .progress import SILENT, Advance, Progress
-
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str | int) -> int:
-    """``"5G"`` -> 5 GiB; plain integers are bytes."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", str(text).upper())
-    if not match or float(match.group(1)) <= 0:
-        raise InputError(f"cannot read size {text!r}; write e.g. 5G, 500M or a number of bytes")
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
-
+from .sizes import parse_size
 
 @dataclass(frozen=True)
 class Planned:

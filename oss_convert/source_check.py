@@ -3,7 +3,7 @@ that convert into garbage (NaN/Inf, scale byte 255) and the sha256 of every sour
 manifest, on one thread beside the conversion.
 
 Run before the conversion, they held back its first written byte by a full read of the BF16
-tensors (8 s cold on 20b shapes) and, hashed alone, the source cost a second pass: beside it,
+tensors and, hashed alone, the source cost a second pass (bench/RESULTS.md): beside it,
 both read pages the conversion reads too, and numpy and hashlib release the GIL. A bad source
 stops the job once the scan sees it: ``watch(progress)`` is the conversion's progress with a
 check of the source check at every step; ``result(progress)`` waits for the rest, with its own
@@ -55,9 +55,9 @@ class SourceCheck:
                 self._bar(amount)
 
     def _run(self) -> dict[str, dict]:
-        # The hash first: it reads each file from end to end (0.6-0.7 GB/s from a cold cache
-        # here), so that the scan's reads, tensor by tensor and skipping the expert blocks, come
-        # from the page cache (alone, the scan read at 80-100 MB/s cold).
+        # The hash first: it reads each file from end to end at the disk's sequential rate, so
+        # that the scan's reads, tensor by tensor and skipping the expert blocks, come from the
+        # page cache (alone, the scan reads cold at a fraction of that: bench/RESULTS.md).
         hashes = {p.name: file_digest(p, self._advance) for p in self._files}
         if self._scan:
             problems = self._src.scan(progress=self._advance)

@@ -16,6 +16,7 @@ import click
 
 from .. import __version__, converters, formats, synth
 from ..errors import OssConvertError
+from ..sizes import format_size
 from ..verify.report import to_json
 from .common import EXIT_ERROR, EXIT_FAIL, BarProgress
 from .verify import compare_cmd, reference_cmd, verify_cmd
@@ -88,16 +89,7 @@ def _tokenizer_summary(path: str) -> dict:
 
 
 def _human(n) -> str:
-    if not isinstance(n, int):
-        return str(n)
-    if n < 1024:
-        return f"{n} B"
-    value, unit = float(n), "B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024
-        if value < 1024:
-            break
-    return f"{value:.2f} {unit} ({n:,} B)"
+    return f"{format_size(n)} ({n:,} B)" if isinstance(n, int) else str(n)
 
 
 def _target_help() -> str:

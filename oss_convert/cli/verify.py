@@ -15,8 +15,8 @@ import numpy as np
 
 from ..errors import InputError, OutputExistsError
 from ..guard import artifact_inputs, refuse_overlap, refuse_unsafe_output
-from ..verify.reference import DEFAULT_TOP_K
-from ..verify.report import to_json
+from ..verify.reference import DEFAULT_CTX, DEFAULT_TOP_K, METAL_VOCAB_ROWS
+from ..verify.report import DEFAULT_MAX_KLD, DEFAULT_MIN_TOP1, to_json
 from .common import EXIT_FAIL, BarProgress
 
 
@@ -25,7 +25,7 @@ def _input_options(f):
                      help="UTF-8 text to evaluate (default: the bundled public-domain text).")(f)
     f = click.option("--tokens", "tokens_file", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
                      help="Token ids instead of text (.npy, or integers separated by spaces/commas).")(f)
-    f = click.option("--ctx", type=int, default=512, show_default=True,
+    f = click.option("--ctx", type=int, default=DEFAULT_CTX, show_default=True,
                      help="Tokens per chunk; the second half of each chunk is scored. Must exceed the sliding window.")(f)
     f = click.option("--chunks", "max_chunks", type=int, default=None, help="Use at most this many chunks.")(f)
     f = click.option("--top-k", type=int, default=DEFAULT_TOP_K, show_default=True,
@@ -46,8 +46,9 @@ def _inputs(text_file, tokens_file, ctx, max_chunks, top_k):
 @click.argument("source")
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Cache file to write (.npz).")
 @click.option("--force", is_flag=True, help="Replace the output if it exists, only if it is one of ours (a format oss-convert writes, a folder with our manifest, or an empty folder). Never replaces or removes an input.")
-@click.option("--cut-rows", type=int, multiple=True, default=(200014,), show_default=True,
-              help="Also normalise over the first N vocabulary rows, for artifacts that keep only N (Metal: 200014).")
+@click.option("--cut-rows", type=int, multiple=True, default=(METAL_VOCAB_ROWS,), show_default=True,
+              help=f"Also normalise over the first N vocabulary rows, for artifacts that keep only N "
+                   f"(Metal: {METAL_VOCAB_ROWS}).")
 @_input_options
 def reference_cmd(source, output, force, cut_rows, text_file, tokens_file, ctx, max_chunks, top_k, quiet):
     """Compute the BF16 reference of SOURCE once and cache its top-k log-probs in an .npz."""
@@ -70,8 +71,10 @@ def reference_cmd(source, output, force, cut_rows, text_file, tokens_file, ctx, 
               help="The source checkpoint (original/ folder or repo) or a cache from `oss-convert reference`.")
 @click.option("--integrity", is_flag=True,
               help="Only re-hash the artifact against its provenance manifest (fast, no model run).")
-@click.option("--max-kld", type=float, default=None, help="Fail if the mean KL divergence exceeds this (nats). [default: 5e-4]")
-@click.option("--min-top1", type=float, default=None, help="Fail if top-1 agreement is below this (0..1). [default: 0.99]")
+@click.option("--max-kld", type=float, default=DEFAULT_MAX_KLD, show_default=True,
+              help="Fail if the mean KL divergence exceeds this (nats).")
+@click.option("--min-top1", type=float, default=DEFAULT_MIN_TOP1, show_default=True,
+              help="Fail if top-1 agreement is below this (0..1).")
 @click.option("--json", "json_file", type=click.Path(path_type=Path), default=None,
               help="Also write the report as JSON to this file ('-' for stdout).")
 @click.option("--no-tensors", is_flag=True, help="Skip the tensor-by-tensor comparison.")
@@ -90,7 +93,7 @@ def verify_cmd(artifact, reference, integrity, max_kld, min_top1, json_file, no_
         return
     if reference is None:
         raise click.UsageError("--reference is required (or use --integrity)")
-    from ..verify.check import DEFAULT_MAX_KLD, DEFAULT_MIN_TOP1, verify
+    from ..verify.check import verify
     from ..verify.compare import resolve
     from ..verify.report import format_table
 
@@ -101,8 +104,7 @@ def verify_cmd(artifact, reference, integrity, max_kld, min_top1, json_file, no_
     if outputs:
         refuse_overlap(outputs, [*artifact_inputs(artifact), *artifact_inputs(reference), text_file, tokens_file])
     report = verify(artifact, reference, inputs,
-                    max_kld=DEFAULT_MAX_KLD if max_kld is None else max_kld,
-                    min_top1=DEFAULT_MIN_TOP1 if min_top1 is None else min_top1,
+                    max_kld=max_kld, min_top1=min_top1,
                     check_tensors=not no_tensors, strict_chat_template=strict_chat_template,
                     progress=BarProgress(not quiet))
     if plot_file is not None:
@@ -152,8 +154,10 @@ def _write_or_echo(target: Path, text: str) -> None:
 @click.argument("artifacts", nargs=-1, required=True)
 @click.option("--reference", "reference", required=True,
               help="The source checkpoint (original/ folder or repo) or a cache from `oss-convert reference`.")
-@click.option("--max-kld", type=float, default=None, help="Verdict: fail above this mean KL (nats). [default: 5e-4]")
-@click.option("--min-top1", type=float, default=None, help="Verdict: fail below this top-1 agreement. [default: 0.99]")
+@click.option("--max-kld", type=float, default=DEFAULT_MAX_KLD, show_default=True,
+              help="Verdict: fail above this mean KL (nats).")
+@click.option("--min-top1", type=float, default=DEFAULT_MIN_TOP1, show_default=True,
+              help="Verdict: fail below this top-1 agreement.")
 @click.option("--json", "json_file", type=click.Path(path_type=Path), default=None, help="Write the table as JSON ('-': stdout).")
 @click.option("--csv", "csv_file", type=click.Path(path_type=Path), default=None, help="Write the table as CSV ('-': stdout).")
 @click.option("--plot", "plot_file", type=click.Path(path_type=Path), default=None,
@@ -165,7 +169,6 @@ def compare_cmd(artifacts, reference, max_kld, min_top1, json_file, csv_file, pl
     with one reference: size, bits per weight, perplexity ratio, KL, top-1, verdict, by size.
 
     Exit 0 when every artifact passes, 1 when one fails."""
-    from ..verify.check import DEFAULT_MAX_KLD, DEFAULT_MIN_TOP1
     from ..verify.compare import compare, format_table, plot_sizes, to_csv
 
     inputs = _inputs(text_file, tokens_file, ctx, max_chunks, top_k)
@@ -174,8 +177,7 @@ def compare_cmd(artifacts, reference, max_kld, min_top1, json_file, csv_file, pl
         refuse_overlap(outputs, [*(q for a in artifacts for q in artifact_inputs(a)), *artifact_inputs(reference),
                                  text_file, tokens_file])
     result = compare(reference, list(artifacts), inputs,
-                     max_kld=DEFAULT_MAX_KLD if max_kld is None else max_kld,
-                     min_top1=DEFAULT_MIN_TOP1 if min_top1 is None else min_top1, progress=BarProgress(not quiet))
+                     max_kld=max_kld, min_top1=min_top1, progress=BarProgress(not quiet))
     written = {json_file: to_json(result),
                csv_file: to_csv(result)}
     for target, text in written.items():

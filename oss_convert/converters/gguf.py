@@ -28,7 +28,7 @@ from ..formats.gguf import (DEFAULT_OUTTYPE, LazyTensor, add_general, add_model_
                             encoder, gguf_names, new_writer, openai_to_ggml, outtypes, split_paths, gguf_py)
 from ..model import Source, iter_chunks
 from ..progress import SILENT, Progress
-from ..shards import parse_size
+from ..sizes import parse_size
 
 
 @dataclass(frozen=True)

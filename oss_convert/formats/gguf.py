@@ -343,7 +343,7 @@ SPECIAL_VOCAB_FILE_BYTES = 8 << 20  # the files beside tokenizer.json that Speci
 
 def _special_vocab(root: Path, doc: dict):
     """gguf-py's ``SpecialVocab(root, load_merges=False)`` without its second parse of the 27 MB
-    ``tokenizer.json`` (1.5 s before the first byte is written): it reads only ``added_tokens``
+    ``tokenizer.json`` (seconds before the first byte is written): it reads only ``added_tokens``
     and ``post_processor`` of it, so it is shown a folder with those two beside copies of the
     root's small files (its config, tokenizer config and templates; no link into the source)."""
     g = gguf_py()
@@ -425,7 +425,7 @@ def new_writer(split_max_size: int):
 
 def _pack_long_array(writer, val, vtype, sub_type) -> bytes | None:
     """gguf-py's bytes for a long array of str or of int (the 201088 tokens, their types, the
-    446k merges) in one pass, where gguf-py packs item by item (~10 s on the real vocabulary);
+    446k merges) in one pass, where gguf-py packs item by item (seconds on the real vocabulary);
     ``None`` for anything else, which gguf-py packs itself."""
     g = gguf_py()
     if not isinstance(val, list) or len(val) < 1024:

@@ -14,18 +14,11 @@ from ..progress import SILENT, Progress
 from . import template as chat_template
 from . import text as textmod
 from .metrics import TokenMetrics, compare_block, summarize
-from .reference import DEFAULT_TOP_K, METAL_VOCAB_ROWS, Reference, chunk_tokens, compute_reference, scored_rows
-from .report import build_report
+from .reference import DEFAULT_CTX, DEFAULT_TOP_K, METAL_VOCAB_ROWS, Reference, chunk_tokens, compute_reference, scored_rows
+from .report import DEFAULT_MAX_KLD, DEFAULT_MIN_TOP1, build_report
 from .runner import Runner
 from .tensors import compare_models
 
-DEFAULT_CTX = 512
-# Calibrated on the trained tiny gpt-oss (examples/gpt-oss-tiny, held-out text, tests/test_trained.py):
-# lossless conversions give ~1e-13 and 100%; the 8-bit recipes 1.2-1.7e-4 and 99.4-99.9%; the
-# mildest planted defect (one layer's sinks zeroed) 7.6e-4 and 98.5%, one expert's nibbles
-# swapped 5.6e-3 and 96.3%; the 4-bit MLX recipe 6.7e-3 and 94.0%.
-DEFAULT_MAX_KLD = 5e-4
-DEFAULT_MIN_TOP1 = 0.99
 
 
 @dataclass
@@ -120,7 +113,7 @@ def verify(artifact: str | Path, reference: str | Path, inputs: Inputs, *, max_k
     art = artifact_format.open(artifact)
     ref_model = None
     try:
-        if _is_cache(reference):
+        if is_cache(reference):
             ref = Reference.load(reference)
         else:
             reference_format = formats.format_of(reference)
@@ -153,7 +146,7 @@ def kld_by_position(kld: np.ndarray, ctx: int) -> np.ndarray:
     return kld.reshape(-1, ctx - 1 - ctx // 2).mean(axis=0)
 
 
-def _is_cache(reference: str | Path) -> bool:
+def is_cache(reference: str | Path) -> bool:
     p = Path(reference)
     return p.is_file() and p.suffix == ".npz"
 

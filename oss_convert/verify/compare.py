@@ -23,9 +23,10 @@ from .. import formats
 from ..errors import InputError
 from ..model import expected_tensors
 from ..progress import SILENT, Progress
-from .check import DEFAULT_MAX_KLD, DEFAULT_MIN_TOP1, Inputs, _is_cache, kld_by_position, make_reference, score
+from ..sizes import format_size
+from .check import Inputs, is_cache, kld_by_position, make_reference, score
 from .reference import METAL_VOCAB_ROWS, Reference
-from .report import Evidence, check_kl, check_top1
+from .report import DEFAULT_MAX_KLD, DEFAULT_MIN_TOP1, Evidence, check_kl, check_top1
 
 COLUMNS = ("artifact", "kind", "size_bytes", "bits_per_weight", "ppl_ratio", "kld_mean", "kld_p99", "top1_agreement",
            "verdict")
@@ -77,7 +78,7 @@ def compare(reference: str | Path, names: list[str], inputs: Inputs, *, max_kld:
     try:
         for path in paths:
             models.append(formats.open_canonical(path))
-        if _is_cache(reference):
+        if is_cache(reference):
             ref = Reference.load(reference)
         else:
             cut = sorted({METAL_VOCAB_ROWS} | {m.config.vocab_size for m in models})
@@ -121,7 +122,7 @@ def format_table(result: dict) -> str:
              "", f"  {'artifact':<36}{'kind':<9}{'size':>11}{'bpw':>7}{'ppl ratio':>11}{'KL mean':>11}{'KL p99':>11}"
                  f"{'top-1':>9}  verdict"]
     for r in result["rows"]:
-        lines.append(f"  {r['artifact'][-35:]:<36}{r['kind']:<9}{_size(r['size_bytes']):>11}{r['bits_per_weight']:>7.2f}"
+        lines.append(f"  {r['artifact'][-35:]:<36}{r['kind']:<9}{format_size(r['size_bytes']):>11}{r['bits_per_weight']:>7.2f}"
                      f"{r['ppl_ratio']:>11.5f}{r['kld_mean']:>11.2e}{r['kld_p99']:>11.2e}{r['top1_agreement']:>9.2%}"
                      f"  {r['verdict']}")
     th = result["thresholds"]
@@ -135,14 +136,6 @@ def to_csv(result: dict) -> str:
     writer.writeheader()
     writer.writerows(result["rows"])
     return out.getvalue()
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 def plot_sizes(result: dict, path: Path) -> Path:

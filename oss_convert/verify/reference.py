@@ -29,6 +29,7 @@ from .metrics import logsumexp
 
 METAL_VOCAB_ROWS = 200014  # what the Metal model.bin keeps
 DEFAULT_TOP_K = 1024
+DEFAULT_CTX = 512  # tokens per chunk: longer than the 128-token window, as llama-perplexity's default
 TOP_K_ROWS = 64  # positions ranked at a time (argpartition holds an int64 per vocabulary entry)
 
 

@@ -25,6 +25,13 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 SCHEMA = "oss-convert-verify/1"
+# The default gates, calibrated on the trained tiny gpt-oss (examples/gpt-oss-tiny, held-out
+# text, tests/verify/test_trained.py): lossless conversions give ~1e-13 and 100%; the 8-bit
+# recipes 1.2-1.7e-4 and 99.4-99.9%; the mildest planted defect (one layer's sinks zeroed)
+# 7.6e-4 and 98.5%, one expert's nibbles swapped 5.6e-3 and 96.3%; the 4-bit MLX recipe 6.7e-3
+# and 94.0%.
+DEFAULT_MAX_KLD = 5e-4
+DEFAULT_MIN_TOP1 = 0.99
 KINDS = ("original", "mlx", "hf", "metal", "gguf")  # artifact kinds: the format registry's names
 
 
