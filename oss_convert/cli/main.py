@@ -7,7 +7,6 @@ Imports: ``cli.common``, ``cli.verify`` and the library; nothing imports this mo
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 from pathlib import Path

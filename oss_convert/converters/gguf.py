@@ -24,8 +24,9 @@ from typing import Iterator
 import numpy as np
 
 from ..atomic import atomic_outputs
-from ..formats.gguf import (DEFAULT_OUTTYPE, LazyTensor, add_general, add_model_params, add_tokenizer, check_config,
-                            encoder, gguf_names, new_writer, openai_to_ggml, outtypes, split_paths, gguf_py)
+from ..formats.gguf import (ARCH, DEFAULT_OUTTYPE, add_general, add_model_params, add_tokenizer, check_config, encoder,
+                            gguf_names, openai_to_ggml, outtypes)
+from ..formats.gguf_writer import LazyTensor, gguf_py, new_writer, split_paths
 from ..model import Source, iter_chunks
 from ..progress import SILENT, Progress
 from ..sizes import parse_size
@@ -146,7 +147,7 @@ def convert(src: Source, out: Path, *, force: bool = False, progress: Progress =
     out = Path(out)
     root = Path(src.repo_root)
     planned = plan(src, outtype)
-    writer = new_writer(parse_size(split_max_size) if split_max_size is not None else 0)
+    writer = new_writer(ARCH, parse_size(split_max_size) if split_max_size is not None else 0)
     for item in planned:
         writer.add_tensor(item.name, item.tensor, raw_dtype=item.ggml_type)
     add_general(writer, root)

@@ -19,13 +19,11 @@ even for one file) and the tokenizer / chat template files from the source's rep
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
-from ..atomic import atomic_output
 from ..errors import InputError
 from ..formats.mlx import (AFFINE_GROUP_SIZE, AFFINE_RECIPES, LAYOUT, ROUTER_QUANTIZATION, as_mlx_words,
                            folder_files, missing_tokenizer_warning, mlx_names)

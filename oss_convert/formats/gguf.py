@@ -21,23 +21,19 @@ Imports: base modules, ``formats.hf`` (the HF config values llama.cpp's converte
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
-from .. import hashing
 from ..dtypes import bf16_to_f32
 from ..errors import InputError
 from ..model import RMS_NORM_EPS, ModelConfig, Mxfp4Pair, interleave
 from ..tokens.files import CHAT_TEMPLATE_FILE, TokenizerJson
 from ..tokens.vocabulary import Embedded, Vocabulary, byte_level_bytes
 from .base import Format, head
+from .gguf_writer import gguf_py, special_vocab
 from .hf import hf_config
 
 ARCH = "gpt-oss"
@@ -47,12 +43,6 @@ DEFAULT_OUTTYPE = "bf16"
 TOKENIZER_PRE = "gpt-4o"  # o200k_harmony's split regex is GPT-4o's (spec §1.4)
 SWIGLU_LIMIT = 7.0  # hard-coded in llama.cpp's LLM_FFN_SWIGLU_OAI_MOE
 _SPLIT = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
-
-
-def gguf_py():
-    import gguf  # imported lazily: the CLI should start without it
-
-    return gguf
 
 
 # --------------------------------------------------------------------------------------
@@ -86,6 +76,21 @@ def gguf_names(name: str) -> list[str]:
         "mlp.mlp2_bias": [(T.FFN_DOWN_EXP, "bias")],
     }[rest]
     return [f"{N[tensor].format(bid=int(n))}.{kind}" for tensor, kind in layer]
+
+
+def fused_name(name: str) -> str | None:
+    """The one GGUF tensor a file may hold in place of the split parts of canonical ``name``
+    (``attn_qkv`` for q/k/v, ``ffn_gate_up_exps`` for gate/up), else ``None``."""
+    g = gguf_py()
+    T, N = g.MODEL_TENSOR, g.TENSOR_NAMES
+    _, _, rest = name.partition(".")
+    layer, _, part = rest.partition(".")
+    fused = {"attn.qkv.weight": (T.ATTN_QKV, "weight"), "attn.qkv.bias": (T.ATTN_QKV, "bias"),
+             "mlp.mlp1_weight": (T.FFN_GATE_UP_EXP, "weight"), "mlp.mlp1_bias": (T.FFN_GATE_UP_EXP, "bias")}
+    if not name.startswith("block.") or part not in fused:
+        return None
+    tensor, kind = fused[part]
+    return f"{N[tensor].format(bid=int(layer))}.{kind}"
 
 
 def outtypes() -> dict:
@@ -208,49 +213,6 @@ def encoder(ggml_type) -> tuple[Callable[[np.ndarray], np.ndarray], np.dtype, Ca
     raise ValueError(ggml_type)
 
 
-class LazyTensor:
-    """What ``GGUFWriter.add_tensor`` needs of an array (shape, dtype, nbytes, ``tofile``),
-    producing the bytes only when the writer reaches this tensor, a chunk at a time."""
-
-    def __init__(self, shape: tuple[int, ...], dtype, chunks: Callable[[], Iterator[np.ndarray]],
-                 computed: bool = False):
-        self.shape = tuple(int(s) for s in shape)
-        self.computed = computed  # chunks are new arrays (a repack, a quantization), not views of the source
-        self.dtype = np.dtype(dtype)
-        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-        self._chunks = chunks
-        self.on_bytes: Callable[[int], None] = lambda n: None
-
-    def tofile(self, fh) -> None:
-        """Write the chunks. Computed ones (the MXFP4 repack, a quantization) are made one ahead
-        while the current one is written: numpy and the write both release the GIL, so two
-        cores overlap. Views of the source are written as they come: making the next one would
-        unmap the pages still being written, which the write then maps again for good."""
-        written = 0
-        for chunk in (_one_ahead(self._chunks()) if self.computed else self._chunks()):
-            chunk = np.ascontiguousarray(chunk)
-            fh.write(memoryview(chunk).cast("B"))
-            written += chunk.nbytes
-            self.on_bytes(chunk.nbytes)
-        if written != self.nbytes:
-            raise AssertionError(f"produced {written} bytes, planned {self.nbytes}")
-
-
-def _one_ahead(chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
-    """The same chunks, each next one made on a worker thread while the caller uses this one."""
-    chunks = iter(chunks)
-
-    def make() -> np.ndarray | None:
-        chunk = next(chunks, None)
-        return None if chunk is None else np.ascontiguousarray(chunk)
-
-    with ThreadPoolExecutor(1, thread_name_prefix="gguf-chunk") as pool:
-        upcoming = pool.submit(make)
-        while (chunk := upcoming.result()) is not None:
-            upcoming = pool.submit(make)
-            yield chunk
-
-
 # --------------------------------------------------------------------------------------
 # Metadata and tokenizer (writing)
 
@@ -320,7 +282,7 @@ def add_tokenizer(writer, root: Path, vocab_size: int, chat_template: str | None
     writer.add_tokenizer_pre(TOKENIZER_PRE)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    special = _special_vocab(root, tokenizer.doc)
+    special = special_vocab(root, tokenizer.doc)
     special.merges = merges(tokenizer)
     if not special.merges:
         raise InputError("tokenizer.json has no BPE merges; llama.cpp's gpt2 tokenizer needs them", file=tokenizer.path)
@@ -336,29 +298,6 @@ def add_tokenizer(writer, root: Path, vocab_size: int, chat_template: str | None
         special.add_special_token.setdefault("bos", False)
         special.add_special_token.setdefault("eos", False)
     special.add_to_gguf(writer, quiet=True)
-
-
-SPECIAL_VOCAB_FILE_BYTES = 8 << 20  # the files beside tokenizer.json that SpecialVocab may read are small
-
-
-def _special_vocab(root: Path, doc: dict):
-    """gguf-py's ``SpecialVocab(root, load_merges=False)`` without its second parse of the 27 MB
-    ``tokenizer.json`` (seconds before the first byte is written): it reads only ``added_tokens``
-    and ``post_processor`` of it, so it is shown a folder with those two beside copies of the
-    root's small files (its config, tokenizer config and templates; no link into the source)."""
-    g = gguf_py()
-    with tempfile.TemporaryDirectory(prefix="oss-convert-vocab-") as folder:
-        view = Path(folder)
-        for item in root.iterdir():
-            if item.name == "tokenizer.json":
-                continue
-            if item.is_file() and item.stat().st_size <= SPECIAL_VOCAB_FILE_BYTES:
-                shutil.copyfile(item, view / item.name)
-            elif item.is_dir() and item.name == "additional_chat_templates":
-                shutil.copytree(item, view / item.name)
-        (view / "tokenizer.json").write_text(json.dumps(
-            {key: doc[key] for key in ("added_tokens", "post_processor") if key in doc}), encoding="utf-8")
-        return g.SpecialVocab(view, load_merges=False)
 
 
 def merges(tokenizer: TokenizerJson) -> list[str]:
@@ -392,78 +331,6 @@ def add_general(writer, root: Path) -> None:
 
 # --------------------------------------------------------------------------------------
 # Writing
-
-
-def new_writer(split_max_size: int):
-    """A GGUFWriter whose shards go to the paths we set in ``targets`` (temporary names, renamed
-    by ``atomic_output`` once every shard is complete) instead of names derived from one path."""
-    g = gguf_py()
-
-    class Writer(g.GGUFWriter):
-        targets: list[Path] = []
-
-        def format_shard_names(self, path: Path) -> list[Path]:
-            return list(self.targets)
-
-        def open_output_file(self, path: Path | None = None) -> None:
-            """gguf-py's, with each shard hashed as it is written (for the manifest)."""
-            if self.state is g.WriterState.NO_FILE and path is not None:
-                self.path = path
-                self.fout = [hashing.HashingWriter(name) for name in self.format_shard_names(path)]
-                self.state = g.WriterState.EMPTY
-                return
-            super().open_output_file(path)
-
-        def _pack_val(self, val, vtype, add_vtype: bool, sub_type=None) -> bytes:
-            packed = _pack_long_array(self, val, vtype, sub_type) if vtype == g.GGUFValueType.ARRAY else None
-            if packed is None:
-                return super()._pack_val(val, vtype, add_vtype, sub_type)
-            return (self._pack("I", vtype) if add_vtype else b"") + packed
-
-    return Writer(None, ARCH, split_max_size=split_max_size)
-
-
-def _pack_long_array(writer, val, vtype, sub_type) -> bytes | None:
-    """gguf-py's bytes for a long array of str or of int (the 201088 tokens, their types, the
-    446k merges) in one pass, where gguf-py packs item by item (seconds on the real vocabulary);
-    ``None`` for anything else, which gguf-py packs itself."""
-    g = gguf_py()
-    if not isinstance(val, list) or len(val) < 1024:
-        return None
-    order = ">" if writer.endianess == g.GGUFEndian.BIG else "<"
-    head = lambda ltype: writer._pack("I", ltype) + writer._pack("Q", len(val))  # noqa: E731
-    if all(type(v) is str for v in val) and sub_type in (None, g.GGUFValueType.STRING):
-        return head(g.GGUFValueType.STRING) + _pack_strings(val, order)
-    if all(type(v) is int for v in val) and sub_type in (None, g.GGUFValueType.INT32):
-        if min(val) < -(2 ** 31) or max(val) >= 2 ** 31:
-            return None  # gguf-py's own error
-        return head(g.GGUFValueType.INT32) + np.asarray(val, dtype=order + "i4").tobytes()
-    return None
-
-
-def _pack_strings(strings: list[str], order: str) -> bytes:
-    """Each string as its uint64 byte length then its UTF-8 bytes, placed with numpy: the
-    lengths go to their 8-byte slots, the joined text to every byte in between."""
-    encoded = [v.encode("utf-8") for v in strings]
-    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-    text = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-    out = np.empty(8 * len(encoded) + text.size, dtype=np.uint8)
-    starts = 8 * np.arange(len(encoded)) + np.concatenate(([0], np.cumsum(lengths)[:-1]))
-    slots = (starts[:, None] + np.arange(8)).ravel()
-    out[slots] = lengths.astype(order + "u8").view(np.uint8)
-    is_text = np.ones(out.size, dtype=bool)
-    is_text[slots] = False
-    out[is_text] = text
-    return out.tobytes()
-
-
-def split_paths(out: Path, count: int) -> list[Path]:
-    """llama.cpp's split naming (``model-00001-of-00003.gguf``); one file keeps ``out``."""
-    if count == 1:
-        return [out]
-    from gguf.gguf_writer import SHARD_NAME_FORMAT
-
-    return [out.with_name(SHARD_NAME_FORMAT.format(out.stem, i + 1, count)) for i in range(count)]
 
 
 # --------------------------------------------------------------------------------------
@@ -640,7 +507,7 @@ class GgufModel:
         return config
 
     def _read_config(self) -> ModelConfig:
-        embd = self.tensors.get("token_embd.weight")
+        embd = self.tensors.get(gguf_names("embedding.weight")[0])
         if embd is None:
             raise InputError("no token_embd.weight tensor", file=self.path)
         factor = float(self._key("rope.scaling.factor", 1.0))
@@ -691,14 +558,9 @@ class GgufModel:
         except (KeyError, ValueError):
             raise InputError("not a canonical gpt-oss tensor name", file=self.path, tensor=name) from None
         if name == "unembedding.weight" and names[0] not in self.tensors:
-            return ["token_embd.weight"]  # tied embeddings
-        fused = {"attn_q.": "attn_qkv.", "ffn_gate_exps.": "ffn_gate_up_exps."}
-        for first, whole in fused.items():
-            if len(names) > 1 and first in names[0]:
-                candidate = names[0].replace(first, whole)
-                if candidate in self.tensors:
-                    return [candidate]
-        return names
+            return gguf_names("embedding.weight")  # tied embeddings
+        whole = fused_name(name)
+        return [whole] if whole is not None and whole in self.tensors else names
 
     def f32(self, name: str) -> np.ndarray:
         """Canonical tensor ``name`` as float32, in ``original/`` shape and layout."""
@@ -791,18 +653,16 @@ class GgufModel:
     def problems(self) -> list[str]:
         """Structural checks: every tensor llama.cpp's gpt-oss loader requires, with its shape."""
         out = []
-        for name, shape in expected_shapes(self.config).items():
-            t = self.tensors.get(name)
-            if t is None:
-                if name.startswith("output.") or "attn_q" in name or "attn_k" in name or "attn_v" in name:
-                    alt = {"output.weight": "token_embd.weight"}.get(name) or re.sub(r"attn_[qkv]\.", "attn_qkv.", name)
-                    if alt in self.tensors:
-                        continue
-                out.append(f"tensor {name!r} is missing")
-                continue
-            got = tuple(int(s) for s in t.shape)
-            if got != shape:
-                out.append(f"tensor {name!r} has ne {list(got)}, expected {list(shape)}")
+        for canonical, parts in expected_parts(self.config).items():
+            if not all(name in self.tensors for name, _ in parts) and self._gguf_names(canonical)[0] not in dict(parts):
+                continue  # held by a fused tensor, or the output tied to the embedding
+            for name, shape in parts:
+                t = self.tensors.get(name)
+                got = tuple(int(s) for s in t.shape) if t is not None else None
+                if t is None:
+                    out.append(f"tensor {name!r} is missing")
+                elif got != shape:
+                    out.append(f"tensor {name!r} has ne {list(got)}, expected {list(shape)}")
         for name in self.tensors:
             if name.endswith("attn_sinks.weight") and self.tensors[name].tensor_type.name != "F32":
                 out.append(f"tensor {name!r} must be F32 (ggml asserts it)")
@@ -864,25 +724,23 @@ def _integral(value: float) -> float | int:
     return int(value) if float(value).is_integer() else value
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """GGUF tensor name -> ggml ``ne`` that ``llama_model_openai_moe::load_arch_tensors`` requires."""
+def expected_parts(config: ModelConfig) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+    """Canonical tensor -> its GGUF tensors (``gguf_names``) with the ggml ``ne`` each must have for
+    ``llama_model_openai_moe::load_arch_tensors``."""
     c = config
     H, I, E, V = c.hidden_size, c.intermediate_size, c.num_experts, c.vocab_size
-    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    shapes = {"token_embd.weight": (H, V), "output_norm.weight": (H,), "output.weight": (H, V)}
+    q, k, v = c.qkv_rows
+    per_layer = {
+        "attn.norm.scale": [(H,)], "attn.qkv.weight": [(H, q), (H, k), (H, v)], "attn.qkv.bias": [(q,), (k,), (v,)],
+        "attn.sinks": [(c.num_attention_heads,)], "attn.out.weight": [(q, H)], "attn.out.bias": [(H,)],
+        "mlp.norm.scale": [(H,)], "mlp.gate.weight": [(H, E)], "mlp.gate.bias": [(E,)],
+        "mlp.mlp1_weight": [(H, I, E)] * 2, "mlp.mlp1_bias": [(I, E)] * 2,
+        "mlp.mlp2_weight": [(I, H, E)], "mlp.mlp2_bias": [(H, E)],
+    }
+    shapes = {"embedding.weight": [(H, V)], "norm.scale": [(H,)], "unembedding.weight": [(H, V)]}
     for n in range(c.num_hidden_layers):
-        p = f"blk.{n}."
-        shapes.update({
-            p + "attn_norm.weight": (H,), p + "post_attention_norm.weight": (H,),
-            p + "attn_q.weight": (H, q), p + "attn_k.weight": (H, kv), p + "attn_v.weight": (H, kv),
-            p + "attn_output.weight": (q, H), p + "attn_output.bias": (H,),
-            p + "attn_sinks.weight": (c.num_attention_heads,),
-            p + "ffn_gate_inp.weight": (H, E), p + "ffn_gate_inp.bias": (E,),
-            p + "ffn_gate_exps.weight": (H, I, E), p + "ffn_gate_exps.bias": (I, E),
-            p + "ffn_up_exps.weight": (H, I, E), p + "ffn_up_exps.bias": (I, E),
-            p + "ffn_down_exps.weight": (I, H, E), p + "ffn_down_exps.bias": (H, E),
-        })
-    return shapes
+        shapes.update({f"block.{n}.{rest}": ne for rest, ne in per_layer.items()})
+    return {name: list(zip(gguf_names(name), ne)) for name, ne in shapes.items()}
 
 
 # --------------------------------------------------------------------------------------

@@ -430,17 +430,8 @@ def open_source(source: str | Path) -> OriginalCheckpoint | HfCheckpoint:
 def describe(path: str | Path, *, scan: bool = False) -> dict:
     """Summary for ``inspect``; raises ``InputError`` if the folder does not validate."""
     with HfCheckpoint(path) as ckpt:
-        problems = ckpt.scan() if scan else []
         return {
-            "path": str(ckpt.path),
-            "valid": not problems,
-            "problems": problems,
-            "config": ckpt.config.to_dict(),
-            "files": [f.path.name for f in ckpt.files],
-            "tensor_count": len(ckpt.entries),
-            "experts": ckpt.experts,
-            "tensor_bytes": ckpt.tensor_bytes,
-            "bytes_by_dtype": ckpt.bytes_by_dtype(),
+            **ckpt.summary(scan), "experts": ckpt.experts,
             "parameters": sum(math.prod(e.shape) * (2 if e.name.endswith("_blocks") else 1)
                               for e in ckpt.entries.values() if not e.name.endswith("_scales")),
             "tokenizer_files": sorted(n for n in TOKENIZER_FILES if (ckpt.path / n).is_file()),

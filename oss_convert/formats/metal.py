@@ -40,7 +40,7 @@ from ..errors import InputError
 from ..tokens.vocabulary import ROLES, Embedded, Vocabulary
 from . import mxfp4
 from .base import Format, head
-from ..model import NUM_TEXT_TOKENS, RMS_NORM_EPS, VOCAB_TENSORS, ModelConfig, Mxfp4Pair, VocabRows, expert_name
+from ..model import RMS_NORM_EPS, VOCAB_TENSORS, ModelConfig, Mxfp4Pair, VocabRows, expert_name
 
 MAGIC = b"GPT-OSS v1.0"
 MODEL_UUID = UUID("df52dc86-1789-4ed0-a295-66f10508145b").bytes

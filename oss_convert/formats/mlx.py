@@ -416,7 +416,7 @@ def _parameters(model: MlxModel) -> int:
 def describe(path: str | Path, *, scan: bool = False) -> dict:
     """Summary for ``inspect``; raises ``InputError`` if the folder does not validate."""
     with MlxModel(path) as model:
-        problems = model.scan() if scan else []
+        summary = model.summary(scan)
         notes = []
         quantization = model.mlx_config.get("quantization") or model.mlx_config.get("quantization_config") or {}
         if quantization and "mode" not in quantization and "quant_method" not in quantization:
@@ -430,20 +430,10 @@ def describe(path: str | Path, *, scan: bool = False) -> dict:
                            ("unembedding", "unembedding.weight")):
             storage[what] = model.storage(name)
         return {
-            "path": str(model.path),
-            "valid": not problems,
-            "problems": problems,
-            "notes": notes,
-            "config": model.config.to_dict(),
-            "storage": storage,
+            **summary, "notes": notes, "storage": storage,
             "quantization": {k: v for k, v in quantization.items() if not isinstance(v, dict)},
             "quantized_overrides": sum(isinstance(v, dict) for v in quantization.values()),
-            "files": [f.path.name for f in model.files],
-            "tensor_count": len(model.entries),
-            "parameters": _parameters(model),
-            "tensor_bytes": model.tensor_bytes,
-            "bytes_by_dtype": model.bytes_by_dtype(),
-            "tokenizer_files": tokenizer_files,
+            "parameters": _parameters(model), "tokenizer_files": tokenizer_files,
         }
 
 

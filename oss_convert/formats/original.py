@@ -207,20 +207,8 @@ def open_canonical(path: str | Path) -> OriginalCheckpoint:
 def describe(path: str | Path, *, scan: bool = False) -> dict:
     """Summary for ``inspect``; raises ``InputError`` if the checkpoint does not validate."""
     with OriginalCheckpoint(path) as ckpt:
-        info = {
-            "path": str(ckpt.path),
-            "config": ckpt.config.to_dict(),
-            "files": [f.path.name for f in ckpt.files],
-            "tensor_count": len(ckpt.entries),
-            "experts": ckpt.experts,
-            "tensor_bytes": ckpt.tensor_bytes,
-            "bytes_by_dtype": ckpt.bytes_by_dtype(),
-            "tokenizer_files": sorted(p.name for p in ckpt.repo_root.glob("tokenizer*.json")),
-            "problems": ckpt.scan() if scan else [],
-            "valid": True,
-        }
-        info["valid"] = not info["problems"]
-        return info
+        return {**ckpt.summary(scan), "experts": ckpt.experts,
+                "tokenizer_files": sorted(p.name for p in ckpt.repo_root.glob("tokenizer*.json"))}
 
 
 def looks_original(folder: Path) -> bool:

@@ -290,6 +290,14 @@ class ShardedReader:
     def tensor_bytes(self) -> int:
         return sum(e.nbytes for e in self.entries.values())
 
+    def summary(self, scan: bool) -> dict:
+        """What ``inspect`` shows of every sharded folder (its format adds its own keys), and the
+        problems ``scan()`` finds when ``scan``."""
+        problems = self.scan() if scan else []
+        return {"path": str(self.path), "valid": not problems, "problems": problems, "config": self.config.to_dict(),
+                "files": [f.path.name for f in self.files], "tensor_count": len(self.entries),
+                "tensor_bytes": self.tensor_bytes, "bytes_by_dtype": self.bytes_by_dtype()}
+
     def bytes_by_dtype(self) -> dict[str, int]:
         totals: dict[str, int] = {}
         for e in self.entries.values():
