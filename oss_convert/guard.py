@@ -98,9 +98,12 @@ def refuse_stranger(output: str | Path, force: bool) -> None:
                      file=path)
 
 
-def artifact_inputs(path: str | Path) -> list[Path]:
+def artifact_inputs(path: str | Path | None) -> list[Path]:
     """Every path an artifact given by ``path`` consists of: the path, and for a folder its files
-    (an ``original/`` repo: its ``original/`` folder too); for a split GGUF every shard."""
+    (an ``original/`` repo: its ``original/`` folder too); for a split GGUF every shard. ``None``
+    (an optional input not given): none."""
+    if path is None:
+        return []
     p = Path(path)
     if p.is_dir():
         return [p, *sorted(q for q in p.rglob("*") if q.is_file() or q.is_dir())]

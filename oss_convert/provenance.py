@@ -60,7 +60,7 @@ def artifact_files(artifact: Path) -> dict[str, Path]:
 
 
 def manifest_document(*, target: str, options: dict, source_hashes: dict[str, dict], source_path: Path,
-                      outputs: dict[str, Path]) -> dict:
+                      outputs: dict[str, Path], extra: dict | None = None) -> dict:
     return {
         "schema": SCHEMA,
         "tool": {"name": "oss-convert", "version": __version__},
@@ -68,22 +68,27 @@ def manifest_document(*, target: str, options: dict, source_hashes: dict[str, di
         "options": {k: str(v) for k, v in sorted(options.items())},
         "source": {"path": str(source_path), "files": dict(sorted(source_hashes.items()))},
         "outputs": {name: file_digest(p) for name, p in outputs.items()},
+        **(extra or {}),
     }
 
 
-def manifest_hook(*, target: str, options: dict, source_path: Path, source_hashes: Callable[[], dict]):
+def manifest_hook(*, target: str, options: dict, source_path: Path, source_hashes: Callable[[], dict],
+                  extra: Callable[[], dict] | None = None):
     """An ``atomic.publishing`` hook that writes the manifest of the outputs about to be published.
 
-    ``source_hashes`` is called then (the source is hashed while the conversion runs)."""
+    ``source_hashes`` is called then (the source is hashed while the conversion runs); ``extra``
+    gives more top-level sections (a merged adapter's identity and what it changed)."""
     def hook(published: dict[Path, Path]) -> list[tuple[Path, Path]]:
         (first, first_tmp), *_ = published.items()
         if first_tmp.is_dir():  # OUT/oss-convert-manifest.json, written inside the folder before it is renamed
             doc = manifest_document(target=target, options=options, source_hashes=source_hashes(),
-                                    source_path=source_path, outputs=folder_files(first_tmp))
+                                    source_path=source_path, outputs=folder_files(first_tmp),
+                                    extra=extra() if extra else None)
             (first_tmp / FOLDER_MANIFEST).write_text(json.dumps(doc, indent=2) + "\n")
             return []
         doc = manifest_document(target=target, options=options, source_hashes=source_hashes(), source_path=source_path,
-                                outputs={final.name: tmp for final, tmp in published.items()})
+                                outputs={final.name: tmp for final, tmp in published.items()},
+                                extra=extra() if extra else None)
         final = first.with_name(first.name + ".manifest.json")
         tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.partial")
         tmp.write_text(json.dumps(doc, indent=2) + "\n")

@@ -130,8 +130,10 @@ class ExpertEncoder:
         dense = self.src.raw(name)  # [E, rows, cols] BF16 bits (a view)
         tally = self.errors.setdefault(name, ErrorTally())
         scales = []
+        # A merged adapter gives its experts unrounded (``adapters.MergedSource``): encode from those.
+        unrounded = getattr(self.src, "expert_f32", None)
         for e in range(dense.shape[0]):
-            values = bf16_to_f32(np.ascontiguousarray(dense[e]))
+            values = unrounded(name, e) if unrounded else bf16_to_f32(np.ascontiguousarray(dense[e]))
             blocks, expert_scales = encode(values, self.recipe)
             tally.add(values, blocks, expert_scales)
             scales.append(expert_scales)

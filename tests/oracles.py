@@ -144,3 +144,54 @@ def llama(model_path, **kwargs):
         return llama_cpp.Llama(model_path=str(model_path), **kwargs)
     finally:
         library.llama_model_default_params = default
+
+
+# --------------------------------------------------------------------------------------
+# transformers and PEFT (LoRA adapters)
+
+
+def transformers_run(model, tokens: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Logits ``[T, vocab]`` of a transformers (or PEFT-wrapped) GptOss model, and each layer's
+    router logits ``[T, E]`` (the first output of its ``GptOssTopKRouter``), for ``FollowRouting``."""
+    import torch
+
+    routers = [m for m in model.modules() if type(m).__name__ == "GptOssTopKRouter"]
+    router: list[np.ndarray] = []
+    hooks = [r.register_forward_hook(lambda _m, _i, out: router.append(out[0].float().numpy().copy())) for r in routers]
+    try:
+        with torch.inference_mode():
+            logits = model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)[None]).logits[0]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return logits.float().numpy(), router
+
+
+def transformers_model(folder: Path, **kwargs):
+    """``GptOssForCausalLM`` of ``folder`` in float32, eager attention (the reference's)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    return transformers.GptOssForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager",
+                                                          **kwargs)
+
+
+def peft_adapter(base_hf: Path, out: Path, *, seed: int = 0, b_scale: float = 0.05, **config) -> Path:
+    """A LoRA adapter written by PEFT itself (``save_pretrained``) for the transformers folder
+    ``base_hf``: ``LoraConfig(**config)`` with every factor random (a trained adapter has B != 0;
+    B is scaled by ``b_scale`` so the deltas are the size of a fine-tune's, not of the weights)."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(transformers_model(base_hf), peft.LoraConfig(init_lora_weights=False, **config))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(b_scale)
+    model.save_pretrained(out)
+    return out
+
+
+def peft_model(base_hf: Path, adapter: Path):
+    """transformers' model of ``base_hf`` with PEFT's adapter applied (not merged)."""
+    peft = pytest.importorskip("peft")
+    return peft.PeftModel.from_pretrained(transformers_model(base_hf), adapter)

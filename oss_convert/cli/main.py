@@ -54,9 +54,11 @@ def synth_cmd(out: Path, preset: str, seed: int, layers: int | None, shards: int
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object for scripts and CI.")
 @click.option("--scan", is_flag=True, help="Also read every byte (NaN/Inf, invalid scales).")
 def inspect_cmd(path: str, as_json: bool, scan: bool) -> None:
-    """Describe and validate an artifact: original/, MLX folder, Metal model.bin or GGUF."""
+    """Describe and validate an artifact (original/, MLX folder, Metal model.bin or GGUF) or a LoRA
+    adapter (PEFT or mlx-lm: rank and scaling per module, the layers it touches)."""
     info = formats.describe(path, scan=scan)
-    info["tokenizer"] = _tokenizer_summary(path)
+    if formats.adapter_format(path) is None:  # an adapter carries no tokenizer
+        info["tokenizer"] = _tokenizer_summary(path)
     kind = info["kind"]
     if as_json:
         click.echo(to_json(info), nl=False)
@@ -115,15 +117,18 @@ def _target_help() -> str:
               help="Write a provenance manifest (tool, options, sha256 of source and output files).")
 @click.option("--scan/--no-scan", default=True, show_default=True,
               help="First read every source byte and refuse NaN/Inf weights and scale bytes of 255.")
+@click.option("--adapter", type=click.Path(path_type=Path, exists=True), default=None,
+              help="Merge this LoRA adapter (PEFT or mlx-lm folder) on the way: exact float32 merge, experts it "
+                   "touches re-encoded to MXFP4 (--recipe search by default, or ocp), the rest copied.")
 def convert_cmd(source: str, target: str, output: Path, force: bool, quiet: bool, manifest: bool, scan: bool,
-                **options) -> None:
+                adapter: Path | None, **options) -> None:
     """Convert SOURCE to another format.
 
     SOURCE is an original/ checkpoint (its folder, the repo folder holding it, or a cached repo
     id) or a Hugging Face transformers-layout folder (MXFP4 or dense BF16 experts, e.g. a fine-tune).
     """
     result = converters.convert(source, target, output, force=force, scan=scan, manifest=manifest,
-                                progress=BarProgress(not quiet), **options)
+                                progress=BarProgress(not quiet), adapter=adapter, **options)
     if result.manifest is not None and not quiet:
         click.echo(f"manifest: {result.manifest}", err=True)
     click.echo(str(result.output))

@@ -49,8 +49,10 @@ def _inputs(text_file, tokens_file, ctx, max_chunks, top_k):
 @click.option("--cut-rows", type=int, multiple=True, default=(METAL_VOCAB_ROWS,), show_default=True,
               help=f"Also normalise over the first N vocabulary rows, for artifacts that keep only N "
                    f"(Metal: {METAL_VOCAB_ROWS}).")
+@click.option("--adapter", type=click.Path(path_type=Path, exists=True), default=None,
+              help="Apply this LoRA adapter (PEFT or mlx-lm) to SOURCE exactly, in float32.")
 @_input_options
-def reference_cmd(source, output, force, cut_rows, text_file, tokens_file, ctx, max_chunks, top_k, quiet):
+def reference_cmd(source, output, force, cut_rows, adapter, text_file, tokens_file, ctx, max_chunks, top_k, quiet):
     """Compute the BF16 reference of SOURCE once and cache its top-k log-probs in an .npz."""
     from ..verify.check import make_reference
 
@@ -59,8 +61,9 @@ def reference_cmd(source, output, force, cut_rows, text_file, tokens_file, ctx, 
     inputs = _inputs(text_file, tokens_file, ctx, max_chunks, top_k)
     if output.exists() and not force:  # before the model runs
         raise OutputExistsError(f"{output} exists; pass --force to replace it")
-    refuse_unsafe_output([output], [*artifact_inputs(source), text_file, tokens_file], force=force)
-    ref = make_reference(source, inputs, BarProgress(not quiet), cut_rows=tuple(cut_rows))
+    refuse_unsafe_output([output], [*artifact_inputs(source), *artifact_inputs(adapter), text_file, tokens_file],
+                         force=force)
+    ref = make_reference(source, inputs, BarProgress(not quiet), cut_rows=tuple(cut_rows), adapter=adapter)
     ref.save(output, force=force)
     click.echo(f"{output}: {ref.tokens.shape[0]} chunks x {ref.ctx} tokens, {len(ref.targets)} scored, top-{ref.meta['top_k']}")
 
@@ -83,9 +86,12 @@ def reference_cmd(source, output, force, cut_rows, text_file, tokens_file, ctx, 
 @click.option("--strict-chat-template", is_flag=True,
               help="Fail on any chat the template renders differently from openai-harmony (by default only on "
                    "differences the reference's own template does not have).")
+@click.option("--adapter", type=click.Path(path_type=Path, exists=True), default=None,
+              help="The reference is the --reference checkpoint with this LoRA adapter applied exactly (float32): "
+                   "for an artifact merged with `convert --adapter`.")
 @_input_options
 def verify_cmd(artifact, reference, integrity, max_kld, min_top1, json_file, no_tensors, plot_file,
-               strict_chat_template, text_file, tokens_file, ctx, max_chunks, top_k, quiet):
+               strict_chat_template, adapter, text_file, tokens_file, ctx, max_chunks, top_k, quiet):
     """Verify ARTIFACT (original/, MLX folder, Metal model.bin or GGUF, or a Hub quant named
     user/repo:Q4_K_M in the local Hugging Face cache) against a BF16 reference."""
     if integrity:
@@ -102,11 +108,12 @@ def verify_cmd(artifact, reference, integrity, max_kld, min_top1, json_file, no_
     inputs = _inputs(text_file, tokens_file, ctx, max_chunks, top_k)
     outputs = [p for p in (json_file, plot_file) if p is not None and str(p) != "-"]
     if outputs:
-        refuse_overlap(outputs, [*artifact_inputs(artifact), *artifact_inputs(reference), text_file, tokens_file])
+        refuse_overlap(outputs, [*artifact_inputs(artifact), *artifact_inputs(reference), *artifact_inputs(adapter),
+                                 text_file, tokens_file])
     report = verify(artifact, reference, inputs,
                     max_kld=max_kld, min_top1=min_top1,
                     check_tensors=not no_tensors, strict_chat_template=strict_chat_template,
-                    progress=BarProgress(not quiet))
+                    progress=BarProgress(not quiet), adapter=adapter)
     if plot_file is not None:
         from ..verify.compare import plot_positions
 

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import errno
 import importlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .. import quantize
+from .. import formats, quantize
+from ..adapters import REPORT_KEY, MergedSource
 from ..tokens import templates as chat
 from ..atomic import publishing
 from ..errors import InputError, OssConvertError, OutputExistsError, UsageError
@@ -69,6 +71,7 @@ class Target:
     dense_experts: bool = False  # accepts a source whose experts are dense BF16
     file_suffix: str | None = None  # a single-file format: ``-o NAME<suffix>`` writes that file
     full_vocabulary: bool = False  # stores the full o200k vocabulary, so the source must have it
+    writes_dense_experts: bool = False  # stores experts as BF16: a merged adapter is never rounded to MXFP4
 
     @property
     def module(self) -> str:
@@ -86,7 +89,8 @@ TARGETS = {t.name: t for t in (
            ("recipe", "shard_size", "chat_template"),
            recipes={name: f"MXFP4 scales by {name} rounding (from dense BF16 experts)" for name in quantize.RECIPES},
            dense_experts=True),
-    Target("hf-bf16", "a transformers folder, every weight BF16", ("shard_size", "chat_template"), dense_experts=True),
+    Target("hf-bf16", "a transformers folder, every weight BF16", ("shard_size", "chat_template"), dense_experts=True,
+           writes_dense_experts=True),
     Target("original", "OpenAI's original/ layout (experts encoded to MXFP4 from dense BF16)",
            ("recipe", "shard_size", "chat_template"), recipes={name: f"MXFP4 scales by {name} rounding (from dense BF16 experts)"
                                               for name in quantize.RECIPES}, dense_experts=True),
@@ -140,19 +144,29 @@ _DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS)
 
 
 def convert(source: str | Path, target_name: str, output: str | Path, *, force: bool = False, scan: bool = True,
-            manifest: bool = True, progress: Progress = SILENT, **options) -> Converted:
+            manifest: bool = True, progress: Progress = SILENT, adapter: str | Path | None = None,
+            **options) -> Converted:
     """Convert ``source`` (an ``original/`` checkpoint, its repo, a cached repo id, or a
-    transformers-layout folder) to ``target_name`` at ``output``."""
+    transformers-layout folder) to ``target_name`` at ``output``; with ``adapter`` (a PEFT or
+    mlx-lm LoRA adapter) merged in on the way (``adapters.MergedSource``)."""
     from ..formats.hf import open_source
 
     spec = target(target_name)
     options = check_options(spec, options)
+    if adapter is not None and "recipe" in spec.options and "search" in spec.recipes:
+        options.setdefault("recipe", "search")  # a merge re-encodes experts: the better recipe by default
     output = Path(output)
     if (output.exists() or output.is_symlink()) and not force:  # before the scan: a refusal should not cost a read
         raise OutputExistsError(f"{output} exists; pass --force to replace it")
     with open_source(source) as src:
-        refuse_unsafe_output([output, manifest_path(output)] if manifest else [output], source_inputs(src, options),
+        lora = formats.read_adapter(adapter, src.config, lambda name, rows: src.f32_rows(name, rows)) \
+            if adapter is not None else None
+        inputs = source_inputs(src, options) + (adapter_inputs(lora) if lora is not None else [])
+        refuse_unsafe_output([output, manifest_path(output)] if manifest else [output], inputs,
                              force=force, shard_folders=[src.path])
+        if lora is not None:
+            src = MergedSource(src, lora, recipe=options.get("recipe") if options.get("recipe") in quantize.RECIPES
+                               else "search", dense_experts=spec.writes_dense_experts)
         if src.experts == "bf16" and not spec.dense_experts:
             raise InputError(
                 f"the experts are dense BF16; encode them to MXFP4 first: oss-convert convert {source} "
@@ -162,12 +176,18 @@ def convert(source: str | Path, target_name: str, output: str | Path, *, force: 
         run_options = {**options, "chat_template": chat.resolve(options["chat_template"])} \
             if "chat_template" in options else options
         try:
-            return _convert_checked(src, spec, output, force, progress, scan, manifest, run_options, options)
+            recorded = {**options, "adapter": str(adapter)} if adapter is not None else options
+            return _convert_checked(src, spec, output, force, progress, scan, manifest, run_options, recorded)
         except OSError as exc:
             if exc.errno not in _DISK_FULL:
                 raise
             # A full disk is not a bug: say where, without a traceback (the partial output is gone).
             raise OssConvertError(f"cannot write {output}: {exc.strerror}; nothing was left behind") from exc
+
+
+def adapter_inputs(adapter) -> list[Path]:
+    """The adapter's folder and files: never written, never an output."""
+    return [Path(adapter.path), *adapter.files]
 
 
 def source_inputs(src: Source, options: dict) -> list[Path]:
@@ -197,8 +217,29 @@ def _convert_checked(src: Source, spec: Target, output: Path, force: bool, progr
             return []
 
         # The manifest is written from the finished temporary files, before they are published.
-        hook = manifest_hook(target=spec.name, options=recorded, source_path=src.path,
-                             source_hashes=source_hashes) if manifest else checked_only
+        merged = src if isinstance(src, MergedSource) else None
+        hook = manifest_hook(target=spec.name, options=recorded, source_path=src.path, source_hashes=source_hashes,
+                             extra=(lambda: {REPORT_KEY: merged.report()}) if merged else None) \
+            if manifest else checked_only
+        if merged is not None:
+            hook = _with_merge_report(hook, merged)
         with publishing(hook):
             result = Path(run(src, output, force=force, progress=check.watch(progress), **options))
+        if merged is not None:
+            progress.note(merged.summary_line())
     return Converted(result, manifest_path(result) if manifest else None)
+
+
+def _with_merge_report(hook: Callable, merged: MergedSource) -> Callable:
+    """Before ``hook`` (the manifest): a folder output gets the merge's report in its
+    ``quantization.json`` (beside what the expert encoder wrote there)."""
+    def with_report(published: dict) -> list:
+        (_, first_tmp), *_ = published.items()
+        if first_tmp.is_dir():
+            path = first_tmp / quantize.REPORT_FILE
+            report = json.loads(path.read_text()) if path.is_file() else {}
+            report[REPORT_KEY] = merged.report()
+            path.write_text(json.dumps(report, indent=2) + "\n")
+        return hook(published)
+
+    return with_report

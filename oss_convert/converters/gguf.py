@@ -77,8 +77,8 @@ def _dense(src: Source, name: str, shape: tuple[int, ...], ggml_type, rows: slic
 def _experts(src: Source, layer: int, which: str, rows: slice) -> LazyTensor:
     """MXFP4 expert matrix ``[E, R, G*17]``, repacked one expert at a time."""
     E = src.config.num_experts
-    pair = src.mxfp4(layer, which)
-    _, R, G, _ = pair.blocks[:, rows].shape
+    _, all_rows, G, _ = src.mxfp4(layer, which).blocks.shape
+    R = len(range(*rows.indices(all_rows)))
 
     def chunks() -> Iterator[np.ndarray]:
         current = src.mxfp4(layer, which)

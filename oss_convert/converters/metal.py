@@ -164,8 +164,6 @@ def write_experts(src: Source, layout: Layout, writer: PaddedWriter) -> None:
     """Per layer, regroup mlp1/mlp2 blocks, scales + 14 and biases expert by expert."""
     for n in range(layout.header.num_blocks):
         pairs = {which: src.mxfp4(n, which) for which in ("mlp1", "mlp2")}
-        for which, pair in pairs.items():
-            check_scales(pair.scales, f"block.{n}.mlp.{which}_weight.scales", src.path)
         parts = {
             "mlp1_blocks": pairs["mlp1"].blocks, "mlp1_scales": pairs["mlp1"].scales,
             "mlp1_bias": src.raw(f"block.{n}.mlp.mlp1_bias"),
@@ -175,6 +173,8 @@ def write_experts(src: Source, layout: Layout, writer: PaddedWriter) -> None:
         for e in range(layout.header.num_experts):
             for part, array in parts.items():
                 writer.pad_to(layout.expert(n, e, part).offset)
+                if part.endswith("_scales"):  # expert by expert: a merged adapter's experts are made one at a time
+                    check_scales(array[e], f"block.{n}.mlp.{part[:4]}_weight.scales", src.path)
                 writer.write(array[e] + np.uint8(UE8_OFFSET) if part.endswith("_scales") else array[e])
             # per expert: a 120b layer's experts (1.7 GB) would otherwise all become resident
             for name in ("mlp.mlp1_weight", "mlp.mlp1_bias", "mlp.mlp2_weight", "mlp.mlp2_bias"):

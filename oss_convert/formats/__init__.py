@@ -17,12 +17,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import InputError
-from . import gguf, hf, metal, mlx, original, reference
+from . import gguf, hf, metal, mlx, mlx_adapter, original, peft, reference
 from .base import Format, folder_files, head
 
 # Tried in this order: a repo holding original/ (which may also hold a transformers root) is
 # read as original/, and an MLX folder before the transformers layout it extends.
 FORMATS: tuple[Format, ...] = (original.FORMAT, mlx.FORMAT, hf.FORMAT, metal.FORMAT, gguf.FORMAT)
+# LoRA adapters: not models, merged into one (``convert --adapter``, ``verify --adapter``).
+ADAPTER_FORMATS: tuple[Format, ...] = (peft.FORMAT, mlx_adapter.FORMAT)
 # Files oss-convert writes that are not models.
 OTHER_FORMATS: tuple[Format, ...] = (reference.FORMAT,)
 # A folder with a config.json that no format recognises is read as MLX: its reader says what
@@ -31,13 +33,32 @@ CONFIG_FOLDER_FALLBACK = mlx.FORMAT
 
 
 def by_name(name: str) -> Format:
-    return next(f for f in FORMATS + OTHER_FORMATS if f.name == name)
+    return next(f for f in FORMATS + ADAPTER_FORMATS + OTHER_FORMATS if f.name == name)
+
+
+def adapter_format(path: str | Path) -> Format | None:
+    return next((f for f in ADAPTER_FORMATS if f.recognises(Path(path))), None)
+
+
+def read_adapter(path: str | Path, base, base_values=None):
+    """The LoRA adapter at ``path`` (``lora.Adapter``), placed on and checked against ``base``
+    (the ``ModelConfig`` it is merged into); ``base_values(name, rows)`` (float32 rows of the base)
+    checks the whole weights an adapter may carry."""
+    kind = adapter_format(path)
+    if kind is None:
+        raise InputError("not a LoRA adapter (expected adapter_config.json with adapter_model.safetensors (PEFT) "
+                         "or adapters.safetensors (mlx-lm))", file=path)
+    adapter = kind.adapter(path, base)
+    adapter.check_against(base)
+    if base_values is not None:
+        adapter.check_saved_weights(base_values)
+    return adapter
 
 
 def format_of(path: str | Path) -> Format:
-    """The format of ``path``, from its files and magic bytes, not its name."""
+    """The format of ``path``, from its files and magic bytes, not its name (an adapter included)."""
     p = Path(path)
-    for candidate in FORMATS:
+    for candidate in FORMATS + ADAPTER_FORMATS:
         if candidate.recognises(p):
             return candidate
     if p.is_dir():
@@ -65,14 +86,18 @@ def describe(path: str | Path, *, scan: bool = False) -> dict:
 
 def open_canonical(path: str | Path):
     """A ``CanonicalModel`` for any artifact kind."""
-    return format_of(path).open(path)
+    kind = format_of(path)
+    if kind.open is None:
+        raise InputError(f"is {kind.summary}, not a model: merge it into its base with "
+                         "convert BASE --adapter ADAPTER, or verify against --reference BASE --adapter ADAPTER", file=path)
+    return kind.open(path)
 
 
 def artifact_files(path: str | Path) -> dict[str, Path]:
     """The files that make up the artifact at ``path`` (keyed relative to its folder, or by name
     beside a file artifact): a folder's files, a split GGUF's shards, or the file itself."""
     p = Path(path)
-    for candidate in FORMATS + OTHER_FORMATS:
+    for candidate in FORMATS + ADAPTER_FORMATS + OTHER_FORMATS:
         if candidate.recognises(p):
             return candidate.artifact_files(p)
     return folder_files(p) if p.is_dir() else {p.name: p}

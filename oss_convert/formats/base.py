@@ -50,6 +50,7 @@ class Format:
     files: Callable[[Path], dict[str, Path]] | None = None  # the files of one artifact (default: folder or file)
     weights: Callable[[Path], list[Path]] | None = None  # the files a runtime loads (default: all its files)
     ours: Callable[[Path], bool] | None = None  # a path --force may replace (default: ``recognises``)
+    adapter: Callable[..., object] | None = None  # (path, base config) -> ``lora.Adapter``: an adapter format
 
     def artifact_files(self, path: Path) -> dict[str, Path]:
         if self.files is not None:

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import formats
-from ..errors import InputError
+from ..adapters import AdaptedModel, adapter_identity
+from ..errors import InputError, UsageError
 from ..progress import SILENT, Progress
 from . import template as chat_template
 from . import text as textmod
@@ -60,14 +61,28 @@ def prepare_tokens(inputs: Inputs, tokenizer_json: Path | None, window: int) -> 
 
 
 def make_reference(src: str | Path, inputs: Inputs, progress: Progress = SILENT,
-                   experts: str = "dequantized", cut_rows: tuple[int, ...] = (METAL_VOCAB_ROWS,)) -> Reference:
-    """The BF16 reference of ``src`` (any artifact; normally an ``original/`` checkpoint)."""
+                   experts: str = "dequantized", cut_rows: tuple[int, ...] = (METAL_VOCAB_ROWS,),
+                   adapter: str | Path | None = None) -> Reference:
+    """The BF16 reference of ``src`` (any artifact; normally an ``original/`` checkpoint), with
+    ``adapter`` applied exactly when given."""
     kind = formats.format_of(src)
-    model = kind.open(src)
+    model = open_reference_model(src, adapter)
     try:
         return reference_of(model, src, kind.name, inputs, progress, experts, cut_rows)
     finally:
         model.close()
+
+
+def open_reference_model(src: str | Path, adapter: str | Path | None):
+    """The reference model: ``src`` as it is, or base + ``adapter`` in float32 (``AdaptedModel``)."""
+    model = formats.open_canonical(src)
+    if adapter is None:
+        return model
+    try:
+        return AdaptedModel(model, formats.read_adapter(adapter, model.config, model.f32_rows))
+    except BaseException:
+        model.close()
+        raise
 
 
 def reference_of(model, src: str | Path, kind: str, inputs: Inputs, progress: Progress = SILENT,
@@ -76,8 +91,11 @@ def reference_of(model, src: str | Path, kind: str, inputs: Inputs, progress: Pr
     chunks, source = prepare_tokens(inputs, textmod.find_tokenizer(src, model), model.config.sliding_window)
     t0 = time.perf_counter()
     with progress.task("reference", chunks.size, unit="tok") as advance:
+        meta = {"source": str(src), "source_kind": kind, "input": source}
+        if isinstance(model, AdaptedModel):
+            meta["adapter"] = adapter_identity(model.adapter)
         ref = compute_reference(Runner(model, experts), chunks, top_k=inputs.top_k, cut_rows=cut_rows,
-                                progress=advance, meta={"source": str(src), "source_kind": kind, "input": source})
+                                progress=advance, meta=meta)
     ref.meta["seconds"] = round(time.perf_counter() - t0, 3)
     return ref
 
@@ -105,19 +123,23 @@ def score(artifact_model, ref: Reference, progress: Progress = SILENT,
 
 def verify(artifact: str | Path, reference: str | Path, inputs: Inputs, *, max_kld: float = DEFAULT_MAX_KLD,
            min_top1: float = DEFAULT_MIN_TOP1, check_tensors: bool = True, strict_chat_template: bool = False,
-           progress: Progress = SILENT) -> dict:
-    """The full report (see ``report.py``) for ``artifact`` against a checkpoint or a ``.npz`` cache.
-    Each input is recognised and opened once."""
+           progress: Progress = SILENT, adapter: str | Path | None = None) -> dict:
+    """The full report (see ``report.py``) for ``artifact`` against a checkpoint or a ``.npz`` cache;
+    with ``adapter``, against the checkpoint with the adapter applied exactly (a merged artifact's
+    KL is then what its storage lost). Each input is recognised and opened once."""
     t0 = time.perf_counter()
+    if adapter is not None and is_cache(reference):
+        raise UsageError("--adapter applies to a checkpoint reference; a reference cache made with "
+                         "`reference BASE --adapter ADAPTER` already holds it")
     artifact_format = formats.format_of(artifact)
-    art = artifact_format.open(artifact)
+    art = formats.open_canonical(artifact)
     ref_model = None
     try:
         if is_cache(reference):
             ref = Reference.load(reference)
         else:
             reference_format = formats.format_of(reference)
-            ref_model = reference_format.open(reference)
+            ref_model = open_reference_model(reference, adapter)
             ref = reference_of(ref_model, reference, reference_format.name, inputs, progress,
                                cut_rows=(METAL_VOCAB_ROWS, art.config.vocab_size))
         t_ref = time.perf_counter()

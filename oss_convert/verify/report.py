@@ -50,6 +50,7 @@ class ReferenceBlock:
     config: dict
     experts: str | None  # "dequantized": the BF16 reference path
     top_k: int | None  # reference log-probs kept per token
+    adapter: dict | None = None  # the LoRA adapter applied to the source (format, files, sha256), if any
 
 
 @dataclass
@@ -337,7 +338,8 @@ def build_report(*, artifact: str, artifact_kind: str, artifact_config: dict, re
         notes=[n for c in checks for n in c.notes],
         artifact=ArtifactBlock(artifact, artifact_kind, artifact_config),
         reference=ReferenceBlock(reference_path, "cache" if reference_path.endswith(".npz") else ref_meta.get("source_kind"),
-                                 ref_meta.get("source"), ref_meta["config"], ref_meta.get("experts"), ref_meta.get("top_k")),
+                                 ref_meta.get("source"), ref_meta["config"], ref_meta.get("experts"), ref_meta.get("top_k"),
+                                 ref_meta.get("adapter")),
         input={**ref_meta.get("input", {}), "ctx": ctx, "chunks": int(reference.tokens.shape[0]),
                "scored_per_chunk": ctx - 1 - ctx // 2, "tokens_scored": summary["tokens_scored"]},
         vocab=VocabBlock(art_rows, ref_rows, min(art_rows, ref_rows)),

@@ -410,7 +410,11 @@ class _ExpertWeights:
 
     def __init__(self, model: CanonicalModel, layer: int, which: str):
         self.pair = model.mxfp4(layer, which)
-        self.dense = None if self.pair is not None else model.f32(f"block.{layer}.mlp.{which}_weight")
+        self.name = f"block.{layer}.mlp.{which}_weight"
+        # A model that makes its dense experts one at a time (a base with an adapter applied) is
+        # asked expert by expert: a whole layer in float32 is gigabytes.
+        self.one_expert = getattr(model, "expert_f32", None) if self.pair is None else None
+        self.dense = None if self.pair is not None or self.one_expert else model.f32(self.name)
         self.buffer = None
 
     def __call__(self, expert: int) -> np.ndarray:
@@ -419,6 +423,8 @@ class _ExpertWeights:
             if self.buffer is None:
                 self.buffer = np.empty(scales.shape[:-1] + (scales.shape[-1] * mxfp4.BLOCK,), np.float32)
             return mxfp4.decode(self.pair.blocks[expert], scales, out=self.buffer)
+        if self.one_expert is not None:
+            return self.one_expert(self.name, expert)
         return np.ascontiguousarray(self.dense[expert], dtype=np.float32)
 
 

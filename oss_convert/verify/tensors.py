@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..model import CanonicalModel, expert_name, is_expert_weight, logical_names
+from ..model import CanonicalModel, expected_tensors, expert_name, is_expert_weight, logical_names
 from ..formats import mxfp4
 
 VOCAB_TENSORS = ("embedding.weight", "unembedding.weight")
@@ -66,6 +66,7 @@ def compare_dense(ref: CanonicalModel, art: CanonicalModel, name: str) -> Tensor
     # A reader that cannot give the tensor raises (an InputError: exit 2); that is a broken
     # artifact or reader, not a tensor that "differs".
     storage = _storage(art, name)
+    ref_storage = _storage(ref, name)
     b = art.f32(name)
     a = ref.f32(name)
     if name in VOCAB_TENSORS:
@@ -81,7 +82,7 @@ def compare_dense(ref: CanonicalModel, art: CanonicalModel, name: str) -> Tensor
         if not diff.size or diff.max() == 0.0:
             continue
         worst = max(worst, float(diff.max()))
-        bound = _bound(aa, storage)
+        bound = _bound(aa, storage, ref_storage)
         if bound is None:
             lossy = True
             continue
@@ -116,8 +117,11 @@ def _row_pieces(a: np.ndarray, b: np.ndarray, max_bytes: int = 32 << 20):
         yield start, a[start:start + step].astype(np.float64), b[start:start + step].astype(np.float64)
 
 
-def _bound(a: np.ndarray, storage: str) -> np.ndarray | None:
+def _bound(a: np.ndarray, storage: str, ref_storage: str = "BF16") -> np.ndarray | None:
     s = storage.upper()
+    if s == "BF16" and ref_storage.upper() == "F32":
+        # a float32 reference (a merged adapter) rounded to BF16 once: half an ulp, 8 significant bits
+        return np.abs(a.astype(np.float64)) * 2.0 ** -8 + 2.0 ** -134
     if s in EXACT_STORAGE:
         return np.zeros_like(a, dtype=np.float64)
     if s == "F16":
@@ -136,8 +140,10 @@ def compare_experts(ref: CanonicalModel, art: CanonicalModel, layer: int, which:
     got = art.mxfp4(layer, which)
     if want is not None and got is not None:
         return _compare_mxfp4(name, storage, want, got)
-    if want is None and got is not None and ref.mxfp4(layer, "mlp1") is None:
-        return _compare_requantized(name, storage, ref, got)
+    if want is None and got is not None:
+        return _compare_requantized(name, storage, ref, got, layer, which)
+    if want is None and got is None and hasattr(ref, "expert_f32"):
+        return _compare_dense_experts(name, storage, ref, art)
     # Dense on one side: compare values expert by expert (lossy unless exactly equal).
     a_all, b_all = ref.f32(name), art.f32(name)
     if a_all.shape != b_all.shape:
@@ -150,17 +156,28 @@ def compare_experts(ref: CanonicalModel, art: CanonicalModel, layer: int, which:
     return TensorResult(name, storage, "lossy", worst, None, "experts not stored as MXFP4; checked by KL only")
 
 
-def _compare_requantized(name: str, storage: str, ref: CanonicalModel, got) -> TensorResult:
-    """MXFP4 experts encoded from a dense source (a fine-tune): each block must be the exact FP4
-    rounding of the source under its stored scale, and that scale the OCP one or a neighbour
-    (``--recipe search`` moves it at most one step). Anything else is a wrong encoding."""
-    dense = ref.f32(name)
-    if dense.shape[:-1] != got.scales.shape[:-1] or dense.shape[-1] != got.scales.shape[-1] * mxfp4.BLOCK:
+def _compare_requantized(name: str, storage: str, ref: CanonicalModel, got, layer: int, which: str) -> TensorResult:
+    """MXFP4 experts encoded from a dense reference (a fine-tune, or a base with an adapter
+    merged): each block must be the exact FP4 rounding of the reference under its stored scale,
+    and that scale the OCP one or a neighbour (``--recipe search`` moves it at most one step).
+    Experts a merged adapter leaves unchanged must be the base's bytes. Anything else is wrong."""
+    E, rows, cols = next(s.shape for s in expected_tensors(ref.config, "bf16") if s.name == name)
+    if tuple(got.scales.shape) != (E, rows, cols // mxfp4.BLOCK):
         return TensorResult(name, storage, "differs", float("inf"),
-                            detail=f"scales {list(got.scales.shape)} do not fit the source {list(dense.shape)}")
-    problems, worst = [], 0.0
-    for e in range(dense.shape[0]):
-        values, scales, blocks = dense[e], np.asarray(got.scales[e]), np.asarray(got.blocks[e])
+                            detail=f"scales {list(got.scales.shape)} do not fit the source {[E, rows, cols]}")
+    one_expert = getattr(ref, "expert_f32", None)
+    dense = None if one_expert else ref.f32(name)
+    base = ref.base_mxfp4(layer, which) if hasattr(ref, "base_mxfp4") else None
+    changed = ref.changed_experts(layer, which) if base is not None else range(E)
+    problems, worst, copies = [], 0.0, 0
+    for e in range(E):
+        scales, blocks = np.asarray(got.scales[e]), np.asarray(got.blocks[e])
+        if e not in changed:
+            if not (np.array_equal(blocks, base.blocks[e]) and np.array_equal(scales, base.scales[e])):
+                problems.append(f"expert {e}: the adapter leaves it unchanged, yet its bytes are not the base's")
+            copies += 1
+            continue
+        values = one_expert(name, e) if one_expert else dense[e]
         offset = scales.astype(np.int32) - mxfp4.SCALE_BIAS - mxfp4.ocp_exponents(values.reshape(*values.shape[:-1], -1, 32))
         bad_scales = int((np.abs(offset) > 1).sum())
         bad_blocks = int(np.any(mxfp4.encode_with_scales(values, scales) != blocks, axis=-1).sum())
@@ -170,8 +187,34 @@ def _compare_requantized(name: str, storage: str, ref: CanonicalModel, got) -> T
                             f"{bad_scales} scales more than one step from OCP")
     if problems:
         return TensorResult(name, storage, "differs", worst, 0.0, "MXFP4 encoding wrong: " + "; ".join(problems[:4]))
+    kept = f"; {copies} experts the adapter leaves unchanged are the base's bytes" if base is not None else ""
     return TensorResult(name, storage, "within_bound", worst, None,
-                        "MXFP4 encoded from the dense source: every block is its FP4 rounding under an OCP(+-1) scale")
+                        "MXFP4 encoded from the dense source: every block is its FP4 rounding under an OCP(+-1) scale"
+                        + kept)
+
+
+def _compare_dense_experts(name: str, storage: str, ref: CanonicalModel, art: CanonicalModel) -> TensorResult:
+    """Dense experts against a reference that makes its experts one at a time (a base with an
+    adapter applied in float32): BF16 storage must be its rounding, expert by expert."""
+    b_all = art.f32(name)
+    worst, over = 0.0, []
+    for e in range(ref.config.num_experts):
+        a, b = ref.expert_f32(name, e).astype(np.float64), np.asarray(b_all[e], dtype=np.float64)
+        if a.shape != b.shape:
+            return TensorResult(name, storage, "differs", float("inf"), detail=f"expert shape {list(b.shape)}, "
+                                f"source {list(a.shape)}")
+        diff = np.abs(a - b)
+        worst = max(worst, float(diff.max()))
+        bound = _bound(a, storage, "F32")
+        if bound is not None and (diff > bound).any():
+            over.append(f"expert {e}: {int((diff > bound).sum())} values")
+    if bound is None:
+        return TensorResult(name, storage, "lossy", worst, None, "experts not stored as MXFP4; checked by KL only")
+    if over:
+        return TensorResult(name, storage, "differs", worst, 0.0, f"exceed the {storage} rounding of the merge: "
+                            + "; ".join(over[:4]))
+    return TensorResult(name, storage, "within_bound" if worst else "identical", worst, None,
+                        f"the merge rounded to {storage} once")
 
 
 def _compare_mxfp4(name: str, storage: str, want, got) -> TensorResult:

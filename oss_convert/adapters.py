@@ -1,0 +1,319 @@
+"""A base model with a LoRA adapter merged in, as every converter and the verifier read models.
+
+Two views of base + adapter, both streaming (one tensor, or one expert, at a time):
+
+- ``MergedSource`` is a ``model.Source`` for ``convert --adapter``: every BF16 tensor the adapter
+  touches is ``W + delta`` computed in float32 and rounded to BF16 once; an expert it touches is
+  decoded exactly, merged and re-encoded to MXFP4 with the recipe (``search`` unless ``ocp`` is
+  asked for), experts it does not touch (or whose delta is exactly zero) are the base's bytes. A
+  target that writes dense experts (``hf-bf16``) gets the merged experts rounded to BF16 instead,
+  never through MXFP4. What changed is tallied per tensor (``MergedSource.report``) for the
+  manifest and ``OUT/quantization.json``.
+- ``AdaptedModel`` is a ``model.CanonicalModel`` for ``verify --adapter`` and ``reference
+  --adapter``: the exact merge in float32 (base weights as they are + the deltas), so a merged
+  artifact's KL measures only what its storage lost.
+
+Support module: imports base modules, ``formats`` and ``quantize``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from . import quantize
+from .dtypes import bf16_to_f32, f32_to_bf16
+from .formats import mxfp4
+from .hashing import file_sha256
+from .lora import Adapter
+from .model import Mxfp4Pair, expected_tensors, expert_name, is_expert_weight, iter_chunks
+
+REPORT_KEY = "adapter_merge"  # its section in OUT/quantization.json and in the manifest
+
+
+class LazyExperts:
+    """A read-only ``[E, ...]`` array whose experts are made on demand, one at a time: what the
+    converters index (``x[e]``, ``x[e, rows]``, ``x[a:b]``) and ``np.asarray`` materialises."""
+
+    def __init__(self, shape: tuple[int, ...], dtype, expert: Callable[[int], np.ndarray]):
+        self.shape, self.dtype, self._expert = tuple(shape), np.dtype(dtype), expert
+        self.ndim = len(self.shape)
+        self.size = int(np.prod(self.shape))
+        self.nbytes = self.size * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        rest = ()
+        if isinstance(index, tuple):
+            index, rest = index[0], index[1:]
+        if isinstance(index, (int, np.integer)):
+            e = int(index) + (self.shape[0] if index < 0 else 0)
+            if not 0 <= e < self.shape[0]:
+                raise IndexError(f"expert {index} of {self.shape[0]}")
+            one = self._expert(e)
+            return one[rest] if rest else one
+        if isinstance(index, slice):
+            return np.stack([self[(e, *rest)] for e in range(*index.indices(self.shape[0]))])
+        raise TypeError(f"LazyExperts takes an expert, a slice or a tuple, not {index!r}")
+
+    def __array__(self, dtype=None, copy=None):
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype)
+
+
+class _ExpertMerge:
+    """One expert weight (``block.N.mlp.mlp1_weight`` or ``mlp2``) of an MXFP4 base with its deltas."""
+
+    def __init__(self, base: Mxfp4Pair, adapter: Adapter, name: str, recipe: str, release: Callable[[], None]):
+        self.base, self.adapter, self.name, self.recipe, self._release = base, adapter, name, recipe, release
+        E, rows, groups, _ = base.blocks.shape
+        self.shape = (E, rows, groups * mxfp4.BLOCK)
+        self.touched = adapter.touched_experts(name, E)
+        self._scales: dict[int, np.ndarray] = {}  # re-encoded scales of every expert done (small)
+        self._last: tuple[int, np.ndarray, np.ndarray] | None = None  # the last expert's blocks too
+        self.tally = quantize.ErrorTally()
+        self.delta_energy = 0.0
+        self.base_energy = 0.0
+        self.reencoded: list[int] = []
+        self.blocks = LazyExperts(base.blocks.shape, np.uint8, lambda e: self.encoded(e)[0])
+        self.scales = LazyExperts(base.scales.shape, np.uint8, lambda e: self.encoded(e)[1])
+
+    def base_f32(self, e: int) -> np.ndarray:
+        return mxfp4.decode(self.base.blocks[e], self.base.scales[e])
+
+    def values(self, e: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The base expert decoded exactly, and its delta (``None``: zero, the expert stays a copy)."""
+        delta = self.adapter.delta(self.name, self.shape, e) if e in self.touched else None
+        return self.base_f32(e), delta
+
+    def encoded(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        if e not in self.touched:
+            return self.base.blocks[e], self.base.scales[e]
+        if self._last is not None and self._last[0] == e:
+            return self._last[1], self._last[2]
+        weight, delta = self.values(e)
+        if delta is None:
+            blocks, scales = self.base.blocks[e], self.base.scales[e]
+        else:
+            merged = weight + delta
+            blocks, scales = quantize.encode(merged, self.recipe)
+            if e not in self._scales:  # tally each expert once (a target may read it twice)
+                self.tally.add(merged, blocks, scales)
+                self.delta_energy += float(np.dot(delta.ravel().astype(np.float64), delta.ravel()))
+                self.base_energy += float(np.dot(weight.ravel().astype(np.float64), weight.ravel()))
+                self.reencoded.append(e)
+        self._scales[e] = scales
+        self._last = (e, blocks, scales)
+        self._release()
+        return blocks, scales
+
+    def record(self) -> dict:
+        return {"reencoded_experts": sorted(self.reencoded), "recipe": self.recipe,
+                "delta_relative_norm": _relative(self.delta_energy, self.base_energy),
+                "mxfp4_relative_mse": self.tally.relative_mse}
+
+
+def _relative(delta_energy: float, base_energy: float) -> float:
+    return float(np.sqrt(delta_energy / base_energy)) if base_energy else 0.0
+
+
+class MergedSource:
+    """``base`` (a ``Source``) with ``adapter`` merged in (see the module docstring).
+
+    ``dense_experts``: hand the merged experts out as dense BF16 (for a target that writes them
+    so); otherwise an MXFP4 base keeps MXFP4 experts, re-encoded where touched with ``recipe``."""
+
+    def __init__(self, base, adapter: Adapter, *, recipe: str = "search", dense_experts: bool = False):
+        self.base, self.adapter, self.recipe = base, adapter, recipe
+        self.path, self.config, self.config_path = base.path, base.config, base.config_path
+        self.experts = "bf16" if dense_experts or base.experts == "bf16" else "mxfp4"
+        self._shapes = {s.name: s.shape for s in expected_tensors(base.config, "bf16")}
+        self._merges: dict[str, _ExpertMerge] = {}
+        self._records: dict[str, dict] = {}
+
+    # -- the Source interface ------------------------------------------------------------
+
+    @property
+    def repo_root(self) -> Path:
+        return self.base.repo_root
+
+    @property
+    def files(self) -> list:
+        return self.base.files
+
+    @property
+    def tensor_bytes(self) -> int:
+        return self.base.tensor_bytes
+
+    def raw(self, name: str):
+        logical = name.removesuffix(".blocks").removesuffix(".scales")
+        if not self.adapter.touches(logical):
+            return self.base.raw(name)
+        if is_expert_weight(logical):
+            if logical != name:
+                merge = self._merge(logical)
+                return merge.blocks if name.endswith(".blocks") else merge.scales
+            return LazyExperts(self._shapes[name], np.uint16, lambda e: self._dense_expert(name, e))
+        return self._merged_bf16(name)
+
+    def chunks(self, name: str, max_bytes: int = 64 << 20) -> Iterator[np.ndarray]:
+        logical = name.removesuffix(".blocks").removesuffix(".scales")
+        if not self.adapter.touches(logical):
+            yield from self.base.chunks(name, max_bytes)
+            return
+        yield from iter_chunks(self.raw(name), max_bytes)
+
+    def mxfp4(self, layer: int, which: str) -> Mxfp4Pair | None:
+        name = f"block.{layer}.mlp.{which}_weight"
+        if not self.adapter.touches(name):
+            return self.base.mxfp4(layer, which)  # untouched: the base's bytes, whatever the target
+        if self.experts == "bf16":
+            return None
+        merge = self._merge(name)
+        return Mxfp4Pair(merge.blocks, merge.scales)
+
+    def expert_f32(self, name: str, e: int) -> np.ndarray:
+        """One merged expert in float32, unrounded (``quantize.ExpertEncoder`` encodes from this)."""
+        layer, which = expert_name(name)
+        pair = self.base.mxfp4(layer, which)
+        weight = mxfp4.decode(pair.blocks[e], pair.scales[e]) if pair is not None \
+            else bf16_to_f32(np.ascontiguousarray(self.base.raw(name)[e]))
+        delta = self.adapter.delta(name, self._shapes[name], e) if self.adapter.touches(name) else None
+        if delta is not None:
+            self._tally_dense(name, e, weight, delta)
+            weight = weight + delta
+        return weight
+
+    def release(self, name: str) -> None:
+        self.base.release(name)
+
+    def scan(self, progress=None) -> list[str]:
+        return self.base.scan(progress)
+
+    def close(self) -> None:
+        self.base.close()
+
+    # -- merging -----------------------------------------------------------------------
+
+    def _merge(self, name: str) -> _ExpertMerge:
+        if name not in self._merges:
+            layer, which = expert_name(name)
+            self._merges[name] = _ExpertMerge(self.base.mxfp4(layer, which), self.adapter, name, self.recipe,
+                                              lambda: self.base.release(name))
+        return self._merges[name]
+
+    def _merged_bf16(self, name: str) -> np.ndarray:
+        weight = bf16_to_f32(np.asarray(self.base.raw(name)))
+        delta = self.adapter.delta(name, weight.shape)
+        self.base.release(name)
+        if delta is None:
+            return self.base.raw(name)
+        self._records[name] = {"delta_relative_norm": _relative(float(np.vdot(delta, delta)),
+                                                                float(np.vdot(weight, weight)))}
+        return f32_to_bf16(weight + delta)
+
+    def _dense_expert(self, name: str, e: int) -> np.ndarray:
+        return f32_to_bf16(self.expert_f32(name, e))
+
+    def _tally_dense(self, name: str, e: int, weight: np.ndarray, delta: np.ndarray) -> None:
+        record = self._records.setdefault(name, {"experts": set(), "delta_energy": 0.0, "base_energy": 0.0})
+        if e in record["experts"]:
+            return
+        record["experts"].add(e)
+        record["delta_energy"] += float(np.vdot(delta, delta))
+        record["base_energy"] += float(np.vdot(weight, weight))
+
+    # -- what changed --------------------------------------------------------------------
+
+    def report(self) -> dict:
+        """Per tensor changed: the delta's relative norm; per expert weight the experts re-encoded
+        and their MXFP4 error; the adapter's files and their sha256."""
+        tensors = {}
+        for name, record in sorted(self._records.items()):
+            if "experts" in record:
+                tensors[name] = {"delta_relative_norm": _relative(record["delta_energy"], record["base_energy"]),
+                                 "dense_experts_merged": len(record["experts"])}
+            else:
+                tensors[name] = record
+        for name, merge in sorted(self._merges.items()):
+            tensors[name] = merge.record()
+        return {"adapter": adapter_identity(self.adapter), "recipe": self.recipe, "tensors": tensors}
+
+    def summary_line(self) -> str:
+        report = self.report()["tensors"]
+        experts = sum(len(r.get("reencoded_experts", ())) for r in report.values())
+        return (f"adapter merged: {len(report)} tensors changed, {experts} experts re-encoded to MXFP4 "
+                f"({self.recipe}); the rest copied")
+
+
+def adapter_identity(adapter: Adapter) -> dict:
+    return {"format": adapter.format, "path": str(adapter.path),
+            "files": {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)} for f in adapter.files}}
+
+
+class AdaptedModel:
+    """``model`` (a ``CanonicalModel``) with ``adapter`` applied exactly in float32: the reference
+    of a merged artifact. Expert weights the adapter touches are given one expert at a time
+    (``expert_f32``; ``mxfp4`` says ``None`` for them, as for any dense storage)."""
+
+    def __init__(self, model, adapter: Adapter):
+        self.model, self.adapter, self.config = model, adapter, model.config
+        self._shapes = {s.name: s.shape for s in expected_tensors(model.config, "bf16")}
+
+    def f32(self, name: str) -> np.ndarray:
+        if is_expert_weight(name) and self.adapter.touches(name):
+            return np.stack([self.expert_f32(name, e) for e in range(self.config.num_experts)])
+        weight = self.model.f32(name)
+        delta = self.adapter.delta(name, weight.shape) if self.adapter.touches(name) else None
+        return weight if delta is None else np.asarray(weight, dtype=np.float32) + delta
+
+    def f32_rows(self, name: str, rows) -> np.ndarray:
+        if not self.adapter.touches(name):
+            return self.model.f32_rows(name, rows)
+        return np.ascontiguousarray(self.f32(name)[rows])
+
+    def expert_f32(self, name: str, e: int) -> np.ndarray:
+        layer, which = expert_name(name)
+        weight = self.base_expert_f32(layer, which, e)
+        delta = self.adapter.delta(name, self._shapes[name], e) if self.adapter.touches(name) else None
+        return weight if delta is None else weight + delta
+
+    def base_expert_f32(self, layer: int, which: str, e: int) -> np.ndarray:
+        pair = self.model.mxfp4(layer, which)
+        if pair is not None:
+            return mxfp4.decode(pair.blocks[e], pair.scales[e])
+        return np.asarray(self.model.f32(f"block.{layer}.mlp.{which}_weight")[e], dtype=np.float32)
+
+    def changed_experts(self, layer: int, which: str) -> set[int]:
+        """Experts whose summed delta is not exactly zero (the rest of a merge must be the base's bytes)."""
+        name = f"block.{layer}.mlp.{which}_weight"
+        candidates = self.adapter.touched_experts(name, self.config.num_experts)
+        return {e for e in candidates if self.adapter.delta(name, self._shapes[name], e) is not None}
+
+    def base_mxfp4(self, layer: int, which: str) -> Mxfp4Pair | None:
+        """The base's own MXFP4 bytes (untouched experts of a merged artifact must be these)."""
+        return self.model.mxfp4(layer, which)
+
+    def mxfp4(self, layer: int, which: str) -> Mxfp4Pair | None:
+        if self.adapter.touches(f"block.{layer}.mlp.{which}_weight"):
+            return None
+        return self.model.mxfp4(layer, which)
+
+    def storage(self, name: str) -> str:
+        return "F32" if self.adapter.touches(name) else self.model.storage(name)
+
+    def release(self, name: str) -> None:
+        self.model.release(name)
+
+    def embedded(self):
+        return self.model.embedded()
+
+    def __getattr__(self, name: str):  # the rest of the reader (path, vocabulary, tokenizer files)
+        return getattr(self.model, name)
+
+    def close(self) -> None:
+        self.model.close()

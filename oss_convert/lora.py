@@ -1,0 +1,204 @@
+"""LoRA adapters in the canonical model's terms: which tensor each low-rank pair changes, and by how much.
+
+Base layer: imports ``errors``, ``dtypes`` and ``model``. The adapter readers
+(``formats/peft.py``, ``formats/mlx_adapter.py``) turn their files into ``LoraPair`` records on
+canonical names (``block.3.attn.qkv.weight`` with the rows of q, k or v; ``block.3.mlp.mlp1_weight``
+with one pair per expert), so the merge, the reference runner and ``inspect`` know one layout:
+
+- a linear pair: ``a [r, in]``, ``b [out, r]``, delta ``scaling * b @ a`` (``[out, in]``, the
+  canonical ``[out, in]`` orientation), added to ``rows`` of the target (``None``: all of them);
+- an expert pair: ``a [E, r, in]``, ``b [E, out, r]``, one delta per expert the same way.
+
+The factors stay the readers' memory-mapped views until a delta is asked for, and a delta is
+computed in float32 for one tensor or one expert at a time: an adapter of every expert of 120b
+is gigabytes, never all in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from .dtypes import bf16_to_f32, count_bf16_nonfinite
+from .errors import InputError
+from .model import ModelConfig, expected_tensors, iter_chunks
+
+MAX_RANK = 4096  # larger than any published LoRA; a hostile rank would cost memory in every delta
+FLOAT_DTYPES = ("F32", "BF16", "F16")
+
+
+def as_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Raw adapter values (BF16 as uint16 bits) as float32."""
+    if dtype == "BF16":
+        return bf16_to_f32(np.ascontiguousarray(raw))
+    return np.asarray(raw, dtype=np.float32)
+
+
+def count_nonfinite(raw: np.ndarray, dtype: str) -> int:
+    """NaN/Inf values in a raw tensor, a chunk at a time (no full-size mask)."""
+    if dtype == "BF16":
+        return sum(count_bf16_nonfinite(piece) for piece in iter_chunks(raw))
+    return sum(int(piece.size - np.count_nonzero(np.isfinite(piece))) for piece in iter_chunks(raw))
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """One low-rank update of one canonical tensor (see the module docstring for the shapes)."""
+
+    target: str  # canonical name
+    a: np.ndarray  # raw view: [r, in] or [E, r, in]
+    b: np.ndarray  # raw view: [out, r] or [E, out, r]
+    dtype: str  # of a and b: F32, BF16 or F16
+    scaling: float
+    key: str  # where it came from, for messages: "file: tensor key"
+    module: str  # the adapter's own module name, layer left out ("self_attn.q_proj", "mlp.experts.down_proj")
+    rows: slice | None = None  # rows of the target it changes (q/k/v in qkv, gate/up in mlp1)
+    transposed: bool = False  # the delta is (b @ a).T (peft 0.19.0's expert orientation)
+    scale_first: bool = False  # (scaling * b) @ a, mlx-lm's order (PEFT scales the product)
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[-2]
+
+    @property
+    def experts(self) -> int | None:
+        return self.a.shape[0] if self.a.ndim == 3 else None
+
+    @property
+    def delta_shape(self) -> tuple[int, int]:
+        """``(out, in)`` of one delta, in the target's orientation."""
+        out, inner = self.b.shape[-2], self.a.shape[-1]
+        return (inner, out) if self.transposed else (out, inner)
+
+    def delta(self, expert: int | None = None) -> np.ndarray:
+        """``scaling * b @ a`` in float32, in the order the adapter's own runtime computes it (so
+        the float32 result is the same to the bit), for one expert of an expert pair."""
+        a = as_f32(self.a if expert is None else self.a[expert], self.dtype)
+        b = as_f32(self.b if expert is None else self.b[expert], self.dtype)
+        scaling = np.float32(self.scaling)
+        d = ((scaling * b) @ a) if self.scale_first else (b @ a) * scaling
+        return np.ascontiguousarray(d.T) if self.transposed else d
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter read from disk: its pairs on canonical names, and what describes it."""
+
+    format: str  # "peft" or "mlx-lm"
+    path: Path  # the adapter folder
+    files: list[Path]  # every file it is made of (hashed into the manifest)
+    pairs: list[LoraPair]
+    info: dict = field(default_factory=dict)  # format-specific facts for inspect (version, targets, ...)
+    # whole base weights the adapter carries (PEFT saves a targeted lm_head's): canonical name ->
+    # (raw, dtype, key); they must equal the base's, or the adapter was made for another base
+    saved_weights: dict = field(default_factory=dict)
+
+    @cached_property
+    def by_target(self) -> dict[str, list[LoraPair]]:
+        out: dict[str, list[LoraPair]] = {}
+        for pair in self.pairs:
+            out.setdefault(pair.target, []).append(pair)
+        return out
+
+    def touches(self, name: str) -> bool:
+        return name in self.by_target
+
+    def delta(self, name: str, shape: tuple[int, ...], expert: int | None = None) -> np.ndarray | None:
+        """The summed float32 delta of ``name`` (one expert of an expert weight), ``None`` if untouched
+        or exactly zero."""
+        pairs = self.by_target.get(name)
+        if not pairs:
+            return None
+        total = np.zeros(shape[-2:] if expert is not None else shape, dtype=np.float32)
+        for pair in pairs:
+            part = pair.delta(expert)
+            if pair.rows is None:
+                total += part
+            else:
+                total[pair.rows] += part
+        return total if total.any() else None
+
+    def touched_experts(self, name: str, num_experts: int) -> tuple[int, ...]:
+        """Experts of expert weight ``name`` whose factors are not zero on either side (cheap: no
+        product). The merge still copies an expert whose summed delta comes out exactly zero."""
+        cache = self.__dict__.setdefault("_touched", {})
+        if name not in cache:
+            pairs = self.by_target.get(name, [])
+            cache[name] = tuple(e for e in range(num_experts)
+                                if any(np.any(as_f32(p.a[e], p.dtype)) and np.any(as_f32(p.b[e], p.dtype)) for p in pairs))
+        return cache[name]
+
+    # -- validation ---------------------------------------------------------------------
+
+    def check_finite(self) -> None:
+        """Refuse NaN/Inf in any factor (it would poison every merged value it touches)."""
+        for pair in self.pairs:
+            for side, raw in (("A", pair.a), ("B", pair.b)):
+                bad = count_nonfinite(raw, pair.dtype)
+                if bad:
+                    raise InputError(f"{bad} NaN/Inf values in the lora_{side} factor", file=self.path, tensor=pair.key)
+
+    def check_against(self, config: ModelConfig) -> None:
+        """Every pair must fit a tensor of the base: layers, experts, rows and columns (the silent
+        loss other tools have is an adapter key that matches nothing)."""
+        shapes = {s.name: s.shape for s in expected_tensors(config, "bf16")}
+        for pair in self.pairs:
+            shape = shapes.get(pair.target)
+            if shape is None:
+                raise InputError(f"changes {pair.target}, which this base (of {config.num_hidden_layers} layers) "
+                                 "does not have", file=self.path, tensor=pair.key)
+            if (pair.experts is not None) != (len(shape) == 3):
+                raise InputError(f"is {'an expert' if pair.experts else 'a linear'} pair but {pair.target} is not",
+                                 file=self.path, tensor=pair.key)
+            if pair.experts is not None and pair.experts != shape[0]:
+                raise InputError(f"has {pair.experts} experts but the base has {shape[0]} in {pair.target}",
+                                 file=self.path, tensor=pair.key)
+            rows = shape[-2] if pair.rows is None else len(range(*pair.rows.indices(shape[-2])))
+            if pair.delta_shape != (rows, shape[-1]):
+                raise InputError(f"makes a [{pair.delta_shape[0]}, {pair.delta_shape[1]}] delta but {pair.target} "
+                                 f"needs [{rows}, {shape[-1]}] there", file=self.path, tensor=pair.key)
+
+    def check_saved_weights(self, base_values) -> None:
+        """Every whole weight the adapter carries must be the base's (``base_values(name)`` gives
+        the base's float32 rows in pieces): a runtime loading the adapter would put it back."""
+        for name, (raw, dtype, key) in self.saved_weights.items():
+            start = 0
+            for piece in iter_chunks(raw):
+                theirs = base_values(name, slice(start, start + piece.shape[0]))
+                if theirs.shape != piece.shape or not np.array_equal(as_f32(piece, dtype), theirs):
+                    raise InputError(f"carries its own {name} (rows {start}..{start + piece.shape[0]}) that is not "
+                                     "the base's: the adapter was made for another base (a resized vocabulary?)",
+                                     file=self.path, tensor=key)
+                start += piece.shape[0]
+
+    def summary(self) -> dict:
+        """``inspect``'s description: per target module, rank and scaling; layers and experts touched."""
+        modules: dict[str, dict] = {}
+        layers = set()
+        for pair in self.pairs:
+            module = pair.module
+            entry = modules.setdefault(module, {"ranks": set(), "scalings": set(), "layers": set(), "dtype": pair.dtype})
+            entry["ranks"].add(pair.rank)
+            entry["scalings"].add(round(pair.scaling, 6))
+            if pair.target.startswith("block."):
+                layer = int(pair.target.split(".")[1])
+                entry["layers"].add(layer)
+                layers.add(layer)
+        return {
+            "format": self.format,
+            "files": [f.name for f in self.files],
+            "pairs": len(self.pairs),
+            "layers": sorted(layers),
+            "modules": {m: {"rank": sorted(e["ranks"]), "scaling": sorted(e["scalings"]), "layers": sorted(e["layers"]),
+                            "dtype": e["dtype"]} for m, e in sorted(modules.items())},
+            "parameters": sum(p.a.size + p.b.size for p in self.pairs),
+            **self.info,
+        }
+
+
+def check_rank(rank: int, *, file: Path, key: str) -> None:
+    if not 0 < rank <= MAX_RANK:
+        raise InputError(f"rank {rank} is outside 1..{MAX_RANK}", file=file, tensor=key)
