@@ -98,6 +98,11 @@ def main() -> None:
     adapted_ppl = perplexity(model, heldout_ids)
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
+    (args.out / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template
+    config_path = args.out / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = "examples/gpt-oss-tiny"  # not the temporary folder it was loaded from
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (args.out / "heldout.txt").write_text(text[cut:], encoding="utf-8")
     record = {"base": "examples/gpt-oss-tiny", "text": "The Adventures of Sherlock Holmes (Project Gutenberg #1661, "
               "public domain), licence header and footer removed; last 5% held out",

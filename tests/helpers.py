@@ -181,3 +181,14 @@ def cut(path: Path, dest: Path, keep: int | None = None, magic: bytes | None = N
             out.seek(0)
             out.write(magic)
     return dest
+
+
+def kl_and_top1(logits: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """Mean KL(ref || logits) per token and the fraction of equal argmaxes."""
+    def log_softmax(x):
+        x = x.astype(np.float64)
+        m = x.max(1, keepdims=True)
+        return x - m - np.log(np.exp(x - m).sum(1, keepdims=True))
+
+    lp, lq = log_softmax(ref), log_softmax(logits)
+    return float((np.exp(lp) * (lp - lq)).sum(1).mean()), float((logits.argmax(1) == ref.argmax(1)).mean())

@@ -24,6 +24,7 @@ from oss_convert.formats.original import OriginalCheckpoint
 from oss_convert.formats.safetensors import SafetensorsFile, SafetensorsWriter
 from oss_convert.tokens.files import TOKENIZER_FILES
 
+from helpers import kl_and_top1
 from layouts import write_hub_layout
 from oracles import torch_reference_logits
 
@@ -120,17 +121,6 @@ def reference_with_mlx_lm_yarn(repo: Path, tokens: np.ndarray) -> np.ndarray:
         return torch_reference_logits(repo, tokens)
     finally:
         reference.RotaryEmbedding._compute_concentration_and_inv_freq = original
-
-
-def kl_and_top1(logits: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
-    """Mean KL(ref || logits) per token and the fraction of equal argmaxes."""
-    def log_softmax(x):
-        x = x.astype(np.float64)
-        m = x.max(1, keepdims=True)
-        return x - m - np.log(np.exp(x - m).sum(1, keepdims=True))
-
-    lp, lq = log_softmax(ref), log_softmax(logits)
-    return float((np.exp(lp) * (lp - lq)).sum(1).mean()), float((logits.argmax(1) == ref.argmax(1)).mean())
 
 
 def swap_gate_up(folder: Path, out: Path) -> Path:

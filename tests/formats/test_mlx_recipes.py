@@ -17,7 +17,8 @@ from oss_convert import formats, synth
 from oss_convert.formats.original import OriginalCheckpoint
 
 from oracles import torch_reference_logits
-from test_mlx import (convert, kl_and_top1, mlx_lm_convert, mlx_lm_logits, reference_with_mlx_lm_yarn, tensors,
+from helpers import kl_and_top1
+from test_mlx import (convert, mlx_lm_convert, mlx_lm_logits, reference_with_mlx_lm_yarn, tensors,
                       write_hf_layout)
 
 pytest.importorskip("mlx.core")
