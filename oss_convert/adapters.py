@@ -245,9 +245,14 @@ class MergedSource:
 
     def summary_line(self) -> str:
         report = self.report()["tensors"]
-        experts = sum(len(r.get("reencoded_experts", ())) for r in report.values())
-        return (f"adapter merged: {len(report)} tensors changed, {experts} experts re-encoded to MXFP4 "
-                f"({self.recipe}); the rest copied")
+        reencoded = sum(len(r.get("reencoded_experts", ())) for r in report.values())
+        dense = sum(r.get("dense_experts_merged", 0) for r in report.values())
+        how = [f"{reencoded} experts re-encoded to MXFP4 ({self.recipe})"] if reencoded else []
+        how += [f"{dense} dense experts merged unrounded" + (" (the target encodes them)" if self.experts == "bf16"
+                                                             and self.base.experts == "bf16" else " (kept in BF16)")] \
+            if dense else []
+        return f"adapter merged: {len(report)} tensors changed; " + ("; ".join(how) or "no expert changed") + \
+            "; everything else copied"
 
 
 def adapter_identity(adapter: Adapter) -> dict:
