@@ -21,6 +21,8 @@ Everything is whole-array numpy; callers pass one expert (or a chunk of rows) at
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -52,24 +54,62 @@ def search_encode(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Errors are compared in the OCP-scaled domain: changing the exponent by ``k`` multiplies
     the values by ``2**-k`` exactly and the squared error by ``4**k`` exactly, so the
     comparison is the same as on the original values, and exact blocks (error 0) stay OCP.
+    Each candidate's codes are kept (``mxfp4.codes_under``, from the float bits) rather than
+    recomputed for the winner; a chunk of rows at a time keeps the temporaries in cache.
     """
     x = mxfp4.as_blocks(values)
+    flat = x.reshape(-1, *x.shape[-2:])
+    codes = np.empty(flat.shape, dtype=np.uint8)
+    shared = np.empty(flat.shape[:-1], dtype=np.int32)
+
+    def rows(start: int) -> None:
+        part = slice(start, start + _SEARCH_ROWS)
+        codes[part], shared[part] = _search_rows(flat[part])
+
+    starts = range(0, flat.shape[0], _SEARCH_ROWS)
+    if flat.size >= _PARALLEL_VALUES:  # numpy releases the GIL: the row chunks run on every core
+        list(_pool().map(rows, starts))
+    else:
+        for start in starts:
+            rows(start)
+    blocks = mxfp4.pack_codes(codes).reshape(*x.shape[:-1], mxfp4.BLOCK // 2)
+    return blocks, (shared + SCALE_BIAS).astype(np.uint8).reshape(x.shape[:-1])
+
+
+_SEARCH_ROWS = 64  # rows of [G, 32] blocks per pass: 64 x 2880 values, 720 KiB
+_PARALLEL_VALUES = 1 << 20
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def _pool() -> ThreadPoolExecutor:
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="mxfp4-search"))
+    return _POOL[0]
+
+
+def _search_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ocp = mxfp4.ocp_exponents(x)
-    y = np.ldexp(x, -ocp[..., None])
-    best_error = _sq_error(y)
-    best_offset = np.zeros(ocp.shape, dtype=np.int32)
+    best_codes = mxfp4.codes_under(x, ocp)
+    best_error = _sq_error(x, best_codes, ocp)
+    best_shared = ocp
     for offset in _SEARCH_OFFSETS[1:]:
-        error = _sq_error(y * np.float32(2.0 ** -offset)) * 4.0 ** offset
-        allowed = (ocp + offset >= -SCALE_BIAS) & (ocp + offset <= SCALE_NAN - 1 - SCALE_BIAS)
+        shared = ocp + offset
+        codes = mxfp4.codes_under(x, shared)
+        error = _sq_error(x, codes, shared) * 4.0 ** offset
+        allowed = (shared >= -SCALE_BIAS) & (shared <= SCALE_NAN - 1 - SCALE_BIAS)
         better = allowed & (error < best_error)  # strict: the OCP scale keeps every tie
-        best_error = np.where(better, error, best_error)
-        best_offset = np.where(better, offset, best_offset)
-    return mxfp4.encode_with_exponents(x, ocp + best_offset)
+        if better.any():
+            best_error = np.where(better, error, best_error)
+            best_shared = np.where(better, shared, best_shared)
+            best_codes = np.where(better[..., None], codes, best_codes)
+    return best_codes, best_shared
 
 
-def _sq_error(y: np.ndarray) -> np.ndarray:
-    """Squared rounding error per block of scaled values, summed in float64."""
-    diff = y - mxfp4.fp4_round(y)
+def _sq_error(x: np.ndarray, codes: np.ndarray, shared: np.ndarray) -> np.ndarray:
+    """Squared rounding error per block in the domain scaled by ``2**-shared`` (where the codes'
+    values live), summed in float64: ``sum((x * 2**-s - FP4[code])**2)``."""
+    diff = np.ldexp(x, -shared[..., None]) if shared.min() < -126 else x * np.ldexp(np.float32(1), -shared)[..., None]
+    diff -= mxfp4.FP4_VALUES[codes]
     return np.square(diff, dtype=np.float64).sum(axis=-1)
 
 

@@ -183,9 +183,44 @@ def pack_codes(codes: np.ndarray) -> np.ndarray:
     return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
 
 
+def _code_table() -> np.ndarray:
+    """FP4 magnitude code by ``exponent << 4 | top 3 mantissa bits << 1 | any lower bit set`` of
+    a float32 (4096 entries). Every FP4 rounding boundary (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5, 6)
+    has at most two mantissa bits, so those 12 bits decide the rounding, ties included."""
+    index = np.arange(4096)
+    exponent, top, rest = index >> 4, (index >> 1) & 7, index & 1
+    mantissa = 1 + top / 8 + rest * 2.0 ** -21
+    value = np.where(exponent == 0, 0.0, np.ldexp(mantissa, exponent - SCALE_BIAS))  # float64: 2**128 is fine
+    return fp4_codes(value).astype(np.uint8)
+
+
+_CODES = _code_table()
+# Below this shared exponent a subnormal float32 (exponent field 0) could round to a nonzero
+# code, which the bit table would misread: such blocks take the definition's path.
+_TABLE_MIN_SHARED = -124
+
+
+def codes_under(x: np.ndarray, shared: np.ndarray) -> np.ndarray:
+    """``fp4_codes(np.ldexp(x, -shared))`` for float32 blocks ``x [..., G, 32]`` and exponents
+    ``shared [..., G]``, from the bits: the scaled exponent indexes ``_CODES`` (no float pass)."""
+    if shared.size and shared.min() < _TABLE_MIN_SHARED:
+        return fp4_codes(np.ldexp(x, -shared[..., None]))
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    magnitude = bits & np.uint32(0x7FFFFFFF)
+    exponent = (magnitude >> np.uint32(23)).astype(np.int32)
+    exponent -= shared[..., None]
+    np.clip(exponent, 0, 255, out=exponent)
+    index = (exponent << 4).astype(np.uint32)
+    index |= (magnitude >> np.uint32(19)) & np.uint32(0xE)
+    index |= (magnitude & np.uint32(0xFFFFF)) != 0
+    codes = np.take(_CODES, index, mode="clip")
+    codes |= ((bits >> np.uint32(31)) << np.uint32(3)).astype(np.uint8)
+    return codes
+
+
 def encode_with_exponents(x: np.ndarray, shared: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(blocks, scales)`` of ``[..., G, 32]`` blocks ``x`` under the shared exponents ``[..., G]``."""
-    blocks = pack_codes(fp4_codes(np.ldexp(x, -shared[..., None])))
+    blocks = pack_codes(codes_under(x, shared))
     return blocks, (shared + SCALE_BIAS).astype(np.uint8)
 
 

@@ -172,3 +172,26 @@ def test_decode_of_a_large_tensor_across_chunks_and_threads_and_into_out():
         mxfp4.decode(blocks, scales, out=np.empty((6, 5463 * 32), np.float64))
     with pytest.raises(ValueError):
         mxfp4.decode(blocks, scales, out=np.empty((6, 5463 * 64), np.float32)[:, ::2])
+
+
+def test_codes_from_the_bits_equal_the_float_rounding_for_every_exponent():
+    """``codes_under`` reads the rounding off the float bits (``_CODES``); it must give the codes
+    of ``fp4_codes(ldexp(x, -shared))`` for every shared exponent a scale byte holds, on grid
+    points, rounding ties and their neighbours, zeros of both signs and subnormals."""
+    rng = np.random.default_rng(0)
+    grid = np.array([0, .25, .5, .75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, 7, 8], np.float32)
+    ties = rng.choice(grid, 4096).astype(np.float32) * rng.choice([-1, 1], 4096).astype(np.float32)
+    values = np.concatenate([ties, np.nextafter(ties, np.float32(np.inf)), np.nextafter(ties, np.float32(-np.inf)),
+                             rng.standard_normal(4096).astype(np.float32), -np.zeros(32, np.float32),
+                             np.float32(1e-40) * rng.standard_normal(4064).astype(np.float32)])
+    blocks = values[: values.size // 32 * 32].reshape(-1, 32)
+    for shared in range(-127, 128):
+        with np.errstate(over="ignore"):
+            x = np.ldexp(blocks, shared).astype(np.float32)  # the values a block of that exponent holds
+        x[~np.isfinite(x)] = 0  # what overflowed: encode refuses infinities before any rounding
+        exponents = np.full(x.shape[0], shared, dtype=np.int32)
+        want = mxfp4.fp4_codes(np.ldexp(x, -exponents[:, None]))
+        assert np.array_equal(mxfp4.codes_under(x, exponents), want), shared
+    tiny = np.float32(1e-40) * rng.standard_normal((4, 32)).astype(np.float32)  # subnormal blocks, shared -127
+    assert np.array_equal(mxfp4.codes_under(tiny, np.full(4, -127, np.int32)),
+                          mxfp4.fp4_codes(np.ldexp(tiny, 127)))

@@ -125,3 +125,26 @@ def test_search_keeps_the_codec_bytes_wherever_it_keeps_the_ocp_scale():
     assert 0.5 < kept.mean() < 1.0
     np.testing.assert_array_equal(blocks[kept], ocp_blocks[kept])
     np.testing.assert_array_equal(mxfp4.encode_with_scales(x, scales), blocks)
+
+
+def test_search_is_its_definition_on_every_block():
+    """The chunked, table-driven search against the recipe written out: per block, the error of
+    each candidate exponent in float64, the OCP one kept on ties, codes from the float rounding."""
+    rng = np.random.default_rng(1)
+    values = (rng.standard_normal((130, 320)) * np.float32(2.0) ** rng.integers(-20, 20, (130, 1))).astype(np.float32)
+    values[::9, ::5] = 0
+    x = mxfp4.as_blocks(values)
+    ocp = mxfp4.ocp_exponents(x)
+
+    def error(shared):
+        y = np.ldexp(x, -shared[..., None])
+        return np.square(y - mxfp4.fp4_round(y), dtype=np.float64).sum(-1) * 4.0 ** (shared - ocp)
+
+    errors = np.stack([error(ocp), error(ocp + 1), error(ocp - 1)])
+    choice = np.where(errors[1] < errors[0], 1, 0)
+    choice = np.where(errors[2] < np.minimum(errors[0], errors[1]), -1, choice)
+    shared = ocp + choice
+    blocks, scales = quantize.search_encode(values)
+    assert np.array_equal(scales, (shared + 127).astype(np.uint8))
+    assert np.array_equal(blocks, mxfp4.pack_codes(mxfp4.fp4_codes(np.ldexp(x, -shared[..., None]))))
+    assert (choice != 0).any()  # the search moved some scales: the comparison means something

@@ -1,0 +1,113 @@
+"""Time a LoRA merge (``convert --adapter``) of a real-sized synthetic checkpoint against `cp -r`
+of the same bytes and against the same conversion without the adapter.
+
+    python bench/merge_bench.py --preset 20b --work /path/with/space [--touched-layers 16] [--layers N]
+
+The adapter is a PEFT one as mlx-lm's default and most PEFT recipes make it: rank 16 on the
+attention (q/k/v/o) and on both expert weights (every expert) of the last ``--touched-layers``
+layers, written with random factors (a trained adapter's B is not zero), so every touched
+expert is decoded, merged and re-encoded to MXFP4 (``--recipe search``) and the others copied.
+Each job runs under ``/usr/bin/time -v`` (wall time, peak RSS) and ends with ``sync``. Prints a
+markdown table with each time as a ratio to ``cp -r`` measured in the same run, the experts
+re-encoded per second, and the peak RSS; paste it into bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from convert_bench import ensure_space, size_of, timed  # noqa: E402
+
+RANK = 16
+
+
+def write_adapter(config: dict, layers: list[int], out: Path, seed: int = 0) -> int:
+    """A PEFT adapter (the layout ``formats/peft.py`` documents) for ``layers``; returns the
+    number of expert matrices it touches."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    H, I, E, d = config["hidden_size"], config["intermediate_size"], config["num_experts"], config["head_dim"]
+    q, kv = config["num_attention_heads"] * d, config["num_key_value_heads"] * d
+    prefix = "base_model.model.model.layers"
+    tensors = {}
+
+    def pair(key: str, rows_a: int, cols_a: int, rows_b: int, cols_b: int) -> None:
+        tensors[f"{key}.lora_A.weight"] = (rng.standard_normal((rows_a, cols_a)) / np.sqrt(cols_a)).astype(np.float32)
+        tensors[f"{key}.lora_B.weight"] = (rng.standard_normal((rows_b, cols_b)) * 1e-3).astype(np.float32)
+
+    for n in layers:
+        for module, (inner, outer) in {"q_proj": (H, q), "k_proj": (H, kv), "v_proj": (H, kv), "o_proj": (q, H)}.items():
+            pair(f"{prefix}.{n}.self_attn.{module}", RANK, inner, outer, RANK)
+        pair(f"{prefix}.{n}.mlp.experts.base_layer", RANK * E, H, 2 * I, RANK * E)  # gate_up_proj
+        pair(f"{prefix}.{n}.mlp.experts", RANK * E, I, H, RANK * E)  # down_proj
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "peft_version": "0.21.2", "r": RANK, "lora_alpha": 2 * RANK, "bias": "none",
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "target_parameters": [f"{n}.mlp.experts.{p}" for n in layers for p in ("gate_up_proj", "down_proj")]}))
+    return 2 * E * len(layers)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="20b")
+    parser.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
+    parser.add_argument("--touched-layers", type=int, default=16)
+    parser.add_argument("--target", default="mlx")
+    parser.add_argument("--work", type=Path, required=True)
+    args = parser.parse_args()
+    exe = shutil.which("oss-convert") or sys.exit("oss-convert is not installed")
+    repo = args.work / f"gpt-oss-{args.preset}{f'-L{args.layers}' if args.layers else ''}"
+    if not (repo / "original" / "config.json").exists():
+        layers = ["--layers", str(args.layers)] if args.layers else []
+        wall, rss = timed([exe, "synth", str(repo), "--preset", args.preset, *layers, "--quiet"])
+        print(f"synth: {wall:.1f} s, peak RSS {rss:.0f} MiB", file=sys.stderr)
+    config = json.loads((repo / "original" / "config.json").read_text())
+    total = config["num_hidden_layers"]
+    touched = list(range(total - min(args.touched_layers, total), total))
+    adapter = args.work / f"adapter-{repo.name}-{len(touched)}"
+    shutil.rmtree(adapter, ignore_errors=True)
+    experts = write_adapter(config, touched, adapter)
+    source_bytes = size_of(repo / "original")
+    copy = args.work / "cp-copy"
+    for _ in range(2):  # the first cp warms the page cache for every job
+        shutil.rmtree(copy, ignore_errors=True)
+        ensure_space(args.work, source_bytes)
+        cp_wall, cp_rss = timed(["cp", "-r", str(repo / "original"), str(copy)])
+    shutil.rmtree(copy, ignore_errors=True)
+    rows = [("cp -r original/", cp_wall, cp_rss, None)]
+    suffix = ".gguf" if args.target == "gguf" else ""
+    for name, extra, count in (("convert", [], None), ("convert --adapter", ["--adapter", str(adapter)], experts)):
+        out = args.work / f"out-{args.target}{suffix}"
+        ensure_space(args.work, source_bytes)
+        wall, rss = timed([exe, "convert", str(repo), "--to", args.target, "-o", str(out), "--force", "--quiet", *extra])
+        rows.append((f"{name} --to {args.target}", wall, rss, count))
+        print(f"{rows[-1][0]}: {wall:.1f} s, peak RSS {rss:.0f} MiB", file=sys.stderr)
+        shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink()
+        out.with_name(out.name + ".manifest.json").unlink(missing_ok=True)
+    plain = rows[1][1]
+    print(f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, Python {platform.python_version()}")
+    print(f"Checkpoint: {repo.name} ({total} layers, {config['num_experts']} experts), {source_bytes / 1e9:.2f} GB; "
+          f"adapter: rank {RANK}, attention + every expert of {len(touched)} layers ({experts} expert matrices); "
+          "page cache warm; times include a final sync\n")
+    print("| job | wall s | x cp | peak RSS MiB | experts re-encoded | experts/s (beyond the plain convert) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, wall, rss, count in rows:
+        rate = f"{count / max(wall - plain, 1e-9):.2f}" if count else "-"
+        print(f"| {name} | {wall:.1f} | {wall / cp_wall:.2f} | {rss:.0f} | {count or '-'} | {rate} |")
+
+
+if __name__ == "__main__":
+    main()
