@@ -41,10 +41,8 @@ _SEARCH_OFFSETS = (0, 1, -1)
 
 def encode(values: np.ndarray, recipe: str = "ocp") -> tuple[np.ndarray, np.ndarray]:
     """Quantize ``[*P, N]`` float values to MXFP4 ``(blocks, scales)`` with the given recipe."""
-    if recipe == "ocp":
-        return mxfp4.encode(values)
-    if recipe == "search":
-        return search_encode(values)
+    if recipe in RECIPES:
+        return _encode_chunked(values, _search_rows if recipe == "search" else _ocp_rows)
     raise ValueError(f"unknown recipe {recipe!r}; choose one of {RECIPES}")
 
 
@@ -55,8 +53,14 @@ def search_encode(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     the values by ``2**-k`` exactly and the squared error by ``4**k`` exactly, so the
     comparison is the same as on the original values, and exact blocks (error 0) stay OCP.
     Each candidate's codes are kept (``mxfp4.codes_under``, from the float bits) rather than
-    recomputed for the winner; a chunk of rows at a time keeps the temporaries in cache.
+    recomputed for the winner.
     """
+    return _encode_chunked(values, _search_rows)
+
+
+def _encode_chunked(values: np.ndarray, encode_rows) -> tuple[np.ndarray, np.ndarray]:
+    """``encode_rows`` (-> codes, shared exponents) over chunks of rows, so the temporaries stay
+    in cache, on every core for a large tensor (numpy releases the GIL)."""
     x = mxfp4.as_blocks(values)
     flat = x.reshape(-1, *x.shape[-2:])
     codes = np.empty(flat.shape, dtype=np.uint8)
@@ -64,7 +68,7 @@ def search_encode(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     def rows(start: int) -> None:
         part = slice(start, start + _SEARCH_ROWS)
-        codes[part], shared[part] = _search_rows(flat[part])
+        codes[part], shared[part] = encode_rows(flat[part])
 
     starts = range(0, flat.shape[0], _SEARCH_ROWS)
     if flat.size >= _PARALLEL_VALUES:  # numpy releases the GIL: the row chunks run on every core
@@ -85,6 +89,11 @@ def _pool() -> ThreadPoolExecutor:
     if not _POOL:
         _POOL.append(ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="mxfp4-search"))
     return _POOL[0]
+
+
+def _ocp_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    shared = mxfp4.ocp_exponents(x)
+    return mxfp4.codes_under(x, shared), shared
 
 
 def _search_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
