@@ -18,6 +18,8 @@ Support module: imports base modules, ``formats`` and ``quantize``.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -31,6 +33,7 @@ from .lora import Adapter
 from .model import Mxfp4Pair, expected_tensors, expert_name, is_expert_weight, iter_chunks
 
 REPORT_KEY = "adapter_merge"  # its section in OUT/quantization.json and in the manifest
+LIVE_MERGES = 2  # expert weights merged at once: Metal writes a layer's mlp1 and mlp2 expert by expert
 
 
 class LazyExperts:
@@ -65,56 +68,71 @@ class LazyExperts:
         return whole if dtype is None else whole.astype(dtype)
 
 
-class _ExpertMerge:
-    """One expert weight (``block.N.mlp.mlp1_weight`` or ``mlp2``) of an MXFP4 base with its deltas."""
+class _MergeTally:
+    """What the merge of one expert weight changed, kept for the report after its merge is gone."""
 
-    def __init__(self, base: Mxfp4Pair, adapter: Adapter, name: str, recipe: str, release: Callable[[], None]):
-        self.base, self.adapter, self.name, self.recipe, self._release = base, adapter, name, recipe, release
-        E, rows, groups, _ = base.blocks.shape
-        self.shape = (E, rows, groups * mxfp4.BLOCK)
-        self.touched = adapter.touched_experts(name, E)
-        self._scales: dict[int, np.ndarray] = {}  # re-encoded scales of every expert done (small)
-        self._last: tuple[int, np.ndarray, np.ndarray] | None = None  # the last expert's blocks too
-        self.tally = quantize.ErrorTally()
+    def __init__(self, recipe: str):
+        self.recipe = recipe
+        self.error = quantize.ErrorTally()
         self.delta_energy = 0.0
         self.base_energy = 0.0
-        self.reencoded: list[int] = []
-        self.blocks = LazyExperts(base.blocks.shape, np.uint8, lambda e: self.encoded(e)[0])
-        self.scales = LazyExperts(base.scales.shape, np.uint8, lambda e: self.encoded(e)[1])
+        self.reencoded: set[int] = set()
 
-    def base_f32(self, e: int) -> np.ndarray:
-        return mxfp4.decode(self.base.blocks[e], self.base.scales[e])
-
-    def values(self, e: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """The base expert decoded exactly, and its delta (``None``: zero, the expert stays a copy)."""
-        delta = self.adapter.delta(self.name, self.shape, e) if e in self.touched else None
-        return self.base_f32(e), delta
-
-    def encoded(self, e: int) -> tuple[np.ndarray, np.ndarray]:
-        if e not in self.touched:
-            return self.base.blocks[e], self.base.scales[e]
-        if self._last is not None and self._last[0] == e:
-            return self._last[1], self._last[2]
-        weight, delta = self.values(e)
-        if delta is None:
-            blocks, scales = self.base.blocks[e], self.base.scales[e]
-        else:
-            merged = weight + delta
-            blocks, scales = quantize.encode(merged, self.recipe)
-            if e not in self._scales:  # tally each expert once (a target may read it twice)
-                self.tally.add(merged, blocks, scales)
-                self.delta_energy += float(np.dot(delta.ravel().astype(np.float64), delta.ravel()))
-                self.base_energy += float(np.dot(weight.ravel().astype(np.float64), weight.ravel()))
-                self.reencoded.append(e)
-        self._scales[e] = scales
-        self._last = (e, blocks, scales)
-        self._release()
-        return blocks, scales
+    def add(self, e: int, weight: np.ndarray, delta: np.ndarray, merged: np.ndarray, blocks, scales) -> None:
+        if e in self.reencoded:  # a target may ask for an expert twice: count it once
+            return
+        self.reencoded.add(e)
+        self.error.add(merged, blocks, scales)
+        self.delta_energy += float(np.dot(delta.ravel().astype(np.float64), delta.ravel()))
+        self.base_energy += float(np.dot(weight.ravel().astype(np.float64), weight.ravel()))
 
     def record(self) -> dict:
         return {"reencoded_experts": sorted(self.reencoded), "recipe": self.recipe,
                 "delta_relative_norm": _relative(self.delta_energy, self.base_energy),
-                "mxfp4_relative_mse": self.tally.relative_mse}
+                "mxfp4_relative_mse": self.error.relative_mse}
+
+
+class _ExpertMerge:
+    """One expert weight (``block.N.mlp.mlp1_weight`` or ``mlp2``) of an MXFP4 base with its deltas.
+
+    Each touched expert is encoded once: its blocks go to a temporary file (a target may read a
+    weight more than once, e.g. MLX's gate rows then its up rows, and a 120b layer's blocks are a
+    GB), its scales stay in memory (1/16 of that)."""
+
+    def __init__(self, base: Mxfp4Pair, adapter: Adapter, name: str, recipe: str, tally: _MergeTally,
+                 release: Callable[[], None]):
+        self.base, self.adapter, self.name, self.recipe, self.tally = base, adapter, name, recipe, tally
+        self._release = release
+        E, rows, groups, _ = base.blocks.shape
+        self.shape = (E, rows, groups * mxfp4.BLOCK)
+        self.touched = adapter.touched_experts(name, E)
+        self._expert_bytes = rows * groups * (mxfp4.BLOCK // 2)
+        self._spill = tempfile.TemporaryFile(prefix="oss-convert-merge-")
+        self._scales: dict[int, np.ndarray] = {}  # every expert encoded so far
+        self.blocks = LazyExperts(base.blocks.shape, np.uint8, lambda e: self.encoded(e)[0])
+        self.scales = LazyExperts(base.scales.shape, np.uint8, lambda e: self.encoded(e)[1])
+
+    def encoded(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        if e not in self.touched:
+            return self.base.blocks[e], self.base.scales[e]
+        if e in self._scales:
+            data = os.pread(self._spill.fileno(), self._expert_bytes, e * self._expert_bytes)
+            return np.frombuffer(data, np.uint8).reshape(self.base.blocks.shape[1:]), self._scales[e]
+        weight = mxfp4.decode(self.base.blocks[e], self.base.scales[e])
+        delta = self.adapter.delta(self.name, self.shape, e)
+        if delta is None:  # exactly zero: the base's bytes
+            blocks, scales = np.asarray(self.base.blocks[e]), np.asarray(self.base.scales[e])
+        else:
+            merged = weight + delta
+            blocks, scales = quantize.encode(merged, self.recipe)
+            self.tally.add(e, weight, delta, merged, blocks, scales)
+        os.pwrite(self._spill.fileno(), np.ascontiguousarray(blocks).tobytes(), e * self._expert_bytes)
+        self._scales[e] = scales
+        self._release()
+        return blocks, scales
+
+    def close(self) -> None:
+        self._spill.close()
 
 
 def _relative(delta_energy: float, base_energy: float) -> float:
@@ -132,7 +150,8 @@ class MergedSource:
         self.path, self.config, self.config_path = base.path, base.config, base.config_path
         self.experts = "bf16" if dense_experts or base.experts == "bf16" else "mxfp4"
         self._shapes = {s.name: s.shape for s in expected_tensors(base.config, "bf16")}
-        self._merges: dict[str, _ExpertMerge] = {}
+        self._merges: dict[str, _ExpertMerge] = {}  # the live ones, at most LIVE_MERGES
+        self._tallies: dict[str, _MergeTally] = {}
         self._records: dict[str, dict] = {}
 
     # -- the Source interface ------------------------------------------------------------
@@ -195,14 +214,20 @@ class MergedSource:
         return self.base.scan(progress)
 
     def close(self) -> None:
+        for merge in self._merges.values():
+            merge.close()
+        self._merges.clear()
         self.base.close()
 
     # -- merging -----------------------------------------------------------------------
 
     def _merge(self, name: str) -> _ExpertMerge:
         if name not in self._merges:
+            if len(self._merges) >= LIVE_MERGES:  # the targets go layer by layer: drop the oldest
+                self._merges.pop(next(iter(self._merges))).close()
             layer, which = expert_name(name)
-            self._merges[name] = _ExpertMerge(self.base.mxfp4(layer, which), self.adapter, name, self.recipe,
+            tally = self._tallies.setdefault(name, _MergeTally(self.recipe))
+            self._merges[name] = _ExpertMerge(self.base.mxfp4(layer, which), self.adapter, name, self.recipe, tally,
                                               lambda: self.base.release(name))
         return self._merges[name]
 
@@ -239,8 +264,8 @@ class MergedSource:
                                  "dense_experts_merged": len(record["experts"])}
             else:
                 tensors[name] = record
-        for name, merge in sorted(self._merges.items()):
-            tensors[name] = merge.record()
+        for name, tally in sorted(self._tallies.items()):
+            tensors[name] = tally.record()
         return {"adapter": adapter_identity(self.adapter), "recipe": self.recipe, "tensors": tensors}
 
     def summary_line(self) -> str:

@@ -187,13 +187,18 @@ class Adapter:
                 layer = int(pair.target.split(".")[1])
                 entry["layers"].add(layer)
                 layers.add(layer)
+                if pair.experts is not None:  # which experts the pair changes (both factors nonzero)
+                    entry.setdefault("experts", {})[str(layer)] = [
+                        e for e in range(pair.experts)
+                        if np.any(as_f32(pair.a[e], pair.dtype)) and np.any(as_f32(pair.b[e], pair.dtype))]
         return {
             "format": self.format,
             "files": [f.name for f in self.files],
             "pairs": len(self.pairs),
             "layers": sorted(layers),
             "modules": {m: {"rank": sorted(e["ranks"]), "scaling": sorted(e["scalings"]), "layers": sorted(e["layers"]),
-                            "dtype": e["dtype"]} for m, e in sorted(modules.items())},
+                            "dtype": e["dtype"], **({"experts": e["experts"]} if "experts" in e else {})}
+                        for m, e in sorted(modules.items())},
             "parameters": sum(p.a.size + p.b.size for p in self.pairs),
             **self.info,
         }

@@ -70,7 +70,7 @@ def inspect_cmd(path: str, as_json: bool, scan: bool) -> None:
         if isinstance(value, dict):
             click.echo(f"  {key}:")
             for k, v in value.items():
-                click.echo(f"    {k}: {_human(v) if 'bytes' in key else v}")
+                click.echo(f"    {k}: {_human(v) if 'bytes' in key else _brief(v)}")
         elif isinstance(value, list):
             click.echo(f"  {key}: {', '.join(map(str, value)) if value else '-'}")
         else:
@@ -87,6 +87,18 @@ def _tokenizer_summary(path: str) -> dict:
         return summary(model)
     finally:
         model.close()
+
+
+def _brief(value) -> str:
+    """A nested description on one line: ``rank 8, layers 1,3, experts 1:0-7 3:0-7``."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k} " + (" ".join(f"{kk}:{_brief(vv)}" for kk, vv in v.items()) if isinstance(v, dict)
+                                    else _brief(v)) for k, v in value.items())
+    if isinstance(value, list):
+        if len(value) > 2 and all(isinstance(v, int) for v in value) and value == list(range(value[0], value[-1] + 1)):
+            return f"{value[0]}-{value[-1]}"
+        return ",".join(map(str, value))
+    return str(value)
 
 
 def _human(n) -> str:

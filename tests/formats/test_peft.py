@@ -167,7 +167,8 @@ def test_inspect_describes_an_adapter(adapters):
     info = json.loads(result.stdout)
     assert info["kind"] == "peft" and info["layers"] == [0, 1, 2, 3]
     assert info["modules"]["mlp.experts.gate_up_proj"] == {"rank": [8], "scaling": [2.0], "layers": [1, 3],
-                                                           "dtype": "F32"}
+                                                           "dtype": "F32", "experts": {"1": list(range(8)),
+                                                                                       "3": list(range(8))}}
     assert info["peft_version"]
 
 
