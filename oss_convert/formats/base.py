@@ -9,9 +9,12 @@ a split GGUF's shards), which of them a runtime loads, and whether a path holds 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from ..errors import InputError
 
 
 def head(path: Path, size: int) -> bytes:
@@ -32,6 +35,35 @@ def folder_files(folder: Path) -> dict[str, Path]:
     folder = Path(folder)
     return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*"))
             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
+
+
+def folder_of(path: Path) -> Path:
+    """The folder a path names: itself, or the folder of a file in it (an adapter's files)."""
+    p = Path(path)
+    return p.parent if p.is_file() else p
+
+
+def json_folder_with(path: Path, config_file: str, data_file: str, key: str) -> bool:
+    """Does the folder of ``path`` hold ``data_file`` and a JSON ``config_file`` with ``key``?
+    (how an adapter format is recognised: its config's own key, never a name)."""
+    folder = folder_of(path)
+    if not (folder / config_file).is_file() or not (folder / data_file).is_file():
+        return False
+    try:
+        return key in json.loads((folder / config_file).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON object from ``path``, or an ``InputError`` naming the file."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"cannot read the {what}: {exc}", file=path) from exc
+    if not isinstance(value, dict):
+        raise InputError(f"the {what} must be a JSON object", file=path)
+    return value
 
 
 def single_file(path: Path) -> dict[str, Path]:

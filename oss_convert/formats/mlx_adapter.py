@@ -13,14 +13,13 @@ Imports: base modules, ``formats.safetensors``, ``formats.base``.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from ..errors import InputError
 from ..lora import FLOAT_DTYPES, Adapter, LoraPair, check_rank
 from ..model import ModelConfig
-from .base import Format
+from .base import Format, folder_of, json_folder_with, read_json_object
 from .safetensors import SafetensorsFile
 
 CONFIG_FILE = "adapter_config.json"
@@ -36,11 +35,8 @@ MODULES = {"self_attn.q_proj": ("attn.qkv.weight", ("qkv", 0)), "self_attn.k_pro
 
 def read_config(folder: Path) -> dict:
     path = folder / CONFIG_FILE
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read the adapter config: {exc}", file=path) from exc
-    if not isinstance(config, dict) or not isinstance(config.get("lora_parameters"), dict):
+    config = read_json_object(path, "adapter config")
+    if not isinstance(config.get("lora_parameters"), dict):
         raise InputError("no lora_parameters: not an mlx-lm adapter config", file=path)
     kind = config.get("fine_tune_type", "lora")
     if kind != "lora":
@@ -54,18 +50,7 @@ def read_config(folder: Path) -> dict:
 
 
 def recognises(path: Path) -> bool:
-    folder = folder_of(Path(path))
-    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
-        return False
-    try:
-        return "lora_parameters" in json.loads((folder / CONFIG_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-
-
-def folder_of(path: Path) -> Path:
-    p = Path(path)
-    return p.parent if p.is_file() else p
+    return json_folder_with(path, CONFIG_FILE, WEIGHTS_FILE, "lora_parameters")
 
 
 def read(path: str | Path, base: ModelConfig | None = None) -> Adapter:

@@ -27,7 +27,6 @@ Imports: base modules, ``formats.safetensors``, ``formats.base``.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -35,7 +34,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..lora import FLOAT_DTYPES, Adapter, LoraPair, check_rank
 from ..model import ModelConfig
-from .base import Format
+from .base import Format, folder_of, json_folder_with, read_json_object
 from .safetensors import SafetensorsFile
 
 CONFIG_FILE = "adapter_config.json"
@@ -71,12 +70,7 @@ def rank_and_scaling(config: dict, key: str) -> tuple[int, float]:
 
 def read_config(folder: Path) -> dict:
     path = folder / CONFIG_FILE
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read the adapter config: {exc}", file=path) from exc
-    if not isinstance(config, dict):
-        raise InputError("must hold a JSON object", file=path)
+    config = read_json_object(path, "adapter config")
     if config.get("peft_type") != "LORA":
         raise InputError(f"peft_type {config.get('peft_type')!r}: only LoRA adapters can be merged", file=path)
     for name in NOT_PLAIN_LORA:
@@ -94,19 +88,7 @@ def read_config(folder: Path) -> dict:
 
 
 def recognises(path: Path) -> bool:
-    p = Path(path)
-    folder = p.parent if p.is_file() and p.name in (CONFIG_FILE, WEIGHTS_FILE) else p
-    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
-        return False
-    try:
-        return "peft_type" in json.loads((folder / CONFIG_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-
-
-def folder_of(path: Path) -> Path:
-    p = Path(path)
-    return p.parent if p.is_file() else p
+    return json_folder_with(path, CONFIG_FILE, WEIGHTS_FILE, "peft_type")
 
 
 def read(path: str | Path, base: ModelConfig | None = None) -> Adapter:
