@@ -78,13 +78,14 @@ class _MergeTally:
         self.base_energy = 0.0
         self.reencoded: set[int] = set()
 
-    def add(self, e: int, weight: np.ndarray, delta: np.ndarray, merged: np.ndarray, blocks, scales) -> None:
+    def add(self, e: int, energies: tuple[float, float], merged: np.ndarray, blocks, scales) -> None:
+        """``energies``: the sums of squares of expert ``e``'s delta and of its base weight."""
         if e in self.reencoded:  # a target may ask for an expert twice: count it once
             return
         self.reencoded.add(e)
         self.error.add(merged, blocks, scales)
-        self.delta_energy += float(np.dot(delta.ravel().astype(np.float64), delta.ravel()))
-        self.base_energy += float(np.dot(weight.ravel().astype(np.float64), weight.ravel()))
+        self.delta_energy += energies[0]
+        self.base_energy += energies[1]
 
     def record(self) -> dict:
         return {"reencoded_experts": sorted(self.reencoded), "recipe": self.recipe,
@@ -95,9 +96,9 @@ class _MergeTally:
 class _ExpertMerge:
     """One expert weight (``block.N.mlp.mlp1_weight`` or ``mlp2``) of an MXFP4 base with its deltas.
 
-    Each touched expert is encoded once: its blocks go to a temporary file (a target may read a
-    weight more than once, e.g. MLX's gate rows then its up rows, and a 120b layer's blocks are a
-    GB), its scales stay in memory (1/16 of that)."""
+    Each touched expert is encoded once and its blocks and scales go to a temporary file: a
+    target may read a weight more than once (MLX's gate rows, then its up rows), and a 120b
+    layer's are a GB."""
 
     def __init__(self, base: Mxfp4Pair, adapter: Adapter, name: str, recipe: str, tally: _MergeTally,
                  release: Callable[[], None]):
@@ -106,28 +107,33 @@ class _ExpertMerge:
         E, rows, groups, _ = base.blocks.shape
         self.shape = (E, rows, groups * mxfp4.BLOCK)
         self.touched = adapter.touched_experts(name, E)
-        self._expert_bytes = rows * groups * (mxfp4.BLOCK // 2)
+        self._blocks_bytes = rows * groups * (mxfp4.BLOCK // 2)
+        self._expert_bytes = self._blocks_bytes + rows * groups  # its blocks, then its scales
         self._spill = tempfile.TemporaryFile(prefix="oss-convert-merge-")
-        self._scales: dict[int, np.ndarray] = {}  # every expert encoded so far
+        self._spilled: set[int] = set()  # every expert encoded so far
         self.blocks = LazyExperts(base.blocks.shape, np.uint8, lambda e: self.encoded(e)[0])
         self.scales = LazyExperts(base.scales.shape, np.uint8, lambda e: self.encoded(e)[1])
 
     def encoded(self, e: int) -> tuple[np.ndarray, np.ndarray]:
         if e not in self.touched:
             return self.base.blocks[e], self.base.scales[e]
-        if e in self._scales:
-            data = os.pread(self._spill.fileno(), self._expert_bytes, e * self._expert_bytes)
-            return np.frombuffer(data, np.uint8).reshape(self.base.blocks.shape[1:]), self._scales[e]
+        if e in self._spilled:
+            data = np.frombuffer(os.pread(self._spill.fileno(), self._expert_bytes, e * self._expert_bytes), np.uint8)
+            return (data[:self._blocks_bytes].reshape(self.base.blocks.shape[1:]),
+                    data[self._blocks_bytes:].reshape(self.base.scales.shape[1:]))
         weight = mxfp4.decode(self.base.blocks[e], self.base.scales[e])
         delta = self.adapter.delta(self.name, self.shape, e)
         if delta is None:  # exactly zero: the base's bytes
             blocks, scales = np.asarray(self.base.blocks[e]), np.asarray(self.base.scales[e])
         else:
-            merged = weight + delta
+            energies = quantize.sum_of_squares(delta), quantize.sum_of_squares(weight)
+            merged = np.add(weight, delta, out=weight)  # in place: one float32 expert fewer held
+            del delta
             blocks, scales = quantize.encode(merged, self.recipe)
-            self.tally.add(e, weight, delta, merged, blocks, scales)
-        os.pwrite(self._spill.fileno(), np.ascontiguousarray(blocks).tobytes(), e * self._expert_bytes)
-        self._scales[e] = scales
+            self.tally.add(e, energies, merged, blocks, scales)
+        os.pwrite(self._spill.fileno(), np.ascontiguousarray(blocks).tobytes() + np.ascontiguousarray(scales).tobytes(),
+                  e * self._expert_bytes)
+        self._spilled.add(e)
         self._release()
         return blocks, scales
 
@@ -153,6 +159,7 @@ class MergedSource:
         self._merges: dict[str, _ExpertMerge] = {}  # the live ones, at most LIVE_MERGES
         self._tallies: dict[str, _MergeTally] = {}
         self._records: dict[str, dict] = {}
+        self._last_bf16: tuple[str | None, np.ndarray | None] = (None, None)
 
     # -- the Source interface ------------------------------------------------------------
 
@@ -232,14 +239,20 @@ class MergedSource:
         return self._merges[name]
 
     def _merged_bf16(self, name: str) -> np.ndarray:
+        """``name`` merged and rounded to BF16 once; the last one kept, as a target may read a
+        tensor's row ranges one after another (MLX's q, k and v out of qkv)."""
+        if self._last_bf16[0] == name:
+            return self._last_bf16[1]
         weight = bf16_to_f32(np.asarray(self.base.raw(name)))
         delta = self.adapter.delta(name, weight.shape)
         self.base.release(name)
         if delta is None:
             return self.base.raw(name)
-        self._records[name] = {"delta_relative_norm": _relative(float(np.vdot(delta, delta)),
-                                                                float(np.vdot(weight, weight)))}
-        return f32_to_bf16(weight + delta)
+        self._records[name] = {"delta_relative_norm": _relative(quantize.sum_of_squares(delta),
+                                                                quantize.sum_of_squares(weight))}
+        merged = f32_to_bf16(np.add(weight, delta, out=weight))
+        self._last_bf16 = (name, merged)
+        return merged
 
     def _dense_expert(self, name: str, e: int) -> np.ndarray:
         return f32_to_bf16(self.expert_f32(name, e))
@@ -249,8 +262,8 @@ class MergedSource:
         if e in record["experts"]:
             return
         record["experts"].add(e)
-        record["delta_energy"] += float(np.vdot(delta, delta))
-        record["base_energy"] += float(np.vdot(weight, weight))
+        record["delta_energy"] += quantize.sum_of_squares(delta)
+        record["base_energy"] += quantize.sum_of_squares(weight)
 
     # -- what changed --------------------------------------------------------------------
 

@@ -65,12 +65,24 @@ def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
 def f32_to_bf16(values: np.ndarray) -> np.ndarray:
     """Round float32 to BF16 with round-to-nearest-even, as torch's ``.to(bfloat16)`` does.
 
-    NaN stays NaN (quiet bit forced so the rounding add cannot turn it into inf).
+    NaN stays NaN (quiet bit forced so the rounding add cannot turn it into inf). Rounded a
+    cache-sized piece at a time: whole-size temporaries would cost 4x the result.
     """
-    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    out = np.empty(values.shape, dtype=np.uint16)
+    flat_in, flat_out = values.reshape(-1), out.reshape(-1)
+    for start in range(0, flat_in.size, _ROUND_VALUES):
+        _round_to_bf16(flat_in[start:start + _ROUND_VALUES], flat_out[start:start + _ROUND_VALUES])
+    return out
+
+
+_ROUND_VALUES = 1 << 20
+
+
+def _round_to_bf16(values: np.ndarray, out: np.ndarray) -> None:
+    bits = values.view(np.uint32)
     rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
-    out = ((bits + rounding) >> 16).astype(np.uint16)
+    out[...] = (bits + rounding) >> 16
     nan = np.isnan(values)
     if nan.any():
         out[nan] = ((bits[nan] >> 16) | 0x0040).astype(np.uint16)
-    return out

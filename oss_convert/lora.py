@@ -79,7 +79,11 @@ class LoraPair:
         a = as_f32(self.a if expert is None else self.a[expert], self.dtype)
         b = as_f32(self.b if expert is None else self.b[expert], self.dtype)
         scaling = np.float32(self.scaling)
-        d = ((scaling * b) @ a) if self.scale_first else (b @ a) * scaling
+        if self.scale_first:
+            d = (scaling * b) @ a
+        else:
+            d = b @ a
+            d *= scaling  # in place: the same rounding as (b @ a) * scaling, one product held
         return np.ascontiguousarray(d.T) if self.transposed else d
 
 
@@ -112,6 +116,9 @@ class Adapter:
         pairs = self.by_target.get(name)
         if not pairs:
             return None
+        if len(pairs) == 1 and pairs[0].rows is None:  # the common case: no sum to hold beside it
+            only = pairs[0].delta(expert)
+            return only if only.any() else None
         total = np.zeros(shape[-2:] if expert is not None else shape, dtype=np.float32)
         for pair in pairs:
             part = pair.delta(expert)

@@ -126,6 +126,19 @@ def _sq_error(x: np.ndarray, codes: np.ndarray, shared: np.ndarray) -> np.ndarra
 # Error bookkeeping
 
 
+TALLY_VALUES = 1 << 18  # values tallied at once (2 MiB in float64)
+
+
+def sum_of_squares(values: np.ndarray) -> float:
+    """Sum of squares in float64, a cache-sized piece at a time (no float64 copy of the whole)."""
+    flat = np.asarray(values).reshape(-1)
+    total = 0.0
+    for start in range(0, flat.size, TALLY_VALUES):
+        piece = flat[start:start + TALLY_VALUES].astype(np.float64)
+        total += float(piece @ piece)
+    return total
+
+
 @dataclass
 class ErrorTally:
     """Squared error and signal energy summed over one or more tensors."""
@@ -135,11 +148,16 @@ class ErrorTally:
     count: int = 0
 
     def add(self, original: np.ndarray, blocks: np.ndarray, scales: np.ndarray) -> None:
-        x = np.asarray(original, dtype=np.float64)
-        diff = x - mxfp4.decode(blocks, scales).reshape(x.shape)
-        self.sq_error += float(np.dot(diff.ravel(), diff.ravel()))
-        self.energy += float(np.dot(x.ravel(), x.ravel()))
-        self.count += x.size
+        # a few hundred rows at a time: float64 copies of a whole 120b expert would be 130 MB each
+        rows = np.asarray(original).reshape(-1, scales.shape[-1] * mxfp4.BLOCK)
+        blocks, scales = blocks.reshape(rows.shape[0], *blocks.shape[-2:]), scales.reshape(rows.shape[0], -1)
+        step = max(1, TALLY_VALUES // rows.shape[1])
+        for start in range(0, rows.shape[0], step):
+            x = rows[start:start + step].astype(np.float64).ravel()
+            diff = x - mxfp4.decode(blocks[start:start + step], scales[start:start + step]).ravel()
+            self.sq_error += float(diff @ diff)
+            self.energy += float(x @ x)
+        self.count += rows.size
 
     def merge(self, other: "ErrorTally") -> None:
         self.sq_error += other.sq_error
