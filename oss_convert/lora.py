@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -58,6 +59,9 @@ class LoraPair:
     rows: slice | None = None  # rows of the target it changes (q/k/v in qkv, gate/up in mlp1)
     transposed: bool = False  # the delta is (b @ a).T (peft 0.19.0's expert orientation)
     scale_first: bool = False  # (scaling * b) @ a, mlx-lm's order (PEFT scales the product)
+    # drops the factors' mapped pages once read: an adapter of every expert of 120b is GBs, and
+    # touched pages of a mapping stay in RSS (the readers pass their file's release)
+    release: Callable[[], None] = field(default=lambda: None, compare=False, repr=False)
 
     @property
     def rank(self) -> int:
@@ -118,10 +122,12 @@ class Adapter:
             return None
         if len(pairs) == 1 and pairs[0].rows is None:  # the common case: no sum to hold beside it
             only = pairs[0].delta(expert)
+            pairs[0].release()
             return only if only.any() else None
         total = np.zeros(shape[-2:] if expert is not None else shape, dtype=np.float32)
         for pair in pairs:
             part = pair.delta(expert)
+            pair.release()
             if pair.rows is None:
                 total += part
             else:
@@ -136,6 +142,8 @@ class Adapter:
             pairs = self.by_target.get(name, [])
             cache[name] = tuple(e for e in range(num_experts)
                                 if any(np.any(as_f32(p.a[e], p.dtype)) and np.any(as_f32(p.b[e], p.dtype)) for p in pairs))
+            for pair in pairs:
+                pair.release()
         return cache[name]
 
     # -- validation ---------------------------------------------------------------------
@@ -145,6 +153,7 @@ class Adapter:
         for pair in self.pairs:
             for side, raw in (("A", pair.a), ("B", pair.b)):
                 bad = count_nonfinite(raw, pair.dtype)
+                pair.release()
                 if bad:
                     raise InputError(f"{bad} NaN/Inf values in the lora_{side} factor", file=self.path, tensor=pair.key)
 

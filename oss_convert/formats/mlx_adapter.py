@@ -108,7 +108,7 @@ def _pair(weights: SafetensorsFile, module: str, sides: dict, rank: int, scale: 
         raise InputError(f"A {list(weights.entries[a_key].shape)} and B {list(weights.entries[b_key].shape)} do not "
                          f"make a rank-{rank} pair (lora_parameters.rank)", file=weights.path, tensor=a_key)
     return LoraPair(target, a, b, weights.entries[a_key].dtype, scale, f"{WEIGHTS_FILE}: {a_key}", name,
-                    _rows(part, base), scale_first=True)
+                    _rows(part, base), scale_first=True, release=weights.releaser(a_key, b_key))
 
 
 def _rows(part, base: ModelConfig | None) -> slice | None:

@@ -169,7 +169,7 @@ def _linear(weights, config, module, a_key, b_key, target, part, base) -> LoraPa
         starts = [0, base.qkv_rows[0], base.qkv_rows[0] + base.qkv_rows[1]]
         rows = slice(starts[part], starts[part] + base.qkv_rows[part])
     return LoraPair(target, a, b, weights.entries[a_key].dtype, scaling, f"{WEIGHTS_FILE}: {a_key}",
-                    _LAYER.sub(r"\g<rest>", module), rows)
+                    _LAYER.sub(r"\g<rest>", module), rows, release=weights.releaser(a_key, b_key))
 
 
 def _check_factor_rank(weights, key: str, rows: int, r: int) -> None:
@@ -221,7 +221,8 @@ def _expert_pairs(weights, config, layer: int, nested: dict, base: ModelConfig |
         a3 = a.reshape(E, r, a.shape[1])  # expert-major
         b3 = b.reshape(b.shape[0], r, E).transpose(2, 0, 1)  # rank-major -> [E, out, r]
         pairs.append(LoraPair(f"block.{layer}.mlp.{EXPERT_PARAMS[param]}_weight", a3, b3, weights.entries[a_key].dtype,
-                              scaling, f"{WEIGHTS_FILE}: {a_key}", f"mlp.experts.{param}", None, inverted[param]))
+                              scaling, f"{WEIGHTS_FILE}: {a_key}", f"mlp.experts.{param}", None, inverted[param],
+                              release=weights.releaser(a_key, b_key)))
     return pairs
 
 

@@ -159,6 +159,14 @@ class SafetensorsFile:
             self._mmap, dtype=DTYPES[entry.dtype], count=math.prod(entry.shape), offset=entry.start
         ).reshape(entry.shape)
 
+    def releaser(self, *names: str) -> Callable[[], None]:
+        """A call that releases ``names`` (for a holder of views into them, e.g. a LoRA pair)."""
+        def release() -> None:
+            for name in names:
+                self.release(name)
+
+        return release
+
     def release(self, name: str, offset: int = 0, nbytes: int | None = None) -> None:
         """Drop the tensor's pages from this process's memory (they stay in the page cache).
 

@@ -25,7 +25,7 @@ from oss_convert.errors import InputError, OutputExistsError, UsageError
 from oss_convert.formats import gguf as gguf_format, mxfp4
 from oss_convert.formats.original import OriginalCheckpoint
 
-from oracles import llama
+from oracles import llama, llama_logits
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
@@ -353,15 +353,6 @@ def test_describe(tiny_gguf):
 
 
 # -- llama.cpp runs it ---------------------------------------------------------------------------------
-
-
-def llama_logits(path: Path, tokens: np.ndarray) -> np.ndarray:
-    llm = llama(path, n_ctx=512, logits_all=True, verbose=False, n_threads=2, seed=0)
-    try:
-        llm.eval([int(t) for t in tokens])
-        return np.array(llm.scores[:llm.n_tokens], dtype=np.float64)
-    finally:
-        llm.close()
 
 
 def agreement(reference: np.ndarray, logits: np.ndarray) -> tuple[float, float, float]:

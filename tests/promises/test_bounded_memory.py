@@ -5,6 +5,7 @@ scan (``inspect --scan``) hold to it too."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,22 @@ def test_generate_streams_in_bounded_memory(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", scan, str(tmp_path / "m20")], check=True, capture_output=True, text=True)
     assert int(out.stdout.strip()) / 1024 < peaks[0] + 160, "scan held the file's pages"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["mlx", "gguf", "hf"])
+def test_an_adapter_merge_needs_no_more_memory_for_a_deeper_model(target, models, tmp_path):
+    """``convert --adapter`` with an adapter on the attention and every expert of every layer (so
+    the deep model re-encodes 7x the experts): the peak stays that of the shallow merge."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from merge_bench import write_adapter  # the benchmark's PEFT adapter, at these widths
+
+    peaks = []
+    for layers in (SHALLOW, DEEP):
+        repo = models("tiny", layers)
+        config = json.loads((repo / "original" / "config.json").read_text())
+        adapter = tmp_path / f"adapter-{layers}"
+        write_adapter(config, list(range(layers)), adapter)
+        out = tmp_path / str(layers) / ("out.gguf" if target == "gguf" else "out")
+        peaks.append(peak_mib("convert", str(repo), "--to", target, "-o", str(out), "--adapter", str(adapter), "--quiet"))
+    assert peaks[1] < peaks[0] + GROWTH_MIB, f"{target}: peak RSS grew from {peaks[0]:.0f} to {peaks[1]:.0f} MiB"

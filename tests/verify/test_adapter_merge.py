@@ -22,7 +22,7 @@ from oss_convert.formats.original import OriginalCheckpoint
 from oss_convert.verify.runner import Runner
 
 from helpers import digests, kl_and_top1, poke, run_sub
-from oracles import llama, peft_adapter, transformers_model
+from oracles import llama_logits, peft_adapter, transformers_model
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 BASE = EXAMPLES / "gpt-oss-tiny"
@@ -160,15 +160,6 @@ def _mlx_lm_logits(folder: Path, tokens: np.ndarray) -> np.ndarray:
     return np.array(model(mx.array(tokens[None]))[0].astype(mx.float32))
 
 
-def _llama_logits(path: Path, tokens: np.ndarray) -> np.ndarray:
-    llm = llama(path, n_ctx=512, logits_all=True, verbose=False, n_threads=2, seed=0)
-    try:
-        llm.eval([int(t) for t in tokens])
-        return np.array(llm.scores[:llm.n_tokens], dtype=np.float64)
-    finally:
-        llm.close()
-
-
 def _transformers_logits(folder: Path, tokens: np.ndarray) -> np.ndarray:
     import torch
     import transformers
@@ -178,7 +169,7 @@ def _transformers_logits(folder: Path, tokens: np.ndarray) -> np.ndarray:
         return model(torch.as_tensor(tokens)[None]).logits[0].float().numpy()
 
 
-RUNTIMES = {"mlx": _mlx_lm_logits, "gguf": _llama_logits, "hf": _transformers_logits}
+RUNTIMES = {"mlx": _mlx_lm_logits, "gguf": llama_logits, "hf": _transformers_logits}
 
 
 @pytest.mark.oracle
