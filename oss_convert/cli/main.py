@@ -17,8 +17,8 @@ from .. import __version__, converters, formats, synth
 from ..errors import OssConvertError
 from ..sizes import format_size
 from ..verify.report import to_json
-from .common import EXIT_ERROR, EXIT_FAIL, BarProgress
-from .verify import compare_cmd, reference_cmd, verify_cmd
+from .common import EXIT_ERROR, EXIT_FAIL, progress_for
+from .verify import card_cmd, compare_cmd, reference_cmd, verify_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,7 +44,7 @@ def synth_cmd(out: Path, preset: str, seed: int, layers: int | None, shards: int
               force: bool, quiet: bool) -> None:
     """Write a synthetic checkpoint in the exact original/ layout to OUT/original/."""
     config = synth.preset_with(preset, **({"num_hidden_layers": layers} if layers else {}))
-    synth.generate(out, config, seed=seed, shards=shards, experts=experts, force=force, progress=BarProgress(not quiet),
+    synth.generate(out, config, seed=seed, shards=shards, experts=experts, force=force, progress=progress_for(quiet),
                    tokenizer=tokenizer)
     click.echo(str(out))
 
@@ -140,7 +140,7 @@ def convert_cmd(source: str, target: str, output: Path, force: bool, quiet: bool
     id) or a Hugging Face transformers-layout folder (MXFP4 or dense BF16 experts, e.g. a fine-tune).
     """
     result = converters.convert(source, target, output, force=force, scan=scan, manifest=manifest,
-                                progress=BarProgress(not quiet), adapter=adapter, **options)
+                                progress=progress_for(quiet), adapter=adapter, **options)
     if result.manifest is not None and not quiet:
         click.echo(f"manifest: {result.manifest}", err=True)
     click.echo(str(result.output))
@@ -149,6 +149,7 @@ def convert_cmd(source: str, target: str, output: Path, force: bool, quiet: bool
 cli.add_command(verify_cmd)
 cli.add_command(reference_cmd)
 cli.add_command(compare_cmd)
+cli.add_command(card_cmd)
 
 
 def _interrupt(signum, frame) -> None:
