@@ -132,13 +132,30 @@ def _target_help() -> str:
 @click.option("--adapter", type=click.Path(path_type=Path, exists=True), default=None,
               help="Merge this LoRA adapter (PEFT or mlx-lm folder) on the way: exact float32 merge, experts it "
                    "touches re-encoded to MXFP4 (--recipe search by default, or ocp), the rest copied.")
+@click.option("--base", default=None, metavar="BASE",
+              help="With a LoRA adapter as SOURCE: the base model it was made for (names, shapes, config; "
+                   "nothing of it is copied). The adapter is written unmerged, as llama.cpp (--to gguf) or "
+                   "mlx-lm (--to mlx) applies it at run time.")
 def convert_cmd(source: str, target: str, output: Path, force: bool, quiet: bool, manifest: bool, scan: bool,
-                adapter: Path | None, **options) -> None:
+                adapter: Path | None, base: str | None, **options) -> None:
     """Convert SOURCE to another format.
 
     SOURCE is an original/ checkpoint (its folder, the repo folder holding it, or a cached repo
-    id) or a Hugging Face transformers-layout folder (MXFP4 or dense BF16 experts, e.g. a fine-tune).
+    id) or a Hugging Face transformers-layout folder (MXFP4 or dense BF16 experts, e.g. a fine-tune);
+    or a LoRA adapter (PEFT or mlx-lm) with --base, converted to a runtime adapter.
     """
+    if formats.adapter_format(source) is not None:
+        given = [name for name, value in options.items() if value is not None] + (["adapter"] if adapter else [])
+        if base is None or given:
+            raise click.UsageError("an adapter as SOURCE takes --base BASE and no other option"
+                                   + (f" (got --{', --'.join(g.replace('_', '-') for g in given)})" if given else ""))
+        from ..converters.adapter import convert_adapter
+
+        click.echo(str(convert_adapter(source, target, output, base=base, force=force, manifest=manifest,
+                                       progress=progress_for(quiet))))
+        return
+    if base is not None:
+        raise click.UsageError("--base is for converting a LoRA adapter (SOURCE an adapter folder)")
     result = converters.convert(source, target, output, force=force, scan=scan, manifest=manifest,
                                 progress=progress_for(quiet), adapter=adapter, **options)
     if result.manifest is not None and not quiet:
