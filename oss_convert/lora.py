@@ -223,3 +223,91 @@ class Adapter:
 def check_rank(rank: int, *, file: Path, key: str) -> None:
     if not 0 < rank <= MAX_RANK:
         raise InputError(f"rank {rank} is outside 1..{MAX_RANK}", file=file, tensor=key)
+
+
+# --------------------------------------------------------------------------------------
+# Unmerged, as a runtime applies it
+
+
+@dataclass
+class RuntimePair:
+    """One unmerged LoRA pair of a runtime: the runtime's tensor it changes and the adapter's pairs
+    that make it, each with the rows of its B that belong to that tensor (``None``: all)."""
+
+    name: str  # the runtime's tensor, e.g. blk.3.ffn_gate_exps.weight
+    parts: list[tuple[LoraPair, slice | None]]
+    fold: bool  # each pair's scaling multiplied into its B
+
+    def a(self) -> np.ndarray:
+        """``(r, in)`` or ``(E, r, in)``: the pairs' A stacked along the rank."""
+        return np.concatenate([_side(pair, "a") for pair, _ in self.parts], axis=-2)
+
+    def b(self) -> np.ndarray:
+        """``(out, r)`` or ``(E, out, r)``: the pairs' B (their rows of this tensor) side by side."""
+        pieces = []
+        for pair, rows in self.parts:
+            b = _side(pair, "b")
+            b = b if rows is None else b[..., rows, :]
+            pieces.append(b * np.float32(pair.scaling) if self.fold else b)
+        return np.ascontiguousarray(np.concatenate(pieces, axis=-1))
+
+    def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        first, rows = self.parts[0]
+        a, b = _shape(first, "a"), _shape(first, "b")
+        rank = sum(_shape(pair, "a")[-2] for pair, _ in self.parts)
+        out = b[-2] if rows is None else len(range(b[-2])[rows])
+        return (*a[:-2], rank, a[-1]), (*b[:-2], out, rank)
+
+
+def part_rows(target: str, config: ModelConfig) -> list[slice]:
+    """The rows of canonical ``target`` that each of its GGUF tensors holds (``gguf_names`` order)."""
+    if target.endswith("attn.qkv.weight"):
+        q, k, v = config.qkv_rows
+        return [slice(0, q), slice(q, q + k), slice(q + k, q + k + v)]
+    if target.endswith("mlp.mlp1_weight"):
+        return [slice(0, None, 2), slice(1, None, 2)]
+    return [slice(None)]
+
+
+def _side(pair: LoraPair, side: str) -> np.ndarray:
+    """Factor ``a`` or ``b`` in float32, such that ``b @ a`` is the unscaled delta in the target's
+    orientation (peft 0.19.0's inverted experts: delta = (b @ a).T = a.T @ b.T)."""
+    if pair.transposed:
+        raw = pair.b if side == "a" else pair.a
+        value = np.swapaxes(as_f32(raw, pair.dtype), -1, -2)
+    else:
+        value = as_f32(pair.a if side == "a" else pair.b, pair.dtype)
+    pair.release()
+    return np.ascontiguousarray(value)
+
+
+def _shape(pair: LoraPair, side: str) -> tuple[int, ...]:
+    raw = (pair.b if side == "a" else pair.a) if pair.transposed else (pair.a if side == "a" else pair.b)
+    shape = tuple(raw.shape)
+    return (*shape[:-2], shape[-1], shape[-2]) if pair.transposed else shape
+
+
+def runtime_pairs(adapter: "Adapter", config: ModelConfig,
+                  names_of: Callable[[str], list[str]]) -> tuple[list[RuntimePair], bool]:
+    """The adapter as a runtime's unmerged pairs (llama.cpp's, mlx-lm's), sorted by name, and
+    whether every pair kept its own scaling (all of one rank and scaling, none stacked: the
+    runtime's single alpha or scale says it); otherwise each scaling is folded into its B.
+
+    ``names_of(target)``: the runtime's tensors of canonical ``target``, in ``part_rows`` order
+    (q, k, v; gate, up). A pair on all of ``qkv`` or ``mlp1`` is split by B's rows, A shared;
+    several pairs on one runtime tensor are one pair of their ranks stacked (``[B1 B2] [A1; A2]``)."""
+    parts: dict[str, list[tuple[LoraPair, slice | None]]] = {}
+    for pair in adapter.pairs:
+        names, rows = names_of(pair.target), part_rows(pair.target, config)
+        if pair.rows is None:
+            for name, part in zip(names, rows):
+                parts.setdefault(name, []).append((pair, part if len(names) > 1 else None))
+            continue
+        total = sum(config.qkv_rows) if pair.target.endswith("qkv.weight") else 2 * config.intermediate_size
+        matches = [name for name, part in zip(names, rows) if range(total)[part] == range(total)[pair.rows]]
+        if len(matches) != 1:
+            raise InputError(f"changes rows {pair.rows} of {pair.target}, which no one runtime tensor holds",
+                             file=adapter.path, tensor=pair.key)
+        parts.setdefault(matches[0], []).append((pair, None))
+    uniform = len({(p.rank, p.scaling) for p in adapter.pairs}) == 1 and all(len(v) == 1 for v in parts.values())
+    return [RuntimePair(name, entries, fold=not uniform) for name, entries in sorted(parts.items())], uniform

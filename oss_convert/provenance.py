@@ -48,15 +48,19 @@ def file_digest(path: Path, progress: Callable[[int], None] | None = None) -> di
     return {"size": stat.st_size, "sha256": hashing.file_sha256(path, progress)}
 
 
+NOT_HASHED = (FOLDER_MANIFEST, "README.md")  # the manifest itself, and the model card written after it
+
+
 def folder_files(folder: Path) -> dict[str, Path]:
-    """The files of a folder artifact, keyed by their path inside it (hidden files and the manifest left out)."""
-    return {name: p for name, p in formats.base.folder_files(folder).items() if name != FOLDER_MANIFEST}
+    """The files of a folder artifact, keyed by their path inside it (hidden files, the manifest
+    and the model card left out)."""
+    return {name: p for name, p in formats.base.folder_files(folder).items() if name not in NOT_HASHED}
 
 
 def artifact_files(artifact: Path) -> dict[str, Path]:
     """The files that make up an artifact (the registry says which: a split GGUF is named by its
     first shard and every shard belongs to it), keyed relative to the manifest's folder."""
-    return {name: p for name, p in formats.artifact_files(artifact).items() if name != FOLDER_MANIFEST}
+    return {name: p for name, p in formats.artifact_files(artifact).items() if name not in NOT_HASHED}
 
 
 def manifest_document(*, target: str, options: dict, source_hashes: dict[str, dict], source_path: Path,

@@ -146,11 +146,12 @@ def llama(model_path, **kwargs):
         library.llama_model_default_params = default
 
 
-def llama_logits(path, tokens) -> "np.ndarray":
-    """llama.cpp's logits of every position of ``tokens`` (float64), from a fresh model."""
+def llama_logits(path, tokens, **kwargs) -> "np.ndarray":
+    """llama.cpp's logits of every position of ``tokens`` (float64), from a fresh model
+    (``kwargs``: more of ``Llama``'s arguments, e.g. ``lora_path``)."""
     import numpy as np
 
-    llm = llama(path, n_ctx=512, logits_all=True, verbose=False, n_threads=2, seed=0)
+    llm = llama(path, n_ctx=512, logits_all=True, verbose=False, n_threads=2, seed=0, **kwargs)
     try:
         llm.eval([int(t) for t in tokens])
         return np.array(llm.scores[:llm.n_tokens], dtype=np.float64)

@@ -17,8 +17,8 @@ from .. import __version__, converters, formats, synth
 from ..errors import OssConvertError
 from ..sizes import format_size
 from ..verify.report import to_json
-from .common import EXIT_ERROR, EXIT_FAIL, BarProgress
-from .verify import compare_cmd, reference_cmd, verify_cmd
+from .common import EXIT_ERROR, EXIT_FAIL, progress_for
+from .verify import card_cmd, compare_cmd, reference_cmd, verify_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,7 +44,7 @@ def synth_cmd(out: Path, preset: str, seed: int, layers: int | None, shards: int
               force: bool, quiet: bool) -> None:
     """Write a synthetic checkpoint in the exact original/ layout to OUT/original/."""
     config = synth.preset_with(preset, **({"num_hidden_layers": layers} if layers else {}))
-    synth.generate(out, config, seed=seed, shards=shards, experts=experts, force=force, progress=BarProgress(not quiet),
+    synth.generate(out, config, seed=seed, shards=shards, experts=experts, force=force, progress=progress_for(quiet),
                    tokenizer=tokenizer)
     click.echo(str(out))
 
@@ -132,15 +132,32 @@ def _target_help() -> str:
 @click.option("--adapter", type=click.Path(path_type=Path, exists=True), default=None,
               help="Merge this LoRA adapter (PEFT or mlx-lm folder) on the way: exact float32 merge, experts it "
                    "touches re-encoded to MXFP4 (--recipe search by default, or ocp), the rest copied.")
+@click.option("--base", default=None, metavar="BASE",
+              help="With a LoRA adapter as SOURCE: the base model it was made for (names, shapes, config; "
+                   "nothing of it is copied). The adapter is written unmerged, as llama.cpp (--to gguf) or "
+                   "mlx-lm (--to mlx) applies it at run time.")
 def convert_cmd(source: str, target: str, output: Path, force: bool, quiet: bool, manifest: bool, scan: bool,
-                adapter: Path | None, **options) -> None:
+                adapter: Path | None, base: str | None, **options) -> None:
     """Convert SOURCE to another format.
 
     SOURCE is an original/ checkpoint (its folder, the repo folder holding it, or a cached repo
-    id) or a Hugging Face transformers-layout folder (MXFP4 or dense BF16 experts, e.g. a fine-tune).
+    id) or a Hugging Face transformers-layout folder (MXFP4 or dense BF16 experts, e.g. a fine-tune);
+    or a LoRA adapter (PEFT or mlx-lm) with --base, converted to a runtime adapter.
     """
+    if formats.adapter_format(source) is not None:
+        given = [name for name, value in options.items() if value is not None] + (["adapter"] if adapter else [])
+        if base is None or given:
+            raise click.UsageError("an adapter as SOURCE takes --base BASE and no other option"
+                                   + (f" (got --{', --'.join(g.replace('_', '-') for g in given)})" if given else ""))
+        from ..converters.adapter import convert_adapter
+
+        click.echo(str(convert_adapter(source, target, output, base=base, force=force, manifest=manifest,
+                                       progress=progress_for(quiet))))
+        return
+    if base is not None:
+        raise click.UsageError("--base is for converting a LoRA adapter (SOURCE an adapter folder)")
     result = converters.convert(source, target, output, force=force, scan=scan, manifest=manifest,
-                                progress=BarProgress(not quiet), adapter=adapter, **options)
+                                progress=progress_for(quiet), adapter=adapter, **options)
     if result.manifest is not None and not quiet:
         click.echo(f"manifest: {result.manifest}", err=True)
     click.echo(str(result.output))
@@ -149,6 +166,7 @@ def convert_cmd(source: str, target: str, output: Path, force: bool, quiet: bool
 cli.add_command(verify_cmd)
 cli.add_command(reference_cmd)
 cli.add_command(compare_cmd)
+cli.add_command(card_cmd)
 
 
 def _interrupt(signum, frame) -> None:

@@ -13,11 +13,13 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ..atomic import atomic_output
 from ..errors import InputError, OutputExistsError
 from ..guard import artifact_inputs, refuse_overlap, refuse_unsafe_output
 from ..verify.reference import DEFAULT_CTX, DEFAULT_TOP_K, METAL_VOCAB_ROWS
+from ..verify.card import RELATIONS
 from ..verify.report import DEFAULT_MAX_KLD, DEFAULT_MIN_TOP1, to_json
-from .common import EXIT_FAIL, BarProgress
+from .common import EXIT_FAIL, progress_for
 
 
 def _input_options(f):
@@ -63,7 +65,7 @@ def reference_cmd(source, output, force, cut_rows, adapter, text_file, tokens_fi
         raise OutputExistsError(f"{output} exists; pass --force to replace it")
     refuse_unsafe_output([output], [*artifact_inputs(source), *artifact_inputs(adapter), text_file, tokens_file],
                          force=force)
-    ref = make_reference(source, inputs, BarProgress(not quiet), cut_rows=tuple(cut_rows), adapter=adapter)
+    ref = make_reference(source, inputs, progress_for(quiet), cut_rows=tuple(cut_rows), adapter=adapter)
     ref.save(output, force=force)
     click.echo(f"{output}: {ref.tokens.shape[0]} chunks x {ref.ctx} tokens, {len(ref.targets)} scored, top-{ref.meta['top_k']}")
 
@@ -80,6 +82,8 @@ def reference_cmd(source, output, force, cut_rows, adapter, text_file, tokens_fi
               help="Fail if top-1 agreement is below this (0..1).")
 @click.option("--json", "json_file", type=click.Path(path_type=Path), default=None,
               help="Also write the report as JSON to this file ('-' for stdout).")
+@click.option("--summary", "summary_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Append the results as Markdown to this file (a CI job summary, e.g. $GITHUB_STEP_SUMMARY).")
 @click.option("--no-tensors", is_flag=True, help="Skip the tensor-by-tensor comparison.")
 @click.option("--plot", "plot_file", type=click.Path(path_type=Path), default=None,
               help="Draw mean KL by token position (PNG; needs matplotlib): a rising curve shows RoPE/window mistakes.")
@@ -90,7 +94,7 @@ def reference_cmd(source, output, force, cut_rows, adapter, text_file, tokens_fi
               help="The reference is the --reference checkpoint with this LoRA adapter applied exactly (float32): "
                    "for an artifact merged with `convert --adapter`.")
 @_input_options
-def verify_cmd(artifact, reference, integrity, max_kld, min_top1, json_file, no_tensors, plot_file,
+def verify_cmd(artifact, reference, integrity, max_kld, min_top1, json_file, summary_file, no_tensors, plot_file,
                strict_chat_template, adapter, text_file, tokens_file, ctx, max_chunks, top_k, quiet):
     """Verify ARTIFACT (original/, MLX folder, Metal model.bin or GGUF, or a Hub quant named
     user/repo:Q4_K_M in the local Hugging Face cache) against a BF16 reference."""
@@ -106,14 +110,14 @@ def verify_cmd(artifact, reference, integrity, max_kld, min_top1, json_file, no_
     artifact = str(resolve(artifact))  # a path, or a Hub quant (user/repo:Q4_K_M) from the local cache
 
     inputs = _inputs(text_file, tokens_file, ctx, max_chunks, top_k)
-    outputs = [p for p in (json_file, plot_file) if p is not None and str(p) != "-"]
+    outputs = [p for p in (json_file, plot_file, summary_file) if p is not None and str(p) != "-"]
     if outputs:
         refuse_overlap(outputs, [*artifact_inputs(artifact), *artifact_inputs(reference), *artifact_inputs(adapter),
                                  text_file, tokens_file])
     report = verify(artifact, reference, inputs,
                     max_kld=max_kld, min_top1=min_top1,
                     check_tensors=not no_tensors, strict_chat_template=strict_chat_template,
-                    progress=BarProgress(not quiet), adapter=adapter)
+                    progress=progress_for(quiet), adapter=adapter)
     if plot_file is not None:
         from ..verify.compare import plot_positions
 
@@ -123,6 +127,10 @@ def verify_cmd(artifact, reference, integrity, max_kld, min_top1, json_file, no_
                        f"KL by position: {Path(artifact).name} vs {Path(reference).name}")
     if json_file is not None:
         _write_or_echo(json_file, to_json(report))
+    if summary_file is not None:
+        from ..verify.markdown import append_summary, verify_summary
+
+        append_summary(summary_file, verify_summary(report))
     if str(json_file) != "-":  # stdout carries the JSON alone
         click.echo(format_table(report))
     if report["verdict"] != "pass":
@@ -169,9 +177,11 @@ def _write_or_echo(target: Path, text: str) -> None:
 @click.option("--csv", "csv_file", type=click.Path(path_type=Path), default=None, help="Write the table as CSV ('-': stdout).")
 @click.option("--plot", "plot_file", type=click.Path(path_type=Path), default=None,
               help="Draw size against mean KL for all artifacts (PNG; needs matplotlib).")
+@click.option("--summary", "summary_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Append the results as Markdown to this file (a CI job summary, e.g. $GITHUB_STEP_SUMMARY).")
 @_input_options
-def compare_cmd(artifacts, reference, max_kld, min_top1, json_file, csv_file, plot_file, text_file, tokens_file, ctx,
-                max_chunks, top_k, quiet):
+def compare_cmd(artifacts, reference, max_kld, min_top1, json_file, csv_file, plot_file, summary_file, text_file,
+                tokens_file, ctx, max_chunks, top_k, quiet):
     """Compare several ARTIFACTS (paths, or Hub quants as user/repo:Q4_K_M from the local cache)
     with one reference: size, bits per weight, perplexity ratio, KL, top-1, verdict, by size.
 
@@ -179,12 +189,12 @@ def compare_cmd(artifacts, reference, max_kld, min_top1, json_file, csv_file, pl
     from ..verify.compare import compare, format_table, plot_sizes, to_csv
 
     inputs = _inputs(text_file, tokens_file, ctx, max_chunks, top_k)
-    outputs = [p for p in (json_file, csv_file, plot_file) if p is not None and str(p) != "-"]
+    outputs = [p for p in (json_file, csv_file, plot_file, summary_file) if p is not None and str(p) != "-"]
     if outputs:
         refuse_overlap(outputs, [*(q for a in artifacts for q in artifact_inputs(a)), *artifact_inputs(reference),
                                  text_file, tokens_file])
     result = compare(reference, list(artifacts), inputs,
-                     max_kld=max_kld, min_top1=min_top1, progress=BarProgress(not quiet))
+                     max_kld=max_kld, min_top1=min_top1, progress=progress_for(quiet))
     written = {json_file: to_json(result),
                csv_file: to_csv(result)}
     for target, text in written.items():
@@ -192,7 +202,43 @@ def compare_cmd(artifacts, reference, max_kld, min_top1, json_file, csv_file, pl
             _write_or_echo(target, text)
     if plot_file is not None:
         plot_sizes(result, plot_file)
+    if summary_file is not None:
+        from ..verify.markdown import append_summary, compare_summary
+
+        append_summary(summary_file, compare_summary(result))
     if "-" not in (str(json_file), str(csv_file)):  # stdout carries the JSON or CSV alone
         click.echo(format_table(result))
     if any(r["verdict"] == "fail" for r in result["rows"]):
         sys.exit(EXIT_FAIL)
+
+
+@click.command("card")
+@click.argument("artifact", type=click.Path(path_type=Path, exists=True))
+@click.option("--report", "report_file", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="The artifact's `verify --json` report; without one the card says it was not verified.")
+@click.option("--compare", "compare_file", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="A `compare --json` table to include (several artifacts of one repo).")
+@click.option("--base", default=None, metavar="REPO_ID",
+              help="The Hub repo this was made from (base_model), e.g. openai/gpt-oss-20b; default: the report's "
+                   "reference when it is a repo id.")
+@click.option("--repo", default=None, metavar="REPO_ID", help="The Hub repo the card is for (its title and run commands).")
+@click.option("--relation", type=click.Choice(RELATIONS), default=None,
+              help="base_model_relation (default: finetune for a merged adapter, else quantized).")
+@click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Write the card here (e.g. ARTIFACT/README.md); default: stdout.")
+@click.option("--force", is_flag=True, help="Replace the output file if it exists.")
+def card_cmd(artifact, report_file, compare_file, base, repo, relation, output, force):
+    """Write a Hugging Face model card for ARTIFACT from its proof: the verify report, a compare
+    table, the provenance manifest, how it was made and how to run it."""
+    from ..verify.card import COMPARE_KEYS, VERIFY_KEYS, load_report, model_card
+
+    report = load_report(report_file, keys=VERIFY_KEYS) if report_file else None
+    compare = load_report(compare_file, schema=None, keys=COMPARE_KEYS) if compare_file else None
+    card = model_card(artifact, report=report, compare=compare, base=base, repo=repo, relation=relation)
+    if output is None:
+        click.echo(str(card), nl=False)
+        return
+    refuse_overlap([output], [*artifact_inputs(str(artifact)), report_file, compare_file])
+    with atomic_output(output, force=force) as tmp:  # a card half-written is never published
+        tmp.write_text(str(card), encoding="utf-8")
+    click.echo(f"{output}: model card ({'verified: ' + report['verdict'] if report else 'not verified'})", err=True)

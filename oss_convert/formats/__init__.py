@@ -17,14 +17,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import InputError
-from . import gguf, hf, metal, mlx, mlx_adapter, original, peft, reference
+from . import gguf, gguf_lora, hf, metal, mlx, mlx_adapter, original, peft, reference
 from .base import Format, folder_files, head
 
 # Tried in this order: a repo holding original/ (which may also hold a transformers root) is
 # read as original/, and an MLX folder before the transformers layout it extends.
 FORMATS: tuple[Format, ...] = (original.FORMAT, mlx.FORMAT, hf.FORMAT, metal.FORMAT, gguf.FORMAT)
 # LoRA adapters: not models, merged into one (``convert --adapter``, ``verify --adapter``).
-ADAPTER_FORMATS: tuple[Format, ...] = (peft.FORMAT, mlx_adapter.FORMAT)
+ADAPTER_FORMATS: tuple[Format, ...] = (peft.FORMAT, mlx_adapter.FORMAT, gguf_lora.FORMAT)
 # Files oss-convert writes that are not models.
 OTHER_FORMATS: tuple[Format, ...] = (reference.FORMAT,)
 # A folder with a config.json that no format recognises is read as MLX: its reader says what

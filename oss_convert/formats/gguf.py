@@ -22,6 +22,7 @@ Imports: base modules, ``formats.hf`` (the HF config values llama.cpp's converte
 from __future__ import annotations
 
 import re
+import struct
 from pathlib import Path
 from typing import Callable
 
@@ -796,7 +797,47 @@ def _files(path: Path) -> dict[str, Path]:
     return {p.name: p for p in split_members(path) if p.is_file()}
 
 
+def general_type(path: Path) -> str | None:
+    """``general.type`` of a GGUF file, read off its first few keys without parsing the rest
+    (gguf-py would parse every array: a 13 GB model's tokens take a second)."""
+    try:
+        with open(path, "rb") as fh:
+            head_bytes = fh.read(1 << 16)
+    except OSError:
+        return None
+    if head_bytes[:4] != b"GGUF" or len(head_bytes) < 24:
+        return None
+    (kv_count,) = struct.unpack_from("<Q", head_bytes, 16)
+    at = 24
+    try:
+        for _ in range(min(kv_count, 16)):
+            (n,) = struct.unpack_from("<Q", head_bytes, at)
+            key = head_bytes[at + 8:at + 8 + n].decode("utf-8", "replace")
+            at += 8 + n
+            (vtype,) = struct.unpack_from("<I", head_bytes, at)
+            at += 4
+            if vtype == 8:  # string
+                (n,) = struct.unpack_from("<Q", head_bytes, at)
+                value = head_bytes[at + 8:at + 8 + n].decode("utf-8", "replace")
+                at += 8 + n
+                if key == "general.type":
+                    return value
+            elif vtype in _SCALAR_SIZES:
+                at += _SCALAR_SIZES[vtype]
+            else:  # an array: general.type comes before any in the files llama.cpp and we write
+                return None
+    except struct.error:
+        return None
+    return None
+
+
+def _is_adapter(path: Path) -> bool:
+    """A GGUF LoRA (``formats/gguf_lora.py``), not a model."""
+    return general_type(Path(path)) == "adapter"
+
+
 FORMAT = Format(
     "gguf", "a GGUF file llama.cpp runs (a split named by its first shard)",
-    lambda path: head(path, len(MAGIC)) == MAGIC, open=open_canonical, describe=describe, files=_files,
+    lambda path: head(path, len(MAGIC)) == MAGIC and not _is_adapter(path), open=open_canonical, describe=describe,
+    files=_files,
 )

@@ -13,12 +13,15 @@ Imports: base modules, ``formats.safetensors``, ``formats.base``.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import InputError
 from ..lora import FLOAT_DTYPES, Adapter, LoraPair, check_rank
-from ..model import ModelConfig
+from ..model import ModelConfig, TensorSpec
 from .base import Format, folder_of, json_folder_with, read_json_object
 from .safetensors import SafetensorsFile
 
@@ -130,3 +133,59 @@ def describe(path: str | Path, *, scan: bool = False) -> dict:
 FORMAT = Format("mlx-lm-adapter", "an mlx-lm LoRA adapter (adapter_config.json + adapters.safetensors)", recognises,
                 describe=describe, adapter=read,
                 files=lambda path: {name: folder_of(path) / name for name in (CONFIG_FILE, WEIGHTS_FILE)})
+
+
+# --------------------------------------------------------------------------------------
+# Writing: an adapter as mlx_lm.load(base, adapter_path=...) applies it
+
+
+def runtime_names(target: str) -> list[str]:
+    """mlx-lm's modules of canonical ``target`` (q, k, v; gate, up), the inverse of ``MODULES``."""
+    n, _, rest = target.removeprefix("block.").partition(".")
+    modules = sorted(((part or ("", 0))[1], module) for module, (canonical, part) in MODULES.items() if canonical == rest)
+    if not target.startswith("block.") or not modules:
+        raise InputError(f"mlx-lm has no LoRA layer for {target} (its adapters cover the attention, the router "
+                         "and the experts)", tensor=target)
+    return [f"model.layers.{n}.{module}" for _, module in modules]
+
+
+def write(adapter, config: ModelConfig, folder: Path) -> dict[str, Path]:
+    """``adapters.safetensors`` + ``adapter_config.json`` in ``folder``, float32, one tensor in
+    memory at a time. mlx-lm has one rank and one scale per adapter: where the pairs differ, each
+    scaling is folded into its B (scale 1) and smaller ranks are padded with zeros (exact)."""
+    from ..lora import runtime_pairs
+    from .safetensors import SafetensorsWriter
+
+    pairs, uniform = runtime_pairs(adapter, config, runtime_names)
+    rank = max(pair.shapes()[0][-2] for pair in pairs)
+    specs, makers = [], []
+    for pair in pairs:
+        (a_shape, b_shape), expert = pair.shapes(), len(pair.shapes()[0]) == 3
+        a = (*a_shape[:-2], rank, a_shape[-1]) if expert else (a_shape[-1], rank)  # linear: (in, r)
+        b = (*b_shape[:-1], rank) if expert else (rank, b_shape[-2])  # linear: (r, out)
+        specs += [TensorSpec(f"{pair.name}.lora_a", "F32", a), TensorSpec(f"{pair.name}.lora_b", "F32", b)]
+        makers += [lambda pair=pair, expert=expert: _padded(pair.a(), rank, -2, expert),
+                   lambda pair=pair, expert=expert: _padded(pair.b(), rank, -1, expert)]
+    with open(folder / WEIGHTS_FILE, "wb") as out:
+        writer = SafetensorsWriter(out, specs, {"format": "mlx"})
+        for spec, make in zip(specs, makers):
+            writer.write(spec.name, make())
+        writer.finish()
+    first = adapter.pairs[0]
+    layers = sorted({int(_LAYER.match(p.name)["n"]) for p in pairs})
+    keys = sorted({_LAYER.match(p.name)["rest"] for p in pairs})
+    (folder / CONFIG_FILE).write_text(json.dumps({
+        "fine_tune_type": "lora", "num_layers": config.num_hidden_layers - layers[0],
+        "lora_parameters": {"rank": rank, "scale": float(first.scaling) if uniform else 1.0, "dropout": 0.0,
+                            "keys": keys}}, indent=2) + "\n")
+    return {name: folder / name for name in (CONFIG_FILE, WEIGHTS_FILE)}
+
+
+def _padded(value: np.ndarray, rank: int, axis: int, expert: bool) -> np.ndarray:
+    """``value`` with its rank axis zero-padded to ``rank``, in mlx-lm's orientation (a linear
+    layer's factors transposed: ``(in, r)``, ``(r, out)``)."""
+    if value.shape[axis] < rank:
+        pad = [(0, 0)] * value.ndim
+        pad[axis] = (0, rank - value.shape[axis])
+        value = np.pad(value, pad)
+    return np.ascontiguousarray(value if expert else value.T)
