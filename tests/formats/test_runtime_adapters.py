@@ -215,3 +215,28 @@ def test_refusals_write_nothing(tiny_repo, metal_repo, adapters, tmp_path):
         assert result.returncode == 2 and message in result.stderr, (case, result.stderr)
         assert not out.exists() and not list(tmp_path.glob(f"{out.name}*")), case
     assert digests(adapter) == before
+
+
+@pytest.mark.oracle
+def test_an_mlx_lm_adapter_becomes_a_gguf_lora(trained, tmp_path):
+    """An adapter mlx-lm wrote (gate and up as separate pairs, its scale-first order) as a GGUF
+    LoRA: the same deltas read back, and llama.cpp runs it as our merge of it."""
+    from test_mlx_adapter import mlx_lm_adapter
+
+    adapter = mlx_lm_adapter(trained["mlx"], tmp_path / "mlx-adapter", num_layers=2)
+    lora = written(adapter, "gguf", BUNDLED, tmp_path / "lora.gguf")
+    with OriginalCheckpoint(BUNDLED) as base:
+        theirs = _deltas(formats.read_adapter(adapter, base.config), base.config)
+        ours = _deltas(formats.read_adapter(lora, base.config), base.config)
+    assert set(ours) == set(theirs) and any(is_expert_weight(name) for name in ours)
+    for tensor, expected in theirs.items():
+        for e, (got, want) in enumerate(zip(ours[tensor], expected)):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max(), err_msg=f"{tensor}[{e}]")
+    merged = tmp_path / "merged.gguf"
+    assert run_sub("convert", str(BUNDLED), "--adapter", str(adapter), "--to", "gguf", "-o", str(merged),
+                   "--quiet").returncode == 0
+    tokens = _tokens()
+    with_lora = llama_logits(trained["gguf"], tokens, lora_path=str(lora))
+    kl_merge, _ = kl_and_top1(with_lora, llama_logits(merged, tokens))
+    kl_base, _ = kl_and_top1(with_lora, llama_logits(trained["gguf"], tokens))
+    assert kl_base > 8 * kl_merge, (kl_base, kl_merge)
