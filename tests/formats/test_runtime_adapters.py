@@ -240,3 +240,49 @@ def test_an_mlx_lm_adapter_becomes_a_gguf_lora(trained, tmp_path):
     kl_merge, _ = kl_and_top1(with_lora, llama_logits(merged, tokens))
     kl_base, _ = kl_and_top1(with_lora, llama_logits(trained["gguf"], tokens))
     assert kl_base > 8 * kl_merge, (kl_base, kl_merge)
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("name", ["attention", "patterns"])
+def test_mlx_lm_fuses_our_adapter_to_the_exact_merge(trained, name, tmp_path):
+    """mlx-lm's own merge (``fuse``) of each LoRA layer it built from our adapter equals the exact
+    float32 merge of the PEFT adapter: to float32 rounding for the attention, within the BF16
+    roundings mlx-lm's fuse makes of dequantized experts."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    from oss_convert.adapters import AdaptedModel
+    from test_mlx_adapter import _close, _close_bf16
+
+    lora = written(trained[name], "mlx", BUNDLED, tmp_path / "lora")
+    model, _ = load(str(trained["mlx"]), adapter_path=str(lora))
+    model.set_dtype(mx.float32)
+    with OriginalCheckpoint(BUNDLED) as base:
+        exact = AdaptedModel(base, formats.read_adapter(trained[name], base.config))
+        q, k, v = base.config.qkv_rows
+        checked = 0
+        for n, layer in enumerate(model.model.layers):
+            qkv = exact.f32(f"block.{n}.attn.qkv.weight")
+            attn = layer.self_attn
+            for module, rows in ((attn.q_proj, slice(0, q)), (attn.k_proj, slice(q, q + k)),
+                                 (attn.v_proj, slice(q + k, q + k + v))):
+                if hasattr(module, "lora_a"):
+                    _close(module.fuse(dequantize=True).weight, qkv[rows])
+                    checked += 1
+            if hasattr(attn.o_proj, "lora_a"):
+                _close(attn.o_proj.fuse(dequantize=True).weight, exact.f32(f"block.{n}.attn.out.weight"))
+                checked += 1
+            experts = layer.mlp.experts
+            if not hasattr(experts.gate_proj, "lora_a"):
+                continue
+            fused = {part: np.array(getattr(experts, part).fuse(dequantize=True).weight.astype(mx.float32))
+                     for part in ("gate_proj", "up_proj", "down_proj")}
+            for e in range(base.config.num_experts):
+                mlp1, base1 = exact.expert_f32(f"block.{n}.mlp.mlp1_weight", e), exact.base_expert_f32(n, "mlp1", e)
+                _close_bf16(fused["gate_proj"][e], mlp1[0::2], base1[0::2])
+                _close_bf16(fused["up_proj"][e], mlp1[1::2], base1[1::2])
+                _close_bf16(fused["down_proj"][e], exact.expert_f32(f"block.{n}.mlp.mlp2_weight", e),
+                            exact.base_expert_f32(n, "mlp2", e))
+            checked += 1
+    # every layer's q, k, v and o; or its q, o and experts (the patterns)
+    assert checked == len(model.model.layers) * (4 if name == "attention" else 3), checked
