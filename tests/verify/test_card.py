@@ -170,3 +170,17 @@ def test_line_progress_is_bounded_for_a_long_job():
     middle = lines[1:-1]
     assert all(re.fullmatch(r"convert: \d+% \(.* of 1 MB\), .*/s, \d+ s left", line) for line in middle)
     assert "convert: 50% (500 kB of 1 MB), 27 B/s, 18000 s left" in middle
+
+
+def test_a_merged_adapter_is_a_finetune_with_its_adapter_hashed(tmp_path):
+    """The card of ``convert --adapter``: base_model_relation finetune, the adapter's files and
+    sha256 in the provenance, the merge's command with the adapter by name."""
+    from oss_convert.hashing import file_sha256
+
+    lora = BUNDLED.parent / "gpt-oss-tiny-sherlock-lora"
+    out = tmp_path / "merged"
+    assert run_sub("convert", str(BUNDLED), "--adapter", str(lora), "--to", "mlx", "-o", str(out), "--quiet").returncode == 0
+    card, text = card_of(str(out), "--base", "openai/gpt-oss-20b")
+    assert card.data.base_model_relation == "finetune" and "lora-merge" in card.data.tags
+    assert f"`{file_sha256(lora / 'adapter_model.safetensors')}`" in text
+    assert f"--adapter {lora.name}" in text and str(lora.parent) not in text
