@@ -122,7 +122,8 @@ def main() -> None:
         tokens = int(cache["tokens"].size)
     rows.append(("reference (BF16, experts decoded)", wall, tokens, rss))
     report = work / f"{name}-verify.json"
-    wall, rss = timed([exe, "verify", str(art), "--reference", str(ref), "--json", str(report), "--quiet", *inputs])
+    wall, rss = timed([exe, "verify", str(art), "--reference", str(ref), "--json", str(report), "--force", "--quiet",
+                       *inputs])
     verdict = json.loads(report.read_text())
     rows.append((f"verify MXFP4 artifact ({verdict['verdict']}, KL {verdict['metrics']['kld_mean']:.1e})", wall, tokens, rss))
 

@@ -17,7 +17,7 @@ oss-convert reference "$model" -o "$work/reference.npz" "${text[@]}" --force --q
 oss-convert verify "$work/gpt-oss-tiny-mlx" --reference "$work/reference.npz" "${text[@]}" --quiet
 oss-convert verify "$work/gpt-oss-tiny.gguf" --reference "$work/reference.npz" "${text[@]}" --quiet
 # Every artifact in one table, by size (exits 1 if one fails the gates: the 4-bit one may).
-oss-convert compare --reference "$work/reference.npz" "${text[@]}" --quiet --csv "$work/compare.csv" \
+oss-convert compare --reference "$work/reference.npz" "${text[@]}" --quiet --csv "$work/compare.csv" --force \
     "$work/gpt-oss-tiny-mlx" "$work/gpt-oss-tiny-mlx-q4" "$work/gpt-oss-tiny.gguf" "$work/gpt-oss-tiny-q8_0.gguf" || true
 # A fine-tune as most of them ship: a LoRA adapter, trained with PEFT on Sherlock Holmes
 # (examples/gpt-oss-tiny-sherlock-lora, made by scripts/train_adapter.py). One step from base +

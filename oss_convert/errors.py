@@ -35,3 +35,13 @@ class OutputExistsError(OssConvertError):
 
 class UsageError(OssConvertError):
     """The call itself is wrong: an unknown target, an option the target does not take."""
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal or a log line: control characters (ANSI escapes, newlines,
+    carriage returns, bidi and other format controls) from a file's names or metadata shown as
+    escapes, so a file cannot drive the user's terminal or split a message over lines."""
+    import unicodedata
+
+    return "".join(ch if unicodedata.category(ch) not in ("Cc", "Cf") else ch.encode("unicode_escape").decode("ascii")
+                   for ch in text)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterable
 
 from . import formats
-from .errors import InputError
+from .errors import InputError, OutputExistsError
 from .provenance import FOLDER_MANIFEST, artifact_files, manifest_path
 
 
@@ -119,3 +119,24 @@ def refuse_unsafe_output(outputs: Iterable[str | Path], inputs: Iterable[str | P
     refuse_overlap(outputs, inputs, shard_folders)
     if outputs:
         refuse_stranger(outputs[0], force)
+
+
+def refuse_report_outputs(outputs: Iterable[str | Path | None], inputs: Iterable[str | Path], *, force: bool,
+                          appended: Iterable[str | Path | None] = ()) -> None:
+    """``verify``'s and ``compare``'s reports (JSON, CSV, plot) held to the artifacts' rules: never
+    an input, never inside an input's folder (a file there becomes part of that artifact: its
+    reader may pick it up, its manifest no longer matches), and an existing file replaced only
+    with ``--force``. ``appended`` files (a job summary) are placed by the same rules but may exist."""
+    written = [Path(o) for o in outputs if o is not None and str(o) != "-"]
+    extended = [Path(o) for o in appended if o is not None and str(o) != "-"]
+    folders = [p for p in input_paths(inputs) if p.is_dir()]
+    refuse_overlap(written + extended, inputs, shard_folders=folders)
+    for out in written + extended:
+        inside = next((f for f in folders if any(_same(above, f) for above in _above(Path(os.path.abspath(out))))), None)
+        if inside is not None:
+            raise InputError(f"the output {out} is inside the input folder {inside}: a file there becomes part of that "
+                             "artifact (its reader may pick it up, its manifest no longer matches); write it elsewhere",
+                             file=out)
+    for out in written:
+        if (out.exists() or out.is_symlink()) and not force:
+            raise OutputExistsError(f"{out} exists; pass --force to replace it")

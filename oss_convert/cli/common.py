@@ -11,6 +11,7 @@ import time
 import click
 from tqdm import tqdm
 
+from ..errors import printable
 from ..progress import Progress
 from ..sizes import format_size
 
@@ -110,3 +111,8 @@ class LineProgress(Progress):
 def progress_for(quiet: bool) -> Progress:
     """Bars on a terminal, plain lines in a log; ``--quiet`` shows neither (notes still print)."""
     return BarProgress(not quiet) if sys.stderr.isatty() else LineProgress(not quiet)
+
+
+def say(line: str) -> None:
+    """One line of output on stdout, with what came from a file escaped (``errors.printable``)."""
+    click.echo(printable(line))

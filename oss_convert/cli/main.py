@@ -14,10 +14,10 @@ from pathlib import Path
 import click
 
 from .. import __version__, converters, formats, synth
-from ..errors import OssConvertError
+from ..errors import OssConvertError, printable
 from ..sizes import format_size
 from ..verify.report import to_json
-from .common import EXIT_ERROR, EXIT_FAIL, progress_for
+from .common import EXIT_ERROR, EXIT_FAIL, progress_for, say
 from .verify import card_cmd, compare_cmd, reference_cmd, verify_cmd
 
 
@@ -63,18 +63,18 @@ def inspect_cmd(path: str, as_json: bool, scan: bool) -> None:
     if as_json:
         click.echo(to_json(info), nl=False)
         return
-    click.echo(f"{kind}: {info.get('path', path)}")
+    say(f"{kind}: {info.get('path', path)}")
     for key, value in info.items():
         if key in ("kind", "path"):
             continue
         if isinstance(value, dict):
-            click.echo(f"  {key}:")
+            say(f"  {key}:")
             for k, v in value.items():
-                click.echo(f"    {k}: {_human(v) if 'bytes' in key else _brief(v)}")
+                say(f"    {k}: {_human(v) if 'bytes' in key else _brief(v)}")
         elif isinstance(value, list):
-            click.echo(f"  {key}: {', '.join(map(str, value)) if value else '-'}")
+            say(f"  {key}: {', '.join(map(str, value)) if value else '-'}")
         else:
-            click.echo(f"  {key}: {_human(value) if key.endswith('bytes') else value}")
+            say(f"  {key}: {_human(value) if key.endswith('bytes') else value}")
     if not info.get("valid", True):
         sys.exit(EXIT_FAIL)
 
@@ -188,7 +188,7 @@ def main() -> None:
         click.echo("interrupted", err=True)
         sys.exit(130)
     except OssConvertError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {printable(str(exc))}", err=True)  # one line, whatever a file's name holds
         sys.exit(EXIT_ERROR)
     sys.exit(code if isinstance(code, int) else 0)
 

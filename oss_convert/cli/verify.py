@@ -15,11 +15,11 @@ import numpy as np
 
 from ..atomic import atomic_output
 from ..errors import InputError, OutputExistsError
-from ..guard import artifact_inputs, refuse_overlap, refuse_unsafe_output
+from ..guard import artifact_inputs, refuse_overlap, refuse_report_outputs, refuse_unsafe_output
 from ..verify.reference import DEFAULT_CTX, DEFAULT_TOP_K, METAL_VOCAB_ROWS
 from ..verify.card import RELATIONS
 from ..verify.report import DEFAULT_MAX_KLD, DEFAULT_MIN_TOP1, to_json
-from .common import EXIT_FAIL, progress_for
+from .common import EXIT_FAIL, progress_for, say
 
 
 def _input_options(f):
@@ -84,6 +84,7 @@ def reference_cmd(source, output, force, cut_rows, adapter, text_file, tokens_fi
               help="Also write the report as JSON to this file ('-' for stdout).")
 @click.option("--summary", "summary_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Append the results as Markdown to this file (a CI job summary, e.g. $GITHUB_STEP_SUMMARY).")
+@click.option("--force", is_flag=True, help="Replace the report files (--json, --csv, --plot) if they exist.")
 @click.option("--no-tensors", is_flag=True, help="Skip the tensor-by-tensor comparison.")
 @click.option("--plot", "plot_file", type=click.Path(path_type=Path), default=None,
               help="Draw mean KL by token position (PNG; needs matplotlib): a rising curve shows RoPE/window mistakes.")
@@ -94,12 +95,12 @@ def reference_cmd(source, output, force, cut_rows, adapter, text_file, tokens_fi
               help="The reference is the --reference checkpoint with this LoRA adapter applied exactly (float32): "
                    "for an artifact merged with `convert --adapter`.")
 @_input_options
-def verify_cmd(artifact, reference, integrity, max_kld, min_top1, json_file, summary_file, no_tensors, plot_file,
+def verify_cmd(artifact, reference, integrity, max_kld, min_top1, json_file, summary_file, force, no_tensors, plot_file,
                strict_chat_template, adapter, text_file, tokens_file, ctx, max_chunks, top_k, quiet):
     """Verify ARTIFACT (original/, MLX folder, Metal model.bin or GGUF, or a Hub quant named
     user/repo:Q4_K_M in the local Hugging Face cache) against a BF16 reference."""
     if integrity:
-        _check_integrity(Path(artifact), json_file)
+        _check_integrity(Path(artifact), json_file, force)
         return
     if reference is None:
         raise click.UsageError("--reference is required (or use --integrity)")
@@ -110,10 +111,9 @@ def verify_cmd(artifact, reference, integrity, max_kld, min_top1, json_file, sum
     artifact = str(resolve(artifact))  # a path, or a Hub quant (user/repo:Q4_K_M) from the local cache
 
     inputs = _inputs(text_file, tokens_file, ctx, max_chunks, top_k)
-    outputs = [p for p in (json_file, plot_file, summary_file) if p is not None and str(p) != "-"]
-    if outputs:
-        refuse_overlap(outputs, [*artifact_inputs(artifact), *artifact_inputs(reference), *artifact_inputs(adapter),
-                                 text_file, tokens_file])
+    refuse_report_outputs([json_file, plot_file], [*artifact_inputs(artifact), *artifact_inputs(reference),
+                                                   *artifact_inputs(adapter), text_file, tokens_file],
+                          force=force, appended=[summary_file])  # before the model runs
     report = verify(artifact, reference, inputs,
                     max_kld=max_kld, min_top1=min_top1,
                     check_tensors=not no_tensors, strict_chat_template=strict_chat_template,
@@ -132,17 +132,17 @@ def verify_cmd(artifact, reference, integrity, max_kld, min_top1, json_file, sum
 
         append_summary(summary_file, verify_summary(report))
     if str(json_file) != "-":  # stdout carries the JSON alone
-        click.echo(format_table(report))
+        for line in format_table(report).split("\n"):
+            say(line)
     if report["verdict"] != "pass":
         sys.exit(EXIT_FAIL)
 
 
-def _check_integrity(artifact: Path, json_file) -> None:
+def _check_integrity(artifact: Path, json_file, force: bool) -> None:
     """Compare the artifact's files with the sha256 and sizes in its provenance manifest."""
     from ..provenance import check_manifest, manifest_path
 
-    if json_file is not None and str(json_file) != "-":
-        refuse_overlap([json_file], artifact_inputs(artifact))
+    refuse_report_outputs([json_file], artifact_inputs(artifact), force=force)
     problems = check_manifest(artifact)
     result = {"artifact": str(artifact), "manifest": str(manifest_path(artifact)),
               "verdict": "fail" if problems else "pass", "problems": problems}
@@ -150,7 +150,7 @@ def _check_integrity(artifact: Path, json_file) -> None:
         click.echo(json.dumps(result, indent=2))
     else:
         if json_file is not None:
-            Path(json_file).write_text(json.dumps(result, indent=2) + "\n")
+            _write_or_echo(json_file, json.dumps(result, indent=2) + "\n")
         click.echo(f"integrity {result['verdict']}: {artifact}")
         for problem in problems:
             click.echo(f"  {problem}")
@@ -159,10 +159,12 @@ def _check_integrity(artifact: Path, json_file) -> None:
 
 
 def _write_or_echo(target: Path, text: str) -> None:
+    """A report to stdout (``-``) or to its file, published whole (its place checked before the run)."""
     if str(target) == "-":
         click.echo(text, nl=False)
-    else:
-        Path(target).write_text(text)
+        return
+    with atomic_output(target, force=True) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 @click.command("compare")
@@ -177,11 +179,12 @@ def _write_or_echo(target: Path, text: str) -> None:
 @click.option("--csv", "csv_file", type=click.Path(path_type=Path), default=None, help="Write the table as CSV ('-': stdout).")
 @click.option("--plot", "plot_file", type=click.Path(path_type=Path), default=None,
               help="Draw size against mean KL for all artifacts (PNG; needs matplotlib).")
+@click.option("--force", is_flag=True, help="Replace the report files (--json, --csv, --plot) if they exist.")
 @click.option("--summary", "summary_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Append the results as Markdown to this file (a CI job summary, e.g. $GITHUB_STEP_SUMMARY).")
 @_input_options
-def compare_cmd(artifacts, reference, max_kld, min_top1, json_file, csv_file, plot_file, summary_file, text_file,
-                tokens_file, ctx, max_chunks, top_k, quiet):
+def compare_cmd(artifacts, reference, max_kld, min_top1, json_file, csv_file, plot_file, force, summary_file,
+                text_file, tokens_file, ctx, max_chunks, top_k, quiet):
     """Compare several ARTIFACTS (paths, or Hub quants as user/repo:Q4_K_M from the local cache)
     with one reference: size, bits per weight, perplexity ratio, KL, top-1, verdict, by size.
 
@@ -189,10 +192,9 @@ def compare_cmd(artifacts, reference, max_kld, min_top1, json_file, csv_file, pl
     from ..verify.compare import compare, format_table, plot_sizes, to_csv
 
     inputs = _inputs(text_file, tokens_file, ctx, max_chunks, top_k)
-    outputs = [p for p in (json_file, csv_file, plot_file, summary_file) if p is not None and str(p) != "-"]
-    if outputs:
-        refuse_overlap(outputs, [*(q for a in artifacts for q in artifact_inputs(a)), *artifact_inputs(reference),
-                                 text_file, tokens_file])
+    refuse_report_outputs([json_file, csv_file, plot_file],
+                          [*(q for a in artifacts for q in artifact_inputs(a)), *artifact_inputs(reference),
+                           text_file, tokens_file], force=force, appended=[summary_file])
     result = compare(reference, list(artifacts), inputs,
                      max_kld=max_kld, min_top1=min_top1, progress=progress_for(quiet))
     written = {json_file: to_json(result),
@@ -207,7 +209,8 @@ def compare_cmd(artifacts, reference, max_kld, min_top1, json_file, csv_file, pl
 
         append_summary(summary_file, compare_summary(result))
     if "-" not in (str(json_file), str(csv_file)):  # stdout carries the JSON or CSV alone
-        click.echo(format_table(result))
+        for line in format_table(result).split("\n"):
+            say(line)
     if any(r["verdict"] == "fail" for r in result["rows"]):
         sys.exit(EXIT_FAIL)
 

@@ -394,3 +394,32 @@ def test_duplicate_keys_are_an_error_naming_file_and_key(monkeypatch, capsys, re
     assert str(shard) in str(info.value) and "embedding.weight" in str(info.value)
     code, err = run(monkeypatch, capsys, "inspect", repo)
     assert code == 2 and "twice" in err and shard.name in err and "embedding.weight" in err
+
+
+def test_what_a_file_says_is_printed_escaped(tiny_gguf, tmp_path):
+    """A name from a file (GGUF metadata, a path) cannot drive the terminal or split a message:
+    an ANSI escape in general.name comes out escaped; a newline and an escape in a file's name
+    leave its error on one line."""
+    import gguf
+
+    from helpers import run_sub
+
+    reader = gguf.GGUFReader(tiny_gguf)
+    name = next(f for f in reader.fields.values() if f.name == "general.name")
+    evil = tmp_path / "evil.gguf"
+    shutil.copyfile(tiny_gguf, evil)
+    # general.name rewritten in place: same length, an ANSI colour and a newline in it
+    value = bytes(name.parts[name.data[0]])
+    payload = (b"\x1b[31m" + value)[:len(value)]
+    data = bytearray(evil.read_bytes())
+    offset = data.find(value, reader.fields["general.name"].offset)
+    data[offset:offset + len(value)] = payload
+    evil.write_bytes(bytes(data))
+    result = run_sub("inspect", str(evil))
+    assert "\x1b" not in result.stdout and "\\x1b[31" in result.stdout, result.stdout
+    odd = tmp_path / "line\nbreak\x1b[2J.gguf"
+    shutil.copyfile(tiny_gguf, odd)
+    odd.write_bytes(odd.read_bytes()[:100])  # truncated: an error naming the file
+    result = run_sub("inspect", str(odd))
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "line\\nbreak\\x1b[2J.gguf" in result.stderr, result.stderr

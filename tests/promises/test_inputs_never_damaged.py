@@ -113,6 +113,35 @@ def test_verify_json_never_overwrites_an_input(monkeypatch, capsys, repo, tmp_pa
     assert digests(repo) == before and out.read_bytes() == artifact
 
 
+def test_reports_stay_out_of_input_folders_and_replace_only_with_force(monkeypatch, capsys, repo, tmp_path):
+    """verify's and compare's reports are held to the artifacts' rules: never inside an input's
+    folder (a report.safetensors there is read as a shard next time; any file breaks the folder's
+    manifest), and an existing file is replaced only with --force."""
+    mlx = tmp_path / "mlx"
+    assert run(monkeypatch, capsys, "convert", repo, "--to", "mlx", "-o", mlx, "--quiet")[0] == 0
+    before, artifact = digests(repo), digests(mlx)
+    fast = ("--ctx", "256", "--chunks", "1", "--quiet")
+    cases = [("verify", mlx, "--reference", repo, "--json", mlx / "report.json"),
+             ("verify", mlx, "--reference", repo, "--summary", mlx / "summary.md"),
+             ("verify", mlx, "--reference", repo, "--plot", repo / "original" / "kl.png"),
+             ("compare", "--reference", repo, mlx, "--csv", repo / "original" / "report.safetensors"),
+             ("compare", "--reference", repo, mlx, "--json", repo / "report.json")]
+    for args in cases:
+        code, err = run(monkeypatch, capsys, *args, *fast)
+        assert code == 2 and ("inside the input folder" in err or "read as a shard of the input" in err), (args, err)
+    assert digests(repo) == before and digests(mlx) == artifact
+    assert run(monkeypatch, capsys, "verify", "--integrity", mlx)[0] == 0
+    report = tmp_path / "report.json"
+    report.write_text("an earlier report")
+    for command in (("verify", mlx, "--reference", repo, "--json", report),
+                    ("compare", "--reference", repo, mlx, "--json", report)):
+        code, err = run(monkeypatch, capsys, *command, *fast)
+        assert code == 2 and "--force" in err and report.read_text() == "an earlier report", err
+    assert run(monkeypatch, capsys, "verify", mlx, "--reference", repo, "--json", report, "--force", *fast)[0] == 0
+    assert json.loads(report.read_text())["verdict"] == "pass"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
 @pytest.fixture
 def hub_cache(tiny_repo, tmp_path) -> tuple[Path, Path]:
     """``models--openai--tiny/{blobs,snapshots/<rev>}`` with every snapshot file a link to its blob."""
