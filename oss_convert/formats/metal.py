@@ -461,7 +461,6 @@ class MetalModel(VocabRows):
         return self.stored(name)
 
     def f32(self, name: str) -> np.ndarray:
-        parts = name.split(".")
         if name.endswith(("mlp1_weight", "mlp2_weight")):
             pair = self.mxfp4(*expert_name(name))
             return mxfp4.decode(pair.blocks, pair.scales)

@@ -341,7 +341,6 @@ class Runner:
         return x + attn @ self._w(p + "out.weight").T + self._w(p + "out.bias")
 
     def _moe_mlx(self, layer: int, x: mx.array) -> mx.array:
-        c = self.config
         p = f"block.{layer}.mlp."
         C, T, H = x.shape
         t = mx.fast.rms_norm(x, self._w(p + "norm.scale"), RMS_NORM_EPS).reshape(C * T, H)
