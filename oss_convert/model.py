@@ -47,6 +47,19 @@ def is_windowed(layer: int) -> bool:
     return layer % 2 == 0
 
 
+# Bounds on each config key: far above gpt-oss-120b (36 layers, 128 experts, 201088 tokens,
+# width 2880), far below what would exhaust memory before a shape check.
+CONFIG_LIMITS = {
+    "num_hidden_layers": 1024, "num_experts": 4096, "experts_per_token": 4096, "vocab_size": 1 << 22,
+    "hidden_size": 1 << 16, "intermediate_size": 1 << 18, "swiglu_limit": 1e4, "head_dim": 1024,
+    "num_attention_heads": 1024, "num_key_value_heads": 1024, "sliding_window": 1 << 24,
+    "initial_context_length": 1 << 24, "rope_theta": 1e12, "rope_scaling_factor": 1024.0,
+    "rope_ntk_alpha": 1e6, "rope_ntk_beta": 1e6,
+}
+_COUNTS = {"num_hidden_layers", "num_experts", "experts_per_token", "vocab_size", "hidden_size", "intermediate_size",
+           "head_dim", "num_attention_heads", "num_key_value_heads", "sliding_window", "initial_context_length"}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The 16 keys of ``original/config.json`` (``gpt_oss/torch/model.py:ModelConfig``), in file order."""
@@ -103,12 +116,15 @@ class ModelConfig:
         return config
 
     def check(self, file: Path | None = None) -> None:
-        """Relations between keys that every consumer relies on."""
+        """What the model's math needs of every key, and the relations between keys that every
+        consumer relies on; sizes bounded far above any gpt-oss (a stranger's config must not
+        make us allocate for 10^9 layers)."""
         problems = []
-        for name in ("num_hidden_layers", "num_experts", "experts_per_token", "vocab_size", "hidden_size",
-                     "intermediate_size", "head_dim", "num_attention_heads", "num_key_value_heads"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be positive")
+        for name, limit in CONFIG_LIMITS.items():
+            value = getattr(self, name)
+            if not math.isfinite(value) or not 0 < value <= limit:
+                problems.append(f"{name} must be in 1..{limit}, got {value!r}" if name in _COUNTS
+                                else f"{name} must be finite, > 0 and <= {limit:g}, got {value!r}")
         if self.hidden_size % 32 or self.intermediate_size % 32:
             problems.append("hidden_size and intermediate_size must be multiples of 32 (MXFP4 blocks)")
         if self.num_attention_heads % max(self.num_key_value_heads, 1):
@@ -117,6 +133,14 @@ class ModelConfig:
             problems.append("head_dim must be even (RoPE pairs)")
         if self.experts_per_token > self.num_experts:
             problems.append("experts_per_token exceeds num_experts")
+        if self.num_key_value_heads > self.num_attention_heads:
+            problems.append("num_key_value_heads exceeds num_attention_heads")
+        if self.rope_theta <= 1:
+            problems.append(f"rope_theta must exceed 1 (RoPE divides by its log), got {self.rope_theta!r}")
+        if self.rope_scaling_factor < 1:
+            problems.append(f"rope_scaling_factor must be >= 1 (YaRN stretches the context), got {self.rope_scaling_factor!r}")
+        if not self.rope_ntk_alpha < self.rope_ntk_beta:
+            problems.append("rope_ntk_alpha must be below rope_ntk_beta (YaRN's ramp runs between them)")
         if problems:
             raise InputError("invalid config: " + "; ".join(problems), file=file)
 

@@ -372,6 +372,7 @@ class MetalModel(VocabRows):
             self.config = self.header.to_config(self.vocab_rows)
         except (ArithmeticError, ValueError) as exc:  # RoPE fields no converter writes: overflow, NaN
             raise self._fail(f"implausible header: RoPE fields give no config ({exc})") from exc
+        self.config.check(self.path)  # what the model's math needs of every field (model.CONFIG_LIMITS)
         self._mmap = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
 
     def _check_header(self) -> None:

@@ -423,3 +423,35 @@ def test_what_a_file_says_is_printed_escaped(tiny_gguf, tmp_path):
     result = run_sub("inspect", str(odd))
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "line\\nbreak\\x1b[2J.gguf" in result.stderr, result.stderr
+
+
+# Values no gpt-oss can have: each reached a ZeroDivisionError, a math domain error, NaN
+# arithmetic or gigabytes of allocation downstream; each must stop at the config, naming it.
+IMPOSSIBLE_CONFIGS = {
+    "rope_theta": (1, "rope_theta must exceed 1"),
+    "initial_context_length": (0, "initial_context_length must be in 1.."),
+    "rope_ntk_beta": (0, "rope_ntk_beta must be finite"),
+    "rope_ntk_alpha": (64, "rope_ntk_alpha must be below rope_ntk_beta"),
+    "swiglu_limit": ("NaN", "swiglu_limit must be finite"),
+    "num_attention_heads": (0, "num_attention_heads must be in 1.."),
+    "num_hidden_layers": (10**9, "num_hidden_layers must be in 1..1024"),
+    "sliding_window": (-1, "sliding_window must be in 1.."),
+    "rope_scaling_factor": (0.5, "rope_scaling_factor must be >= 1"),
+}
+
+
+@pytest.mark.parametrize("key", list(IMPOSSIBLE_CONFIGS))
+def test_a_config_no_gpt_oss_can_have_is_refused(key, bad_repo, tmp_path):
+    from helpers import run_sub
+
+    value, message = IMPOSSIBLE_CONFIGS[key]
+    config_path = bad_repo / "original" / "config.json"
+    text = config_path.read_text()
+    config = json.loads(text)
+    config[key] = "__VALUE__"
+    config_path.write_text(json.dumps(config).replace('"__VALUE__"', str(value)))  # NaN as Python's json writes it
+    for args in (("inspect", str(bad_repo)), ("convert", str(bad_repo), "--to", "gguf", "-o", str(tmp_path / "x.gguf"))):
+        result = run_sub(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr and "config.json" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "x.gguf").exists()
