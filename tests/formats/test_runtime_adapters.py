@@ -134,7 +134,7 @@ def test_llama_cpp_sees_one_zeroed_expert(tiny_repo, tiny_gguf, adapters, tokens
     zeroed.mkdir()
     (zeroed / "adapter_config.json").write_text((source / "adapter_config.json").read_text())
     tensors = load_file(str(source / "adapter_model.safetensors"))
-    E, r = 8, 4
+    E = 8  # the tiny model's experts
     for key in tensors:
         if "lora_B" in key:  # rank-major: expert 3 owns columns 3, 3+E, ...
             tensors[key][:, 3::E] = 0
