@@ -14,6 +14,7 @@ a target in ``converters/`` (see the README's "Layout of the code").
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..errors import InputError
@@ -64,6 +65,10 @@ def format_of(path: str | Path) -> Format:
     if p.is_dir():
         if (p / "config.json").is_file():
             return CONFIG_FOLDER_FALLBACK
+        odd = next((q for q in (p / "config.json", p / "original" / "config.json", p / "model.bin")
+                    if os.path.lexists(q) and not q.is_file()), None)
+        if odd is not None:
+            raise InputError("not a regular file (a FIFO, a device, a socket or a broken link is never read)", file=odd)
         raise InputError("not a recognised artifact folder (no config.json, original/ or model.bin)", file=p)
     if not p.exists():
         raise InputError("path does not exist", file=p)

@@ -9,12 +9,12 @@ a split GGUF's shards), which of them a runtime loads, and whether a path holds 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from ..errors import InputError
+from ..reading import read_json
 
 
 def head(path: Path, size: int) -> bytes:
@@ -50,17 +50,17 @@ def json_folder_with(path: Path, config_file: str, data_file: str, key: str) -> 
     if not (folder / config_file).is_file() or not (folder / data_file).is_file():
         return False
     try:
-        return key in json.loads((folder / config_file).read_text())
-    except (OSError, ValueError, TypeError):
+        return key in read_json(folder / config_file)
+    except (InputError, TypeError):
         return False
 
 
 def read_json_object(path: Path, what: str) -> dict:
     """A JSON object from ``path``, or an ``InputError`` naming the file."""
     try:
-        value = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read the {what}: {exc}", file=path) from exc
+        value = read_json(path)
+    except InputError as exc:
+        raise InputError(f"cannot read the {what}: {exc.bare_message}", file=path) from exc
     if not isinstance(value, dict):
         raise InputError(f"the {what} must be a JSON object", file=path)
     return value

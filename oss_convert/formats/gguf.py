@@ -30,6 +30,7 @@ import numpy as np
 
 from ..dtypes import bf16_to_f32
 from ..errors import InputError
+from ..reading import open_regular, read_text
 from ..model import RMS_NORM_EPS, ModelConfig, Mxfp4Pair, interleave
 from ..tokens.files import CHAT_TEMPLATE_FILE, TokenizerJson
 from ..tokens.vocabulary import Embedded, Vocabulary, byte_level_bytes
@@ -289,7 +290,7 @@ def add_tokenizer(writer, root: Path, vocab_size: int, chat_template: str | None
         raise InputError("tokenizer.json has no BPE merges; llama.cpp's gpt2 tokenizer needs them", file=tokenizer.path)
     if special.chat_template is None and (root / CHAT_TEMPLATE_FILE).is_file():
         # SpecialVocab reads the .jinja only beside a tokenizer_config.json; take it anyway.
-        special.chat_template = (root / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+        special.chat_template = read_text(root / CHAT_TEMPLATE_FILE)
     if chat_template is not None:
         special.chat_template = chat_template
     if tokenizer.byte_level_post_processor():
@@ -402,7 +403,7 @@ def check_header_bounds(path: Path) -> None:
     import mmap
     import struct
 
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+    with open_regular(path) as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
         size = len(data)
         order = "<"
 
@@ -801,9 +802,9 @@ def general_type(path: Path) -> str | None:
     """``general.type`` of a GGUF file, read off its first few keys without parsing the rest
     (gguf-py would parse every array: a 13 GB model's tokens take a second)."""
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             head_bytes = fh.read(1 << 16)
-    except OSError:
+    except (OSError, InputError):
         return None
     if head_bytes[:4] != b"GGUF" or len(head_bytes) < 24:
         return None

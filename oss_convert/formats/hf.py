@@ -45,6 +45,7 @@ import numpy as np
 
 from ..dtypes import bf16_to_f32, f32_to_bf16
 from ..errors import InputError
+from ..reading import read_json
 from ..tokens.files import TOKENIZER_FILES, FolderTokens
 from ..tokens.vocabulary import special_ids
 from . import mxfp4
@@ -260,8 +261,8 @@ def looks_hf(folder: str | Path) -> bool:
     """A transformers ``gpt_oss`` folder: that model_type, no MLX ``quantization`` key, safetensors."""
     folder = Path(folder)
     try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
+        config = read_json(folder / "config.json")
+    except InputError:
         return False
     return (isinstance(config, dict) and config.get("model_type") == MODEL_TYPE and "quantization" not in config
             and any(folder.glob("*.safetensors")))

@@ -37,6 +37,7 @@ import numpy as np
 
 from ..dtypes import bf16_to_f32, f32_to_bf16
 from ..errors import InputError
+from ..reading import open_regular
 from ..tokens.vocabulary import ROLES, Embedded, Vocabulary
 from . import mxfp4
 from .base import Format, head
@@ -324,10 +325,7 @@ class MetalModel(VocabRows):
 
     def __init__(self, path: str | Path):
         self.path = model_file(path)
-        try:
-            self._fh = open(self.path, "rb")
-        except OSError as exc:
-            raise InputError(f"cannot open: {exc.strerror}", file=self.path) from exc
+        self._fh = open_regular(self.path)
         try:
             self._open()
         except BaseException:

@@ -26,6 +26,7 @@ import numpy as np
 
 from ..dtypes import bf16_to_f32
 from ..errors import InputError
+from ..reading import read_json
 from ..model import (VOCAB_TENSORS, ModelConfig, Mxfp4Pair, TensorSpec, VocabRows, expert_name, interleave,
                      is_expert_weight)
 from ..tokens.files import TOKENIZER_FILES, FolderTokens
@@ -385,8 +386,8 @@ def looks_mlx(folder: str | Path) -> bool:
     ``mlx_lm.convert -d``) expert tensors named ``experts.gate_proj`` rather than HF's ``gate_up_proj``."""
     folder = Path(folder)
     try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
+        config = read_json(folder / "config.json")
+    except InputError:
         return False
     if not isinstance(config, dict) or config.get("model_type") != "gpt_oss":
         return False

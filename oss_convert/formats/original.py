@@ -10,6 +10,7 @@ Imports: base modules, ``formats.safetensors``, ``formats.mxfp4``.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -17,6 +18,7 @@ import numpy as np
 
 from ..dtypes import bf16_to_f32
 from ..errors import InputError
+from ..reading import read_json
 from ..tokens.files import FolderTokens
 from ..model import (ModelConfig, Mxfp4Pair, TensorSpec, VocabRows, expected_tensors, expert_name, is_expert_weight,
                      iter_chunks)
@@ -61,6 +63,10 @@ def resolve(source: str | Path) -> Path:
             return path / "original"
         if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
             return path
+        for config in (path / "original" / "config.json", path / "config.json"):
+            if os.path.lexists(config) and not config.is_file():
+                raise InputError("not a regular file (a FIFO, a device, a socket or a broken link is never read)",
+                                 file=config)
         raise InputError("no original/ checkpoint here (expected config.json and *.safetensors, or an original/ folder)", file=path)
     if isinstance(source, str) and source.count("/") == 1 and not source.startswith((".", "/")):
         from huggingface_hub import snapshot_download
@@ -214,8 +220,8 @@ def describe(path: str | Path, *, scan: bool = False) -> dict:
 def looks_original(folder: Path) -> bool:
     """A folder whose ``config.json`` has the reference's keys (``num_experts``, no ``model_type``)."""
     try:
-        config = json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, ValueError):
+        config = read_json(Path(folder) / "config.json")
+    except InputError:
         return False
     return isinstance(config, dict) and "num_experts" in config and "model_type" not in config
 

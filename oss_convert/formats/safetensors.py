@@ -27,6 +27,7 @@ import numpy as np
 
 from ..dtypes import DTYPES, count_bf16_nonfinite
 from ..errors import InputError
+from ..reading import open_regular, read_json
 from ..model import TensorSpec, iter_chunks
 from .mxfp4 import count_nan_scales
 
@@ -64,10 +65,7 @@ class SafetensorsFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        try:
-            self._fh = open(self.path, "rb")
-        except OSError as exc:
-            raise InputError(f"cannot open: {exc.strerror}", file=self.path) from exc
+        self._fh = open_regular(self.path)  # a FIFO named like a shard would block an open
         self.file_size = os.fstat(self._fh.fileno()).st_size
         self.metadata, self.entries = self._parse_header()
         self._mmap: mmap.mmap | None = None
@@ -236,10 +234,7 @@ class ShardedReader:
 
     @staticmethod
     def _read_config(path: Path) -> dict:
-        try:
-            config = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"cannot read config: {exc}", file=path) from exc
+        config = read_json(path)
         if not isinstance(config, dict):
             raise InputError("config must be a JSON object", file=path)
         return config

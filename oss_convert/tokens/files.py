@@ -12,10 +12,12 @@ Imports: base modules, ``tokens.vocabulary``.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 from ..errors import InputError
+from ..reading import read_json, read_text
 from .vocabulary import (O200K_PATTERN, ROLES, SPECIAL_TOKENS, Embedded, Vocabulary, byte_level_bytes, byte_level_text,
                          layout, load_ranks, rank_merges)
 
@@ -26,9 +28,9 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 def _read_json(path: Path, what: str):
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
-        raise InputError(f"cannot read the {what}: {exc}", file=path) from exc
+        return read_json(path)
+    except InputError as exc:
+        raise InputError(f"cannot read the {what}: {exc.bare_message}", file=path) from exc
 
 
 class TokenizerJson:
@@ -59,6 +61,9 @@ class TokenizerJson:
         """``folder/tokenizer.json``; ``needed_by`` says who needs it when it is missing."""
         path = Path(folder) / "tokenizer.json"
         if needed_by is not None and not path.is_file():
+            if os.path.lexists(path):
+                raise InputError(f"{needed_by} needs the tokenizer, and this is not a regular file (a FIFO, a device, "
+                                 "a socket or a broken link is never read)", file=path)
             raise InputError(f"{needed_by} needs the tokenizer: tokenizer.json is missing beside original/ "
                              "(copy it from the Hugging Face repo)", file=path)
         return cls(path)
@@ -145,9 +150,9 @@ def chat_template(folder: Path) -> tuple[str, str] | None:
     path = Path(folder) / CHAT_TEMPLATE_FILE
     if path.is_file():
         try:
-            return str(path), path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"cannot read the chat template: {exc}", file=path) from exc
+            return str(path), read_text(path)
+        except InputError as exc:
+            raise InputError(f"cannot read the chat template: {exc.bare_message}", file=path) from exc
     text = tokenizer_config(folder).get("chat_template")
     if isinstance(text, str):
         return f"{Path(folder) / 'tokenizer_config.json'} chat_template", text

@@ -26,6 +26,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import InputError
+from ..reading import read_text
 from . import harmony
 
 CHECK_DATE = "2025-08-05"  # what strftime_now gives in the check; Harmony is given the same date
@@ -237,9 +238,9 @@ def resolve(choice: str | None) -> str | None:
         return HARMONY_TEMPLATE
     path = Path(choice)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read the chat template: {exc}", file=path) from exc
+        text = read_text(path)
+    except InputError as exc:
+        raise InputError(f"cannot read the chat template: {exc.bare_message}", file=path) from exc
     compile_template(text, str(path))
     return text
 

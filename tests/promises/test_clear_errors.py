@@ -432,7 +432,7 @@ IMPOSSIBLE_CONFIGS = {
     "initial_context_length": (0, "initial_context_length must be in 1.."),
     "rope_ntk_beta": (0, "rope_ntk_beta must be finite"),
     "rope_ntk_alpha": (64, "rope_ntk_alpha must be below rope_ntk_beta"),
-    "swiglu_limit": ("NaN", "swiglu_limit must be finite"),
+    "swiglu_limit": ("NaN", "NaN is not a JSON number"),
     "num_attention_heads": (0, "num_attention_heads must be in 1.."),
     "num_hidden_layers": (10**9, "num_hidden_layers must be in 1..1024"),
     "sliding_window": (-1, "sliding_window must be in 1.."),
@@ -454,4 +454,27 @@ def test_a_config_no_gpt_oss_can_have_is_refused(key, bad_repo, tmp_path):
         result = run_sub(*args)
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr and "config.json" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("where", ["original/model--00002-of-00002.safetensors", "original/config.json",
+                                   "tokenizer.json"])
+def test_a_fifo_in_place_of_a_file_is_refused_not_waited_on(where, bad_repo, tmp_path):
+    """A FIFO named like a shard, the config or the tokenizer: an open would block forever; it
+    is refused as not a regular file, naming it."""
+    import os
+    import subprocess
+    import sys
+
+    target = bad_repo / where
+    target.unlink()
+    os.mkfifo(target)
+    commands = [("convert", str(bad_repo), "--to", "gguf", "-o", str(tmp_path / "x.gguf"))]
+    if where != "tokenizer.json":  # inspect reads no tokenizer it does not need (it reports it absent)
+        commands.append(("inspect", str(bad_repo)))
+    for args in commands:
+        result = subprocess.run([sys.executable, "-m", "oss_convert.cli.main", *args], capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 2 and "not a regular file" in result.stderr and target.name in result.stderr, \
+            (args, result.stderr)
     assert not (tmp_path / "x.gguf").exists()
