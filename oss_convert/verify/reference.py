@@ -123,7 +123,25 @@ class Reference:
         n = ref.targets.shape[0]
         if ref.top_ids.shape[0] != n or ref.logsumexp.shape != (n,) or ref.top_ids.shape != ref.top_logprobs.shape:
             raise InputError("reference cache arrays disagree in length", file=path)
+        ref._check_values(path)
         return ref
+
+    def _check_values(self, path) -> None:
+        """What a verify would otherwise judge as the artifact's failure: ids outside the
+        reference's vocabulary, log-probs that are not log-probs."""
+        from ..model import ModelConfig
+
+        if not isinstance(self.meta.get("config"), dict):
+            raise InputError("reference cache has no model config", file=path)
+        vocab = ModelConfig.from_dict(self.meta["config"], file=path).vocab_size
+        for name, ids in (("tokens", self.tokens), ("top_ids", self.top_ids)):
+            if ids.dtype.kind not in "iu" or (ids.size and (ids.min() < 0 or ids.max() >= vocab)):
+                raise InputError(f"reference cache {name} are not ids of its {vocab}-token vocabulary", file=path)
+        for name in ("top_logprobs", "logsumexp", "target_logprob"):
+            if not np.isfinite(getattr(self, name)).all():
+                raise InputError(f"reference cache {name} holds NaN or infinite values", file=path)
+        if self.top_logprobs.size and self.top_logprobs.max() > 1e-6:
+            raise InputError("reference cache top_logprobs holds values above 0: not log-probabilities", file=path)
 
 
 def compute_reference(runner, chunks: np.ndarray, *, top_k: int = DEFAULT_TOP_K,

@@ -478,3 +478,47 @@ def test_a_fifo_in_place_of_a_file_is_refused_not_waited_on(where, bad_repo, tmp
         assert result.returncode == 2 and "not a regular file" in result.stderr and target.name in result.stderr, \
             (args, result.stderr)
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.fixture(scope="module")
+def reference_npz(tiny_repo, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "ref.npz"
+    assert run_sub("reference", str(tiny_repo), "-o", str(out), "--ctx", "256", "--chunks", "1", "--quiet").returncode == 0
+    return out
+
+
+def _edited_reference(source: Path, dest: Path, **changes) -> Path:
+    with np.load(source, allow_pickle=False) as data:
+        arrays = {name: data[name] for name in data.files}
+    for name, edit in changes.items():
+        arrays[name] = edit(arrays[name].copy())
+    np.savez_compressed(dest, **arrays)
+    return dest
+
+
+def test_a_bad_reference_cache_is_a_bad_input_not_a_failed_verify(monkeypatch, capsys, tiny_gguf, reference_npz,
+                                                                  tmp_path):
+    """A reference cache is a stranger's file too: ids outside its vocabulary, NaN log-probs, a cut
+    or inflating archive stop with exit 2 naming it, where they would have failed the artifact
+    (exit 1) or raised."""
+    def bad_id(ids):
+        ids[0, 0] = 10**6
+        return ids
+
+    def nan(values):
+        values[3] = np.nan
+        return values
+
+    data = reference_npz.read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    cases = {
+        _edited_reference(reference_npz, tmp_path / "ids.npz", top_ids=bad_id): "not ids of its",
+        _edited_reference(reference_npz, tmp_path / "nan.npz", logsumexp=nan): "NaN",
+        tmp_path / "cut.npz": "not a complete .npz",
+    }
+    for path, message in cases.items():
+        code, err = run(monkeypatch, capsys, "verify", tiny_gguf, "--reference", path, "--quiet")
+        assert code == 2 and message in err and path.name in err, (path.name, err)
+    monkeypatch.setattr("oss_convert.formats.reference.MAX_REFERENCE_BYTES", 1000)
+    code, err = run(monkeypatch, capsys, "verify", tiny_gguf, "--reference", reference_npz, "--quiet")
+    assert code == 2 and "inflate to" in err, err
