@@ -21,6 +21,7 @@ Imports: base modules, ``formats.hf`` (the HF config values llama.cpp's converte
 
 from __future__ import annotations
 
+import math
 import re
 import struct
 from pathlib import Path
@@ -383,7 +384,23 @@ def _open_reader(path: Path):
         if end > size or t.data.nbytes != t.n_bytes:
             raise InputError(f"truncated: tensor data ends at byte {end} but the file has {size} bytes",
                              file=path, tensor=t.name)
+    _check_placement(reader, path)
     return reader
+
+
+def _check_placement(reader, path: Path) -> None:
+    """What llama.cpp refuses of where tensor data lies: an offset not on the file's alignment,
+    and two tensors sharing bytes (one write would change the other; a crafted file could make
+    every tensor read the same bytes)."""
+    alignment = int(getattr(reader, "alignment", 32) or 32)
+    previous = None
+    for t in sorted(reader.tensors, key=lambda t: int(t.data_offset)):
+        start = int(t.data_offset)
+        if (start - int(reader.data_offset)) % alignment:
+            raise InputError(f"tensor data at byte {start} is not aligned to {alignment} bytes", file=path, tensor=t.name)
+        if previous is not None and start < int(previous.data_offset) + int(previous.n_bytes):
+            raise InputError(f"tensor data at byte {start} overlaps {previous.name}'s", file=path, tensor=t.name)
+        previous = t
 
 
 # Counts no real file comes near (a 120b GGUF: ~700 tensors, ~50 keys, 201k tokens, 446k merges).
@@ -393,6 +410,8 @@ MAX_KV = 1 << 16
 MAX_TENSORS = 1 << 20
 MAX_ARRAY = 1 << 22
 MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_NE = 1 << 32  # one dimension (the 120b's largest: 201088)
+MAX_ELEMENTS = 1 << 40  # one tensor (the 120b's largest: 1.2e10 values)
 _SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _STRING, _ARRAY = 8, 9
 
@@ -453,8 +472,13 @@ def check_header_bounds(path: Path) -> None:
             (dims,), at = take("I", at)
             if dims > MAX_DIMS:
                 raise InputError(f"tensor info at byte {at} has {dims} dimensions (at most {MAX_DIMS})", file=path)
-            at = take(f"{dims}Q", at)[1]
-            at = take("IQ", at)[1]
+            ne, at = take(f"{dims}Q", at)
+            if any(n == 0 or n > MAX_NE for n in ne) or math.prod(ne) > MAX_ELEMENTS:
+                raise InputError(f"tensor info at byte {at} has shape {list(ne)} (corrupt?)", file=path)
+            (_, offset), at = take("IQ", at)
+            if offset >= size:  # gguf-py adds it to the data start in uint64: 2^64-1 wraps to before it
+                raise InputError(f"tensor info at byte {at} puts its data at offset {offset}, past the file's "
+                                 f"{size} bytes", file=path)
 
 
 class GgufModel:

@@ -522,3 +522,31 @@ def test_a_bad_reference_cache_is_a_bad_input_not_a_failed_verify(monkeypatch, c
     monkeypatch.setattr("oss_convert.formats.reference.MAX_REFERENCE_BYTES", 1000)
     code, err = run(monkeypatch, capsys, "verify", tiny_gguf, "--reference", reference_npz, "--quiet")
     assert code == 2 and "inflate to" in err, err
+
+
+def _gguf_with_offset(source: Path, dest: Path, tensor: int, offset) -> Path:
+    """A copy of ``source`` whose ``tensor``-th tensor info points at ``offset(old offsets)``."""
+    import gguf
+
+    shutil.copyfile(source, dest)
+    reader = gguf.GGUFReader(dest, "r+")
+    offsets = [int(t.field.parts[-1][0]) for t in reader.tensors]
+    reader.tensors[tensor].field.parts[-1][0] = offset(offsets)
+    reader.data.flush()
+    del reader
+    return dest
+
+
+@pytest.mark.parametrize("case, offset, message", [
+    ("wraps", lambda o: 2**64 - 1, "past the file's"),
+    ("misaligned", lambda o: o[1] + 1, "not aligned"),
+    ("shared", lambda o: o[0], "overlaps"),
+])
+def test_gguf_tensor_placement_that_llama_cpp_refuses(case, offset, message, tiny_gguf, tmp_path):
+    """A tensor offset of 2^64-1 (gguf-py's uint64 sum wraps it to before the data), a misaligned
+    one, two tensors on the same bytes: refused naming the file, as llama.cpp refuses them."""
+    bad = _gguf_with_offset(tiny_gguf, tmp_path / f"{case}.gguf", 1, offset)
+    for args in (("inspect", str(bad)), ("verify", str(bad), "--reference", str(bad))):
+        result = run_sub(*args)
+        assert result.returncode == 2 and message in result.stderr and bad.name in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
