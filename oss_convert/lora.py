@@ -260,10 +260,9 @@ class RuntimePair:
 
 
 def part_rows(target: str, config: ModelConfig) -> list[slice]:
-    """The rows of canonical ``target`` that each of its GGUF tensors holds (``gguf_names`` order)."""
+    """The rows of canonical ``target`` that each of a runtime's tensors of it holds (q, k, v; gate, up)."""
     if target.endswith("attn.qkv.weight"):
-        q, k, v = config.qkv_rows
-        return [slice(0, q), slice(q, q + k), slice(q + k, q + k + v)]
+        return list(config.qkv_slices)
     if target.endswith("mlp.mlp1_weight"):
         return [slice(0, None, 2), slice(1, None, 2)]
     return [slice(None)]

@@ -91,6 +91,12 @@ class ModelConfig:
         d = self.head_dim
         return self.num_attention_heads * d, self.num_key_value_heads * d, self.num_key_value_heads * d
 
+    @property
+    def qkv_slices(self) -> tuple[slice, slice, slice]:
+        """Where q, k and v lie inside the fused ``attn.qkv`` (its rows; its bias's values)."""
+        q, k, v = self.qkv_rows
+        return slice(0, q), slice(q, q + k), slice(q + k, q + k + v)
+
     def window(self, layer: int) -> int:
         """The sliding window of ``layer``: ``sliding_window`` on windowed layers, 0 (none) on the others."""
         return self.sliding_window if is_windowed(layer) else 0

@@ -108,12 +108,9 @@ def plan(src: Source, outtype: str = DEFAULT_OUTTYPE) -> list[Planned]:
     for n in range(c.num_hidden_layers):
         p = f"block.{n}."
         add(p + "attn.norm.scale", _dense(src, p + "attn.norm.scale", (H,), Q.F32))
-        start = 0
-        for i, count in enumerate(c.qkv_rows):
-            part = slice(start, start + count)
+        for i, (count, part) in enumerate(zip(c.qkv_rows, c.qkv_slices)):
             add(p + "attn.qkv.weight", _dense(src, p + "attn.qkv.weight", (count, H), main_type, rows=part), i)
             add(p + "attn.qkv.bias", _dense(src, p + "attn.qkv.bias", (count,), Q.F32, rows=part), i)
-            start += count
         heads = c.num_attention_heads * c.head_dim
         add(p + "attn.out.weight", _dense(src, p + "attn.out.weight", (H, heads), main_type))
         add(p + "attn.out.bias", _dense(src, p + "attn.out.bias", (H,), Q.F32))

@@ -28,11 +28,9 @@ def plan(src: Source, encoder: quantize.ExpertEncoder | None) -> list[Planned]:
     for spec in expected_tensors(src.config, "mxfp4"):
         names = hf_names(spec.name)
         if len(names) == 3:  # q, k, v rows of the fused qkv
-            start = 0
-            for hf_name, rows in zip(names, src.config.qkv_rows):
+            for hf_name, rows, part in zip(names, src.config.qkv_rows, src.config.qkv_slices):
                 out.append(Planned(TensorSpec(hf_name, "BF16", (rows,) + spec.shape[1:]),
-                                   copy_chunks(src, spec.name, slice(start, start + rows))))
-                start += rows
+                                   copy_chunks(src, spec.name, part)))
         else:
             out.append(Planned(TensorSpec(names[0], spec.dtype, spec.shape), quantize.encoded_or_copied(src, spec.name, encoder)))
     return out

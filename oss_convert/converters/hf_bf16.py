@@ -31,11 +31,9 @@ def plan(src) -> list[Planned]:
     for spec in expected_tensors(config, "bf16"):
         names = hf_names(spec.name)
         if len(names) == 3:
-            start = 0
-            for hf_name, rows in zip(names, config.qkv_rows):
+            for hf_name, rows, part in zip(names, config.qkv_rows, config.qkv_slices):
                 out.append(Planned(TensorSpec(hf_name, "BF16", (rows,) + spec.shape[1:]),
-                                   copy_chunks(src, spec.name, slice(start, start + rows))))
-                start += rows
+                                   copy_chunks(src, spec.name, part)))
         elif is_expert_weight(spec.name):
             E, rows, cols = spec.shape
             out.append(Planned(TensorSpec(names[0], "BF16", (E, cols, rows)), _experts_transposed(src, spec.name)))

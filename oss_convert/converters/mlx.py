@@ -67,12 +67,9 @@ def plan(src: Source, recipe: str | None = None) -> tuple[list[Planned], dict]:
     for n in range(c.num_hidden_layers):
         p = f"block.{n}."
         plain(p + "attn.norm.scale")
-        start = 0
-        for module, bias, size in zip(names(p + "attn.qkv.weight"), names(p + "attn.qkv.bias"), c.qkv_rows):
-            rows = slice(start, start + size)
+        for module, bias, rows in zip(names(p + "attn.qkv.weight"), names(p + "attn.qkv.bias"), c.qkv_slices):
             linear(module, p + "attn.qkv.weight", rows)
             plain(p + "attn.qkv.bias", rows, bias)
-            start += size
         linear(names(p + "attn.out.weight")[0], p + "attn.out.weight")
         plain(p + "attn.out.bias")
         plain(p + "attn.sinks")

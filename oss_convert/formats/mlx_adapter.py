@@ -122,8 +122,7 @@ def _rows(part, base: ModelConfig | None) -> slice | None:
         return slice(index, None, 2)
     if base is None:  # inspect: q/k/v are named, not placed
         return None
-    starts = [0, base.qkv_rows[0], base.qkv_rows[0] + base.qkv_rows[1]]
-    return slice(starts[index], starts[index] + base.qkv_rows[index])
+    return base.qkv_slices[index]
 
 
 def describe(path: str | Path, *, scan: bool = False) -> dict:

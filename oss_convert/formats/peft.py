@@ -166,8 +166,7 @@ def _linear(weights, config, module, a_key, b_key, target, part, base) -> LoraPa
         raise InputError(f"B is {list(b.shape)} but A has rank {a.shape[0]}", file=weights.path, tensor=b_key)
     rows = None
     if part is not None and base is not None:  # without a base (inspect) q/k/v are named, not placed
-        starts = [0, base.qkv_rows[0], base.qkv_rows[0] + base.qkv_rows[1]]
-        rows = slice(starts[part], starts[part] + base.qkv_rows[part])
+        rows = base.qkv_slices[part]
     return LoraPair(target, a, b, weights.entries[a_key].dtype, scaling, f"{WEIGHTS_FILE}: {a_key}",
                     _LAYER.sub(r"\g<rest>", module), rows, release=weights.releaser(a_key, b_key))
 

@@ -254,10 +254,10 @@ class Runner:
     def _qkv_split(self, qkv, C: int, T: int):
         c = self.config
         nq, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        q_rows, k_rows, _ = c.qkv_rows
-        q = qkv[..., :q_rows].reshape(C, T, nq, hd)
-        k = qkv[..., q_rows:q_rows + k_rows].reshape(C, T, nkv, hd)
-        v = qkv[..., q_rows + k_rows:].reshape(C, T, nkv, hd)
+        q_part, k_part, v_part = c.qkv_slices
+        q = qkv[..., q_part].reshape(C, T, nq, hd)
+        k = qkv[..., k_part].reshape(C, T, nkv, hd)
+        v = qkv[..., v_part].reshape(C, T, nkv, hd)
         return q, k, v
 
     def _choose_experts(self, layer: int, router, xp):
