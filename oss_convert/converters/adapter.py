@@ -36,7 +36,6 @@ def convert_adapter(adapter_path: str | Path, target: str, output: str | Path, *
         raise OutputExistsError(f"{output} exists; pass --force to replace it")
     with open_source(base) as src:
         lora = formats.read_adapter(adapter_path, src.config, lambda name, rows: src.f32_rows(name, rows))
-        lora.check_finite()
         inputs = [Path(lora.path), *lora.files, src.path, src.config_path, *(f.path for f in src.files)]
         folder = target == "mlx"  # mlx-lm's adapter is a folder, its manifest inside it
         outputs = [output] if folder or not manifest else [output, manifest_path(output)]
@@ -64,11 +63,9 @@ def _write(target: str, lora, config, out: Path, name: str) -> dict[str, Path]:
 
 
 def _manifest(lora, src, target: str, written: dict[str, Path]) -> dict:
-    adapter_files = {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)} for f in lora.files}
+    """The adapter is the source; the base it was checked against is recorded beside it."""
     base = {"path": str(src.path), "config": {"file": src.config_path.name, "sha256": file_sha256(src.config_path)},
             "files": {f.path.name: file_digest(f.path) for f in src.files}}
-    document = manifest_document(target=f"{target}-adapter", options={"format": lora.format},
-                                 source_hashes=adapter_files, source_path=Path(lora.path), outputs={})
-    document["outputs"] = {name: file_digest(path) for name, path in written.items()}
-    document["base"] = base
-    return document
+    return manifest_document(target=f"{target}-adapter", options={"format": lora.format},
+                             source_hashes={f.name: file_digest(f) for f in lora.files}, source_path=Path(lora.path),
+                             outputs=written, extra={"base": base})
