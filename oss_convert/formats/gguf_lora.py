@@ -21,13 +21,15 @@ Factors are written as float32. Imports: base modules, ``formats.gguf``, ``forma
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError
 from ..lora import Adapter, part_rows, runtime_pairs
-from ..model import ModelConfig
+from ..model import CONFIG_LIMITS, ModelConfig
 from .base import Format
 from .gguf import ARCH, general_type, gguf_names
 
@@ -65,13 +67,14 @@ def recognises(path: Path) -> bool:
     return Path(path).is_file() and general_type(Path(path)) == "adapter"
 
 
-def _canonical_parts(config: ModelConfig | None, layers: int) -> dict[str, tuple[str, slice | None]]:
-    """GGUF tensor -> (canonical target, the rows of it that tensor holds; ``None``: all)."""
+def _canonical_parts(config: ModelConfig | None, layers: set[int]) -> dict[str, tuple[str, slice | None]]:
+    """GGUF tensor -> (canonical target, the rows of it that tensor holds; ``None``: all), for
+    the base's layers, or without a base (``inspect``) for the ``layers`` the file names."""
     from ..model import expected_tensors
 
     names: dict[str, tuple[str, slice | None]] = {}
     targets = [s.name for s in expected_tensors(config, "bf16")] if config is not None else \
-        [f"block.{n}.{rest}" for n in range(layers) for rest in _LINEAR] + ["unembedding.weight"]
+        [f"block.{n}.{rest}" for n in sorted(layers) for rest in _LINEAR] + ["unembedding.weight"]
     for target in targets:
         parts = gguf_names(target)
         if not parts[0].endswith(".weight"):
@@ -83,6 +86,7 @@ def _canonical_parts(config: ModelConfig | None, layers: int) -> dict[str, tuple
 
 
 _LINEAR = ("attn.qkv.weight", "attn.out.weight", "mlp.gate.weight", "mlp.mlp1_weight", "mlp.mlp2_weight")
+_LAYER = re.compile(r"^blk\.(\d{1,6})\.")
 _FACTOR_TYPES = {0: "F32", 1: "F16", 30: "BF16"}  # ggml types a factor may have
 
 
@@ -95,15 +99,16 @@ def read(path: str | Path, base: ModelConfig | None = None) -> Adapter:
 
     path = Path(path)
     reader = _open_reader(path)
-    fields = {name: field for name, field in reader.fields.items()}
-    alpha = float(fields["adapter.lora.alpha"].parts[-1][0]) if "adapter.lora.alpha" in fields else 0.0
-    arch = bytes(fields["general.architecture"].parts[-1]).decode("utf-8", "replace") \
-        if "general.architecture" in fields else None
+    alpha, arch = _alpha(reader, path), _string(reader, "general.architecture")
     if arch != ARCH:
         raise InputError(f"is a LoRA for architecture {arch!r}, not {ARCH}", file=path)
     tensors = {t.name: t for t in reader.tensors}
-    layers = 1 + max((int(n.split(".")[1]) for n in tensors if n.startswith("blk.")), default=-1)
-    places = _canonical_parts(base, layers if base is None else base.num_hidden_layers)
+    # without a base, only the layers the file names, and no more than any config may have
+    layers = {int(m[1]) for m in map(_LAYER.match, tensors) if m}
+    if layers and max(layers) >= CONFIG_LIMITS["num_hidden_layers"]:
+        raise InputError(f"names layer {max(layers)}; no gpt-oss has {CONFIG_LIMITS['num_hidden_layers']} layers",
+                         file=path)
+    places = _canonical_parts(base, layers)
     pairs = []
     for name in sorted(n.removesuffix(".lora_a") for n in tensors if n.endswith(".lora_a")):
         a_t, b_t = tensors[name + ".lora_a"], tensors.get(name + ".lora_b")
@@ -132,10 +137,37 @@ def read(path: str | Path, base: ModelConfig | None = None) -> Adapter:
 
 
 def _array(tensor) -> np.ndarray:
-    """The tensor's data in numpy order (ggml ne reversed), BF16 as its raw uint16 bits."""
+    """The tensor's data in numpy order (ggml ne reversed), BF16 as its raw uint16 bits (gguf-py
+    hands BF16 out as bytes)."""
     data = np.asarray(tensor.data)
+    if _FACTOR_TYPES[int(tensor.tensor_type)] == "BF16":
+        data = np.ascontiguousarray(data).view(np.uint16)
     shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
     return data.reshape(shape)
+
+
+def _string(reader, key: str) -> str | None:
+    from .gguf_writer import gguf_py
+
+    field = reader.fields.get(key)
+    if field is None or field.types != [gguf_py().GGUFValueType.STRING]:
+        return None
+    return bytes(field.parts[-1]).decode("utf-8", "replace")
+
+
+def _alpha(reader, path: Path) -> float:
+    """``adapter.lora.alpha``: a float32 >= 0 (0 or absent: llama.cpp's scale 1)."""
+    from .gguf_writer import gguf_py
+
+    field = reader.fields.get("adapter.lora.alpha")
+    if field is None:
+        return 0.0
+    if field.types != [gguf_py().GGUFValueType.FLOAT32]:
+        raise InputError("adapter.lora.alpha is not a float32", file=path)
+    alpha = float(field.parts[-1][0])
+    if not math.isfinite(alpha) or alpha < 0:
+        raise InputError(f"adapter.lora.alpha is {alpha}; it must be finite and >= 0", file=path)
+    return alpha
 
 
 def describe(path: str | Path, *, scan: bool = False) -> dict:

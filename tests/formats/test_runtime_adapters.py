@@ -286,3 +286,61 @@ def test_mlx_lm_fuses_our_adapter_to_the_exact_merge(trained, name, tmp_path):
             checked += 1
     # every layer's q, k, v and o; or its q, o and experts (the patterns)
     assert checked == len(model.model.layers) * (4 if name == "attention" else 3), checked
+
+
+def _gguf_lora(path: Path, tensors: dict[str, np.ndarray], *, alpha=16.0, alpha_type: str = "float32",
+               raw_dtype=None) -> Path:
+    """A GGUF LoRA written with gguf-py itself, metadata as given."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "gpt-oss")
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    if alpha_type == "float32":
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    else:
+        writer.add_string(gguf.Keys.Adapter.LORA_ALPHA, str(alpha))
+    for name, value in tensors.items():
+        writer.add_tensor(name, value, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.oracle
+def test_a_gguf_lora_is_read_as_a_strangers_file(tiny_repo, adapters, tmp_path):
+    """What a GGUF LoRA says is checked: alpha a finite float32 >= 0, layer numbers no gpt-oss
+    exceeds (the describe of a file naming layer 999999 must not enumerate them), BF16 factors
+    read as their values (gguf-py hands them out as bytes)."""
+    from oss_convert.dtypes import f32_to_bf16
+
+    lora = written(adapters["attention"], "gguf", tiny_repo, tmp_path / "lora.gguf")
+    import gguf
+
+    pairs = {t.name: np.array(t.data).reshape(tuple(reversed(t.shape.tolist()))) for t in gguf.GGUFReader(lora).tensors}
+    some = {name: value for name, value in pairs.items() if name.startswith("blk.0.attn_q.")}
+    bad = {
+        "string alpha": (_gguf_lora(tmp_path / "s.gguf", some, alpha_type="string"), "not a float32"),
+        "NaN alpha": (_gguf_lora(tmp_path / "n.gguf", some, alpha=float("nan")), "finite and >= 0"),
+        "negative alpha": (_gguf_lora(tmp_path / "m.gguf", some, alpha=-1.0), "finite and >= 0"),
+        "layer 999999": (_gguf_lora(tmp_path / "l.gguf", {k.replace("blk.0.", "blk.999999."): v
+                                                          for k, v in some.items()}), "names layer 999999"),
+    }
+    for case, (path, message) in bad.items():
+        for args in (("inspect", str(path)), ("convert", str(tiny_repo), "--adapter", str(path), "--to", "gguf",
+                                              "-o", str(tmp_path / "out.gguf"))):
+            result = run_sub(*args, "--quiet") if args[0] == "convert" else run_sub(*args)
+            assert result.returncode == 2 and message in result.stderr and path.name in result.stderr, (case, result.stderr)
+    assert not (tmp_path / "out.gguf").exists()
+    bf16 = _gguf_lora(tmp_path / "bf16.gguf", {k: f32_to_bf16(v) for k, v in some.items()},
+                      raw_dtype=gguf.GGMLQuantizationType.BF16)
+    with OriginalCheckpoint(tiny_repo) as base:
+        ours = formats.read_adapter(bf16, base.config)
+        shape = next(s.shape for s in expected_tensors(base.config, "bf16") if s.name == "block.0.attn.qkv.weight")
+        rows = base.config.qkv_slices[0]
+        a = f32_to_bf16(some["blk.0.attn_q.weight.lora_a"]).astype(np.uint32) << 16
+        b = f32_to_bf16(some["blk.0.attn_q.weight.lora_b"]).astype(np.uint32) << 16
+        want = (b.view(np.float32) @ a.view(np.float32)) * np.float32(16.0 / a.shape[0])
+        np.testing.assert_array_equal(ours.delta("block.0.attn.qkv.weight", shape)[rows], want)
