@@ -101,18 +101,30 @@ def manifest_hook(*, target: str, options: dict, source_path: Path, source_hashe
     return hook
 
 
-def check_manifest(artifact: Path) -> list[str]:
-    """Re-hash the artifact's files; return the differences from its manifest (empty: intact)."""
+def read_manifest(artifact: Path) -> dict | None:
+    """The manifest beside ``artifact`` (``None``: there is none), read as a stranger's file: a
+    bounded JSON object of our schema whose ``outputs`` are ``{name: {"size": int, "sha256": str}}``."""
     path = manifest_path(artifact)
     if not path.is_file():
-        raise InputError("no provenance manifest beside this artifact (was it made by oss-convert?)", file=path)
-    try:
-        manifest = json.loads(path.read_text())
-        recorded = manifest["outputs"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"manifest is not valid: {exc}", file=path) from exc
+        return None
+    manifest = formats.base.read_json_object(path, "manifest")
     if manifest.get("schema") != SCHEMA:
         raise InputError(f"unknown manifest schema {manifest.get('schema')!r}", file=path)
+    outputs = manifest.get("outputs")
+    if not isinstance(outputs, dict) or not all(
+            isinstance(d, dict) and isinstance(d.get("size"), int) and isinstance(d.get("sha256"), str)
+            for d in outputs.values()):
+        raise InputError('manifest is not valid: "outputs" must map each file to its size and sha256', file=path)
+    return manifest
+
+
+def check_manifest(artifact: Path) -> list[str]:
+    """Re-hash the artifact's files; return the differences from its manifest (empty: intact)."""
+    manifest = read_manifest(artifact)
+    if manifest is None:
+        raise InputError("no provenance manifest beside this artifact (was it made by oss-convert?)",
+                         file=manifest_path(artifact))
+    recorded = manifest["outputs"]
     present = artifact_files(artifact)
     problems = [f"{name}: missing" for name in recorded if name not in present]
     problems += [f"{name}: not in the manifest" for name in present if name not in recorded]

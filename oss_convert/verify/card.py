@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .. import __version__, formats, provenance
 from ..errors import InputError
+from ..formats.base import read_json_object
 from ..model import ModelConfig
 from ..sizes import format_size
 from .compare import parameter_count
@@ -30,12 +31,7 @@ TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}"
 
 def load_report(path: Path, schema: str | None = VERIFY_SCHEMA, keys: tuple[str, ...] = ()) -> dict:
     """A JSON report written by verify (or compare: ``schema=None``), its keys checked."""
-    try:
-        document = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise InputError(f"cannot read the report: {exc}", file=path) from exc
-    if not isinstance(document, dict):
-        raise InputError("is not a JSON object", file=path)
+    document = read_json_object(path, "report")
     if schema is not None and document.get("schema") != schema:
         raise InputError(f"is not a verify report (schema {document.get('schema')!r}, expected {schema!r})", file=path)
     missing = [k for k in keys if k not in document]
@@ -59,7 +55,7 @@ def model_card(artifact: Path, *, report: dict | None = None, compare: dict | No
     if report is not None and report["artifact"]["kind"] != kind:
         raise InputError(f"the report is of a {report['artifact']['kind']} artifact, {artifact} is {kind}",
                          file=artifact)
-    manifest = _manifest(artifact)
+    manifest = provenance.read_manifest(artifact)
     adapter = (manifest or {}).get("adapter_merge") or (report or {}).get("reference", {}).get("adapter")
     base = base or _repo_id((report or {}).get("reference", {}).get("source")) \
         or _repo_id((report or {}).get("reference", {}).get("path"))
@@ -69,19 +65,6 @@ def model_card(artifact: Path, *, report: dict | None = None, compare: dict | No
                          library_name=LIBRARIES.get(kind), license=LICENSE, pipeline_tag="text-generation", tags=tags)
     body = _body(artifact, kind, report, compare, manifest, adapter, base, repo)
     return ModelCard.from_template(data, template_str=TEMPLATE, body=body)
-
-
-def _manifest(artifact: Path) -> dict | None:
-    path = provenance.manifest_path(artifact)
-    if not path.is_file():
-        return None
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise InputError(f"manifest is not valid JSON: {exc}", file=path) from exc
-    if not isinstance(document, dict) or document.get("schema") != provenance.SCHEMA:
-        raise InputError(f"is not an oss-convert manifest (schema {provenance.SCHEMA})", file=path)
-    return document
 
 
 def _repo_id(name: str | None) -> str | None:

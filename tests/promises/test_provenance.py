@@ -136,3 +136,21 @@ def test_integrity_check_catches_a_cut_artifact(tiny_gguf, tmp_path, monkeypatch
     cut(tiny_gguf, copy, -1)
     code, out, _ = run_cli(monkeypatch, capsys, "verify", "--integrity", str(copy))
     assert code == 1 and f"tiny.gguf: size {copy.stat().st_size}" in out
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: {**m, "outputs": list(m["outputs"])}, "must map each file"),
+    (lambda m: {**m, "outputs": {k: {**v, "size": str(v["size"])} for k, v in m["outputs"].items()}},
+     "must map each file"),
+    (lambda m: [m], "must be a JSON object"),
+])
+def test_a_manifest_is_read_as_a_strangers_file(edit, message, tiny_gguf, tmp_path, monkeypatch, capsys):
+    """A manifest arrives with a download: its structure is checked, and a bad one is exit 2 naming
+    it (not a traceback, not a failed integrity check)."""
+    copy = tmp_path / tiny_gguf.name
+    shutil.copy(tiny_gguf, copy)
+    manifest = tmp_path / (tiny_gguf.name + ".manifest.json")
+    manifest.write_text(json.dumps(edit(json.loads(tiny_gguf.with_name(manifest.name).read_text()))))
+    for args in (("verify", "--integrity", str(copy)), ("card", str(copy))):
+        code, out, err = run_cli(monkeypatch, capsys, *args)
+        assert code == 2 and message in err and manifest.name in err, (args, err)
