@@ -49,6 +49,7 @@ def is_windowed(layer: int) -> bool:
 
 # Bounds on each config key: far above gpt-oss-120b (36 layers, 128 experts, 201088 tokens,
 # width 2880), far below what would exhaust memory before a shape check.
+# (an int limit marks a count, a float one a real value)
 CONFIG_LIMITS = {
     "num_hidden_layers": 1024, "num_experts": 4096, "experts_per_token": 4096, "vocab_size": 1 << 22,
     "hidden_size": 1 << 16, "intermediate_size": 1 << 18, "swiglu_limit": 1e4, "head_dim": 1024,
@@ -56,8 +57,6 @@ CONFIG_LIMITS = {
     "initial_context_length": 1 << 24, "rope_theta": 1e12, "rope_scaling_factor": 1024.0,
     "rope_ntk_alpha": 1e6, "rope_ntk_beta": 1e6,
 }
-_COUNTS = {"num_hidden_layers", "num_experts", "experts_per_token", "vocab_size", "hidden_size", "intermediate_size",
-           "head_dim", "num_attention_heads", "num_key_value_heads", "sliding_window", "initial_context_length"}
 
 
 @dataclass(frozen=True)
@@ -129,7 +128,7 @@ class ModelConfig:
         for name, limit in CONFIG_LIMITS.items():
             value = getattr(self, name)
             if not math.isfinite(value) or not 0 < value <= limit:
-                problems.append(f"{name} must be in 1..{limit}, got {value!r}" if name in _COUNTS
+                problems.append(f"{name} must be in 1..{limit}, got {value!r}" if isinstance(limit, int)
                                 else f"{name} must be finite, > 0 and <= {limit:g}, got {value!r}")
         if self.hidden_size % 32 or self.intermediate_size % 32:
             problems.append("hidden_size and intermediate_size must be multiples of 32 (MXFP4 blocks)")
