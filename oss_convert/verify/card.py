@@ -17,8 +17,9 @@ from ..formats.base import read_json_object
 from ..model import ModelConfig
 from ..sizes import format_size
 from .compare import parameter_count
-from .markdown import cell, checks_table, compare_table, metrics_table, table, verdict_word
+from .markdown import cell, checks_table, compare_table, metrics_table, num, table, verdict_word
 from .report import SCHEMA as VERIFY_SCHEMA
+from .report import check_document
 
 LICENSE = "apache-2.0"  # gpt-oss's license, which its conversions keep
 # the Hub's library_name per kind (it recognises GGUF files by themselves; Metal has no library)
@@ -37,7 +38,27 @@ def load_report(path: Path, schema: str | None = VERIFY_SCHEMA, keys: tuple[str,
     missing = [k for k in keys if k not in document]
     if missing:
         raise InputError(f"has no {', '.join(missing)}: not a report of this oss-convert", file=path)
+    if schema == VERIFY_SCHEMA:
+        check_document(document, path)
+    elif "rows" in keys:
+        _check_compare_rows(document, path)
     return document
+
+
+_COMPARE_FIGURES = ("bits_per_weight", "ppl_ratio", "kld_mean", "kld_p99", "top1_agreement")
+
+
+def _check_compare_rows(document: dict, path: Path) -> None:
+    """``compare --json``'s rows, as the card's table reads them (a figure may be null)."""
+    rows = document["rows"]
+    good = isinstance(rows, list) and all(
+        isinstance(r, dict) and all(isinstance(r.get(k), str) for k in ("artifact", "kind", "verdict"))
+        and isinstance(r.get("size_bytes"), int) and not isinstance(r.get("size_bytes"), bool)
+        and all(r.get(k) is None or (isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool))
+                for k in _COMPARE_FIGURES) for r in rows)
+    if not good or not isinstance(document["thresholds"], dict):
+        raise InputError("rows must be objects with artifact, kind, size_bytes and the figures of compare --json: "
+                         "not a table of this oss-convert", file=path)
 
 
 VERIFY_KEYS = ("verdict", "reasons", "artifact", "reference", "input", "metrics", "thresholds", "checks",
@@ -103,8 +124,8 @@ def _verdict(report: dict | None) -> list[str]:
                 "> accuracy figures. Run `oss-convert verify` against the BF16 reference to prove it.", ""]
     m = report["metrics"]
     line = (f"**Verification: {verdict_word(report['verdict'])[2:-2]}** against the BF16 reference: KL mean "
-            f"{m['kld_mean']:.3e} nats, p99 {m['kld_p99']:.3e}, top-1 agreement {m['top1_agreement']:.2%}, "
-            f"perplexity ratio {m['ppl_ratio']:.5f}.")
+            f"{num(m['kld_mean'], '.3e')} nats, p99 {num(m['kld_p99'], '.3e')}, top-1 agreement "
+            f"{num(m['top1_agreement'], '.2%')}, perplexity ratio {num(m['ppl_ratio'], '.5f')}.")
     out = [line, ""]
     if report["verdict"] != "pass":
         out += ["It failed because:", *[f"- {cell(r)}" for r in report["reasons"]], ""]

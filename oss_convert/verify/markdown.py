@@ -26,6 +26,11 @@ def table(header: list[str], rows: list[list], align: str | None = None) -> list
     return lines
 
 
+def num(value, spec: str) -> str:
+    """A figure as ``spec`` formats it; ``None`` (how strict JSON writes NaN and inf) as "n/a"."""
+    return "n/a" if value is None else format(value, spec)
+
+
 def verdict_word(verdict: str) -> str:
     return "**PASS**" if verdict == "pass" else "**FAIL**"
 
@@ -33,13 +38,13 @@ def verdict_word(verdict: str) -> str:
 def metrics_table(report: dict) -> list[str]:
     m, th = report["metrics"], report["thresholds"]
     return table(["metric", "value", "gate"], [
-        ["perplexity (artifact / reference)", f"{m['ppl']:.4f} / {m['ppl_ref']:.4f}", ""],
-        ["perplexity ratio", f"{m['ppl_ratio']:.6f}", ""],
-        ["KL mean (nats)", f"{m['kld_mean']:.3e}", f"<= {th['max_kld']:g}"],
-        ["KL p99", f"{m['kld_p99']:.3e}", ""],
-        ["KL max", f"{m['kld_max']:.3e}", ""],
-        ["top-1 agreement", f"{m['top1_agreement']:.2%}", f">= {th['min_top1']:.2%}"],
-        ["max abs logit difference", f"{m['logit_max_abs_diff']:.3e}", ""],
+        ["perplexity (artifact / reference)", f"{num(m['ppl'], '.4f')} / {num(m['ppl_ref'], '.4f')}", ""],
+        ["perplexity ratio", f"{num(m['ppl_ratio'], '.6f')}", ""],
+        ["KL mean (nats)", f"{num(m['kld_mean'], '.3e')}", f"<= {num(th['max_kld'], 'g')}"],
+        ["KL p99", f"{num(m['kld_p99'], '.3e')}", ""],
+        ["KL max", f"{num(m['kld_max'], '.3e')}", ""],
+        ["top-1 agreement", f"{num(m['top1_agreement'], '.2%')}", f">= {num(th['min_top1'], '.2%')}"],
+        ["max abs logit difference", f"{num(m['logit_max_abs_diff'], '.3e')}", ""],
         ["tokens scored", f"{m['tokens_scored']}", ""],
     ], "lrr")
 
@@ -63,8 +68,9 @@ def verify_summary(report: dict) -> str:
 
 
 def compare_table(result: dict) -> list[str]:
-    rows = [[f"`{r['artifact']}`", r["kind"], format_size(r["size_bytes"]), f"{r['bits_per_weight']:.2f}",
-             f"{r['ppl_ratio']:.5f}", f"{r['kld_mean']:.2e}", f"{r['kld_p99']:.2e}", f"{r['top1_agreement']:.2%}",
+    rows = [[f"`{r['artifact']}`", r["kind"], format_size(r["size_bytes"]), num(r["bits_per_weight"], ".2f"),
+             num(r["ppl_ratio"], ".5f"), num(r["kld_mean"], ".2e"), num(r["kld_p99"], ".2e"),
+             num(r["top1_agreement"], ".2%"),
              r["verdict"]] for r in result["rows"]]
     return table(["artifact", "kind", "size", "bits/weight", "ppl ratio", "KL mean", "KL p99", "top-1", "verdict"],
                  rows, "llrrrrrrl")

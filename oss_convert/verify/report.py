@@ -431,3 +431,42 @@ def format_table(report: dict) -> str:
         lines.append("FAIL")
         lines += [f"  - {r}" for r in report["reasons"]]
     return "\n".join(lines)
+
+
+_JSON_TYPES = {"float": (int, float), "int": (int,), "str": (str,), "dict": (dict,), "bool": (bool,),
+               "list[str]": (list,), "list[dict]": (list,), "list[float]": (list,)}
+
+
+def check_document(document: dict, path) -> None:
+    """A report read back (``oss-convert card``), held to ``Report``'s types: every typed block a
+    JSON object whose fields have their types (a figure may be null: strict JSON's NaN or inf),
+    every check a name, status and summary. A wrong one is an ``InputError`` naming the file."""
+    from ..errors import InputError
+
+    def fail(where: str, want: str):
+        raise InputError(f"{where} must be {want}: not a report of this oss-convert", file=path)
+
+    for block_field in fields(Report):
+        block = globals().get(str(block_field.type).removesuffix(" | None"))
+        value = document.get(block_field.name)
+        if block is None or not hasattr(block, "__dataclass_fields__") or value is None:
+            continue
+        if not isinstance(value, dict):
+            fail(block_field.name, "a JSON object")
+        for f in fields(block):
+            kind = str(f.type).removesuffix(" | None")
+            got = value.get(f.name)
+            if kind in _JSON_TYPES and got is not None and (
+                    not isinstance(got, _JSON_TYPES[kind]) or isinstance(got, bool) != (kind == "bool")):
+                fail(f"{block_field.name}.{f.name}", kind)
+    for key in ("reasons", "notes", "checks"):
+        if not isinstance(document.get(key, []), list):
+            fail(key, "a list")
+    for check in document.get("checks", []):
+        if not isinstance(check, dict) or not all(isinstance(check.get(k), str) for k in ("name", "status", "summary")):
+            fail("each of checks", "an object with a name, a status and a summary")
+    conversations = (document.get("chat_template") or {}).get("conversations", [])
+    if not isinstance(conversations, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("status"), str)
+            for c in conversations):
+        fail("chat_template.conversations", "a list of objects with a name and a status")

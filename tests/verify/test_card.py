@@ -184,3 +184,30 @@ def test_a_merged_adapter_is_a_finetune_with_its_adapter_hashed(tmp_path):
     assert card.data.base_model_relation == "finetune" and "lora-merge" in card.data.tags
     assert f"`{file_sha256(lora / 'adapter_model.safetensors')}`" in text
     assert f"--adapter {lora.name}" in text and str(lora.parent) not in text
+
+
+def test_a_report_is_read_as_a_strangers_file(proven, tmp_path):
+    """A report's figures are held to the report's types: a string where a figure belongs is exit
+    2 naming the file; a null figure (strict JSON's inf or NaN) is shown as n/a."""
+    report = json.loads(proven["mlx.json"].read_text())
+    cases = {
+        "string figure": {**report, "metrics": {**report["metrics"], "kld_mean": "low"}},
+        "checks not a list": {**report, "checks": "all good"},
+        "a check without a status": {**report, "checks": [{"name": "kl"}]},
+        "artifact not an object": {**report, "artifact": ["mlx"]},
+    }
+    for case, document in cases.items():
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps(document))
+        result = run_sub("card", str(proven["mlx"]), "--report", str(bad))
+        assert result.returncode == 2 and "bad.json" in result.stderr and "Traceback" not in result.stderr, \
+            (case, result.stderr)
+    infinite = tmp_path / "inf.json"
+    infinite.write_text(json.dumps({**report, "metrics": {**report["metrics"], "logit_max_abs_diff": None}}))
+    _, text = card_of(str(proven["mlx"]), "--report", str(infinite))
+    assert "| max abs logit difference | n/a |  |" in text
+    table = tmp_path / "compare.json"
+    table.write_text(json.dumps({"reference": "x", "thresholds": {"max_kld": 1, "min_top1": 0},
+                                 "rows": [{"artifact": "a", "kind": "mlx", "verdict": "pass", "size_bytes": "big"}]}))
+    result = run_sub("card", str(proven["mlx"]), "--compare", str(table))
+    assert result.returncode == 2 and "compare.json" in result.stderr
