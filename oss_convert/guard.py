@@ -121,6 +121,19 @@ def refuse_unsafe_output(outputs: Iterable[str | Path], inputs: Iterable[str | P
         refuse_stranger(outputs[0], force)
 
 
+def refuse_inside(outputs: Iterable[str | Path], folders: Iterable[str | Path]) -> None:
+    """Refuse an output inside one of the input ``folders`` (at any depth): a file there becomes
+    part of that artifact (its reader may pick it up, its manifest no longer matches, a Hugging
+    Face cache snapshot holds what nobody downloaded)."""
+    folders = [Path(f) for f in folders]
+    for out in outputs:
+        inside = next((f for f in folders if any(_same(above, f) for above in _above(Path(os.path.abspath(out))))), None)
+        if inside is not None:
+            raise InputError(f"the output {out} is inside the input folder {inside}: a file there becomes part of that "
+                             "artifact (its reader may pick it up, its manifest no longer matches); write it elsewhere",
+                             file=out)
+
+
 def refuse_report_outputs(outputs: Iterable[str | Path | None], inputs: Iterable[str | Path], *, force: bool,
                           appended: Iterable[str | Path | None] = ()) -> None:
     """``verify``'s and ``compare``'s reports (JSON, CSV, plot) held to the artifacts' rules: never
@@ -131,12 +144,7 @@ def refuse_report_outputs(outputs: Iterable[str | Path | None], inputs: Iterable
     extended = [Path(o) for o in appended if o is not None and str(o) != "-"]
     folders = [p for p in input_paths(inputs) if p.is_dir()]
     refuse_overlap(written + extended, inputs, shard_folders=folders)
-    for out in written + extended:
-        inside = next((f for f in folders if any(_same(above, f) for above in _above(Path(os.path.abspath(out))))), None)
-        if inside is not None:
-            raise InputError(f"the output {out} is inside the input folder {inside}: a file there becomes part of that "
-                             "artifact (its reader may pick it up, its manifest no longer matches); write it elsewhere",
-                             file=out)
+    refuse_inside(written + extended, folders)
     for out in written:
         if (out.exists() or out.is_symlink()) and not force:
             raise OutputExistsError(f"{out} exists; pass --force to replace it")

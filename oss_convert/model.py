@@ -42,6 +42,11 @@ NUM_TEXT_TOKENS = 199998  # o200k text tokens; the Harmony specials start at thi
 EXPERT_WEIGHTS = ("mlp1", "mlp2")  # the two expert matrices of a layer: gate/up (interleaved) and down
 
 
+def is_number(value) -> bool:
+    """A JSON number: an int or a float, not a bool (which Python counts as an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def is_windowed(layer: int) -> bool:
     """The reference windows even layers (layer 0 included); odd layers attend to everything."""
     return layer % 2 == 0
@@ -101,51 +106,61 @@ class ModelConfig:
         return self.sliding_window if is_windowed(layer) else 0
 
     @classmethod
-    def from_dict(cls, raw: dict, *, file: Path | None = None) -> "ModelConfig":
+    def from_dict(cls, raw: dict, *, file: Path | None = None, names: dict[str, str] | None = None) -> "ModelConfig":
+        """The config from its 16 keys, each of its type and within ``check``'s bounds; ``names``
+        maps a key to what the file calls it (``num_local_experts`` in a transformers config), for
+        the messages."""
+        label = (names or {}).get
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(raw) - set(known))
         if unknown:
             raise InputError(f"unknown config keys {unknown}; the reference model accepts only {list(known)}", file=file)
-        missing = [name for name in known if name not in raw]
+        missing = [label(name, name) for name in known if name not in raw]
         if missing:
             raise InputError(f"config is missing keys {missing}", file=file)
         values = {}
         for name, f in known.items():
             value = raw[name]
             want = int if f.type in ("int", int) else float
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (want is int and not float(value).is_integer()):
-                raise InputError(f"config key {name!r} must be {want.__name__}, got {value!r}", file=file)
-            values[name] = value
+            if not is_number(value) or (want is int and not isinstance(value, int)):  # 4.0 layers: a range() of a float
+                raise InputError(f"config key {label(name, name)!r} must be {want.__name__}, got {value!r}", file=file)
+            values[name] = int(value) if want is int else value
         config = cls(**values)
-        config.check(file)
+        config.check(file, names)
         return config
 
-    def check(self, file: Path | None = None) -> None:
+    def check(self, file: Path | None = None, names: dict[str, str] | None = None) -> None:
         """What the model's math needs of every key, and the relations between keys that every
         consumer relies on; sizes bounded far above any gpt-oss (a stranger's config must not
-        make us allocate for 10^9 layers)."""
+        make us allocate for 10^9 layers). ``names``: what the file calls each key."""
+        def label(name: str) -> str:
+            return (names or {}).get(name, name)
+
         problems = []
         for name, limit in CONFIG_LIMITS.items():
             value = getattr(self, name)
             if not math.isfinite(value) or not 0 < value <= limit:
-                problems.append(f"{name} must be in 1..{limit}, got {value!r}" if isinstance(limit, int)
-                                else f"{name} must be finite, > 0 and <= {limit:g}, got {value!r}")
+                problems.append(f"{label(name)} must be in 1..{limit}, got {value!r}" if isinstance(limit, int)
+                                else f"{label(name)} must be finite, > 0 and <= {limit:g}, got {value!r}")
         if self.hidden_size % 32 or self.intermediate_size % 32:
-            problems.append("hidden_size and intermediate_size must be multiples of 32 (MXFP4 blocks)")
+            problems.append(f"{label('hidden_size')} and {label('intermediate_size')} must be multiples of 32 "
+                            "(MXFP4 blocks)")
         if self.num_attention_heads % max(self.num_key_value_heads, 1):
-            problems.append("num_attention_heads must be a multiple of num_key_value_heads")
+            problems.append(f"{label('num_attention_heads')} must be a multiple of {label('num_key_value_heads')}")
         if self.head_dim % 2:
-            problems.append("head_dim must be even (RoPE pairs)")
+            problems.append(f"{label('head_dim')} must be even (RoPE pairs)")
         if self.experts_per_token > self.num_experts:
-            problems.append("experts_per_token exceeds num_experts")
+            problems.append(f"{label('experts_per_token')} exceeds {label('num_experts')}")
         if self.num_key_value_heads > self.num_attention_heads:
-            problems.append("num_key_value_heads exceeds num_attention_heads")
+            problems.append(f"{label('num_key_value_heads')} exceeds {label('num_attention_heads')}")
         if self.rope_theta <= 1:
-            problems.append(f"rope_theta must exceed 1 (RoPE divides by its log), got {self.rope_theta!r}")
+            problems.append(f"{label('rope_theta')} must exceed 1 (RoPE divides by its log), got {self.rope_theta!r}")
         if self.rope_scaling_factor < 1:
-            problems.append(f"rope_scaling_factor must be >= 1 (YaRN stretches the context), got {self.rope_scaling_factor!r}")
+            problems.append(f"{label('rope_scaling_factor')} must be >= 1 (YaRN stretches the context), "
+                            f"got {self.rope_scaling_factor!r}")
         if not self.rope_ntk_alpha < self.rope_ntk_beta:
-            problems.append("rope_ntk_alpha must be below rope_ntk_beta (YaRN's ramp runs between them)")
+            problems.append(f"{label('rope_ntk_alpha')} must be below {label('rope_ntk_beta')} "
+                            "(YaRN's ramp runs between them)")
         if problems:
             raise InputError("invalid config: " + "; ".join(problems), file=file)
 

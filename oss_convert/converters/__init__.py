@@ -32,12 +32,12 @@ from ..atomic import publishing
 from ..errors import InputError, OssConvertError, OutputExistsError, UsageError
 from ..formats.gguf import OUTTYPES
 from ..formats.mlx import AFFINE_RECIPES
-from ..guard import refuse_unsafe_output
+from ..guard import refuse_inside, refuse_unsafe_output
 from ..model import Source
 from ..progress import SILENT, Progress
 from ..provenance import manifest_hook, manifest_path
 from ..source_check import SourceCheck
-from ..tokens.files import TOKENIZER_FILES
+from ..tokens.files import TOKENIZER_FILES, check_side_files
 
 
 @dataclass(frozen=True)
@@ -162,8 +162,10 @@ def convert(source: str | Path, target_name: str, output: str | Path, *, force: 
         lora = formats.read_adapter(adapter, src.config, lambda name, rows: src.f32_rows(name, rows)) \
             if adapter is not None else None
         inputs = source_inputs(src, options) + (adapter_inputs(lora) if lora is not None else [])
-        refuse_unsafe_output([output, manifest_path(output)] if manifest else [output], inputs,
-                             force=force, shard_folders=[src.path])
+        published = [output, manifest_path(output)] if manifest else [output]
+        refuse_unsafe_output(published, inputs, force=force, shard_folders=[src.path])
+        refuse_inside(published, [src.path, Path(src.repo_root)] + ([Path(lora.path)] if lora is not None else []))
+        check_side_files(Path(src.repo_root))  # what the target copies or hands to gguf-py, before a byte is written
         if lora is not None:
             src = MergedSource(src, lora, recipe=options.get("recipe") if options.get("recipe") in quantize.RECIPES
                                else "search", dense_experts=spec.writes_dense_experts)

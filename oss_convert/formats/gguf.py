@@ -29,10 +29,11 @@ from typing import Callable
 
 import numpy as np
 
+from .. import side_files
 from ..dtypes import bf16_to_f32
 from ..errors import InputError
 from ..reading import open_regular, read_text
-from ..model import RMS_NORM_EPS, ModelConfig, Mxfp4Pair, interleave
+from ..model import CONFIG_LIMITS, RMS_NORM_EPS, ModelConfig, Mxfp4Pair, interleave
 from ..tokens.files import CHAT_TEMPLATE_FILE, TokenizerJson
 from ..tokens.vocabulary import Embedded, Vocabulary, byte_level_bytes
 from .base import Format, head
@@ -323,13 +324,18 @@ def add_general(writer, root: Path) -> None:
     """``general.type``/``name``/``basename``/``size_label``/... from gguf-py's ``Metadata``, as the converter does."""
     g = gguf_py()
     total, shared, expert, expert_count = writer.get_total_parameter_count()
-    meta = g.Metadata.load(None, root, None, total)
-    if meta.name is None:
-        meta.name = root.name
-    if meta.size_label is None and total > 0:
-        meta.size_label = g.size_label(total, shared, expert, expert_count)
-    writer.add_type(g.GGUFType.MODEL)
-    meta.set_gguf_meta_model(writer)
+    side_files.check(root)  # gguf-py reads README.md and config.json unchecked
+    try:
+        meta = g.Metadata.load(None, root, None, total)
+        if meta.name is None:
+            meta.name = root.name
+        if meta.size_label is None and total > 0:
+            meta.size_label = g.size_label(total, shared, expert, expert_count)
+        writer.add_type(g.GGUFType.MODEL)
+        meta.set_gguf_meta_model(writer)
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:  # what the checks above did not foresee
+        raise InputError(f"gguf-py cannot take the model card's metadata: {type(exc).__name__}: {exc}",
+                         file=root / "README.md") from exc
 
 
 # --------------------------------------------------------------------------------------
@@ -359,9 +365,13 @@ def split_members(path: str | Path) -> list[Path]:
 def shard_paths(path: str | Path) -> list[Path]:
     """All files of a split GGUF given any one of them (a plain file is its own list)."""
     paths = split_members(path)
+    if len(paths) > MAX_SPLITS:
+        raise InputError(f"names a split of {len(paths)} files; no gpt-oss GGUF is split into more than "
+                         f"{MAX_SPLITS}", file=path)
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
-        raise InputError(f"split GGUF is missing shards {missing}", file=path)
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise InputError(f"split GGUF is missing {len(missing)} of its {len(paths)} shards: {shown}", file=path)
     return paths
 
 
@@ -408,7 +418,23 @@ def _check_placement(reader, path: Path) -> None:
 # before it, or a 65 GB file becomes hours of "parsing".
 MAX_KV = 1 << 16
 MAX_TENSORS = 1 << 20
-MAX_ARRAY = 1 << 22
+MAX_ARRAY = 1 << 16  # any array but these:
+MAX_ARRAYS = {"tokenizer.ggml.tokens": 1 << 19, "tokenizer.ggml.token_type": 1 << 19, "tokenizer.ggml.scores": 1 << 19,
+              "tokenizer.ggml.merges": 1 << 20}  # 120b: 201088 tokens, 446189 merges
+# GGUF value types by what llama.cpp reads a key as (GGUFValueType)
+_KINDS = {"u32": (4, "UINT32"), "i32": (5, "INT32"), "f32": (6, "FLOAT32"), "bool": (7, "BOOL"), "str": (8, "STRING")}
+# What a GGUF calls each config key (for messages)
+GGUF_NAMES = {"num_hidden_layers": f"{ARCH}.block_count", "num_experts": f"{ARCH}.expert_count",
+              "experts_per_token": f"{ARCH}.expert_used_count", "vocab_size": "token_embd.weight's rows",
+              "hidden_size": f"{ARCH}.embedding_length", "intermediate_size": f"{ARCH}.expert_feed_forward_length",
+              "head_dim": f"{ARCH}.attention.key_length", "num_attention_heads": f"{ARCH}.attention.head_count",
+              "num_key_value_heads": f"{ARCH}.attention.head_count_kv",
+              "sliding_window": f"{ARCH}.attention.sliding_window",
+              "initial_context_length": f"{ARCH}.rope.scaling.original_context_length",
+              "rope_theta": f"{ARCH}.rope.freq_base", "rope_scaling_factor": f"{ARCH}.rope.scaling.factor",
+              "rope_ntk_alpha": f"{ARCH}.rope.scaling.yarn_beta_slow",
+              "rope_ntk_beta": f"{ARCH}.rope.scaling.yarn_beta_fast"}
+MAX_SPLITS = 4096  # a 120b (65 GB) split at 100 MB is 650 files
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NE = 1 << 32  # one dimension (the 120b's largest: 201088)
 MAX_ELEMENTS = 1 << 40  # one tensor (the 120b's largest: 1.2e10 values)
@@ -438,7 +464,7 @@ def check_header_bounds(path: Path) -> None:
                 raise InputError(f"string of {length} bytes at byte {at} runs past the end of the file", file=path)
             return at + length
 
-        def value(kind: int, at: int, depth: int = 0) -> int:
+        def value(kind: int, at: int, key: str, depth: int = 0) -> int:
             if kind in _SCALAR_SIZES:
                 return take(f"{_SCALAR_SIZES[kind]}s", at)[1]
             if kind == _STRING:
@@ -446,15 +472,18 @@ def check_header_bounds(path: Path) -> None:
             if kind != _ARRAY or depth > 1:
                 raise InputError(f"unknown GGUF value type {kind} at byte {at}", file=path)
             (item, count), at = take("IQ", at)
-            if count > MAX_ARRAY:
-                raise InputError(f"array of {count} elements at byte {at} (more than {MAX_ARRAY}: corrupt?)", file=path)
+            limit = MAX_ARRAYS.get(key, MAX_ARRAY)
+            if count > limit:
+                raise InputError(f"metadata key {key!r} is an array of {count} elements; no gpt-oss GGUF holds "
+                                 f"more than {limit}", file=path)
+            counts[key] = count
             if item in _SCALAR_SIZES:
                 end = at + count * _SCALAR_SIZES[item]
                 if end > size:
                     raise InputError(f"array of {count} values at byte {at} runs past the end of the file", file=path)
                 return end
             for _ in range(count):
-                at = value(item, at, depth + 1)
+                at = value(item, at, key, depth + 1)
             return at
 
         (version,), at = take("I", 4)
@@ -463,22 +492,33 @@ def check_header_bounds(path: Path) -> None:
         (tensors, kvs), at = take("QQ", 8)
         if kvs > MAX_KV or tensors > MAX_TENSORS:
             raise InputError(f"header claims {kvs} keys and {tensors} tensors (corrupt?)", file=path)
+        counts: dict[str, int] = {}
+        rows = None  # token_embd's rows: what the tokenizer arrays must count
         for _ in range(kvs):
-            at = string(at)
+            start, at = at + 8, string(at)
+            key = bytes(data[start:at]).decode("utf-8", "replace")
             (kind,), at = take("I", at)
-            at = value(kind, at)
+            at = value(kind, at, key)
         for _ in range(tensors):
-            at = string(at)
+            start, at = at + 8, string(at)
+            name = bytes(data[start:at])
             (dims,), at = take("I", at)
             if dims > MAX_DIMS:
                 raise InputError(f"tensor info at byte {at} has {dims} dimensions (at most {MAX_DIMS})", file=path)
             ne, at = take(f"{dims}Q", at)
             if any(n == 0 or n > MAX_NE for n in ne) or math.prod(ne) > MAX_ELEMENTS:
                 raise InputError(f"tensor info at byte {at} has shape {list(ne)} (corrupt?)", file=path)
+            if name == b"token_embd.weight" and dims == 2:
+                rows = ne[1]
             (_, offset), at = take("IQ", at)
             if offset >= size:  # gguf-py adds it to the data start in uint64: 2^64-1 wraps to before it
                 raise InputError(f"tensor info at byte {at} puts its data at offset {offset}, past the file's "
                                  f"{size} bytes", file=path)
+        # llama.cpp needs one token per embedding row; checked before gguf-py parses the strings
+        for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type"):
+            if rows is not None and key in counts and counts[key] != rows:
+                raise InputError(f"metadata key {key!r} has {counts[key]} entries but token_embd.weight has "
+                                 f"{rows} rows (llama.cpp needs one per row)", file=path)
 
 
 class GgufModel:
@@ -514,49 +554,68 @@ class GgufModel:
         except (UnicodeDecodeError, ValueError, TypeError, IndexError) as exc:  # a corrupt string or array
             raise InputError(f"metadata key {key!r} cannot be read: {exc}", file=self.path) from exc
 
-    def _key(self, suffix: str, default=None):
-        value = self.value(f"{ARCH}.{suffix}", default)
+    def typed(self, key: str, kind: str, default=None):
+        """Metadata ``key`` if it has the type llama.cpp reads it as (``kind``: "u32", "i32", "f32",
+        "str", "bool"; it refuses any other), else an ``InputError`` naming the key."""
+        field = self.fields.get(key)
+        if field is None:
+            return default
+        want, name = _KINDS[kind]
+        if len(field.types) != 1 or field.types[0] != want:
+            got = "/".join(t.name for t in field.types)
+            raise InputError(f"metadata key {key!r} is {got}; llama.cpp reads it as {name}", file=self.path)
+        value = self.value(key)
+        if kind == "f32" and not math.isfinite(value):
+            raise InputError(f"metadata key {key!r} is {value}", file=self.path)
+        return value
+
+    def _key(self, suffix: str, kind: str = "u32", default=None):
+        value = self.typed(f"{ARCH}.{suffix}", kind, default)
         if value is None:
             raise InputError(f"metadata key {ARCH}.{suffix} is missing (llama.cpp needs it)", file=self.path)
         return value
 
     def _config(self) -> ModelConfig:
-        try:
-            config = self._read_config()
-        except (TypeError, ValueError, OverflowError) as exc:  # a key of the wrong type (a list, a string)
-            raise InputError(f"gpt-oss metadata is not valid: {exc}", file=self.path) from exc
+        config = self._read_config()
         # Every layer has tensors: a corrupt block_count of 4e9 must not drive loops over layers.
         if config.num_hidden_layers > len(self.tensors):
             raise InputError(f"{ARCH}.block_count is {config.num_hidden_layers} but the file has only "
                              f"{len(self.tensors)} tensors", file=self.path)
-        config.check(self.path)
+        config.check(self.path, GGUF_NAMES)
+        problems = []
+        if self._key("attention.layer_norm_rms_epsilon", "f32") != np.float32(RMS_NORM_EPS):
+            problems.append(f"{ARCH}.attention.layer_norm_rms_epsilon must be {RMS_NORM_EPS} (the reference's)")
+        if not 0 < self._key("context_length") <= CONFIG_LIMITS["initial_context_length"] * 1024:
+            problems.append(f"{ARCH}.context_length must be in 1..{CONFIG_LIMITS['initial_context_length'] * 1024}")
+        if self._key("attention.value_length", default=config.head_dim) != config.head_dim:
+            problems.append(f"{ARCH}.attention.value_length must equal {ARCH}.attention.key_length")
+        if problems:
+            raise InputError("invalid config: " + "; ".join(problems), file=self.path)
         return config
 
     def _read_config(self) -> ModelConfig:
         embd = self.tensors.get(gguf_names("embedding.weight")[0])
-        if embd is None:
-            raise InputError("no token_embd.weight tensor", file=self.path)
-        factor = float(self._key("rope.scaling.factor", 1.0))
-        config = ModelConfig(
-            num_hidden_layers=int(self._key("block_count")),
-            num_experts=int(self._key("expert_count")),
-            experts_per_token=int(self._key("expert_used_count")),
+        if embd is None or len(embd.shape) != 2:
+            raise InputError("no two-dimensional token_embd.weight tensor", file=self.path)
+        return ModelConfig(
+            num_hidden_layers=self._key("block_count"),
+            num_experts=self._key("expert_count"),
+            experts_per_token=self._key("expert_used_count"),
             vocab_size=int(embd.shape[1]),
-            hidden_size=int(self._key("embedding_length")),
-            intermediate_size=int(self._key("expert_feed_forward_length")),
+            hidden_size=self._key("embedding_length"),
+            intermediate_size=self._key("expert_feed_forward_length"),
             swiglu_limit=7.0,  # llama.cpp hard-codes it; there is no key
-            head_dim=int(self._key("attention.key_length")),
-            num_attention_heads=int(self._key("attention.head_count")),
-            num_key_value_heads=int(self._key("attention.head_count_kv")),
-            sliding_window=int(self._key("attention.sliding_window")),
-            initial_context_length=int(self._key("rope.scaling.original_context_length",
-                                                 self._key("context_length"))),
-            rope_theta=_integral(float(self._key("rope.freq_base"))),
-            rope_scaling_factor=factor,
-            rope_ntk_alpha=_integral(float(self._key("rope.scaling.yarn_beta_slow", 1.0))),
-            rope_ntk_beta=_integral(float(self._key("rope.scaling.yarn_beta_fast", 32.0))),
+            head_dim=self._key("attention.key_length"),
+            num_attention_heads=self._key("attention.head_count"),
+            num_key_value_heads=self._key("attention.head_count_kv"),
+            sliding_window=self._key("attention.sliding_window"),
+            initial_context_length=self._key("rope.scaling.original_context_length",
+                                             default=self._key("context_length")),
+            rope_theta=_integral(self._key("rope.freq_base", "f32")),
+            rope_scaling_factor=self._key("rope.scaling.factor", "f32", 1.0),
+            rope_ntk_alpha=_integral(self._key("rope.scaling.yarn_beta_slow", "f32", 1.0)),
+            rope_ntk_beta=_integral(self._key("rope.scaling.yarn_beta_fast", "f32", 32.0)),
         )
-        return config
 
     # -- tensors ------------------------------------------------------------------------
 
@@ -640,22 +699,48 @@ class GgufModel:
         skipped), ``tokenizer.ggml.{bos,eos,padding}_token_id``, ``tokenizer.chat_template``; llama.cpp
         stops on the EOS (and EOT/EOM where declared)."""
         TokenType = gguf_py().TokenType
-        tokens, types = self.value("tokenizer.ggml.tokens"), self.value("tokenizer.ggml.token_type")
+        tokens, types = self._array("tokenizer.ggml.tokens", "str"), self._array("tokenizer.ggml.token_type", "i32")
         if tokens is None or types is None or len(tokens) != len(types):
-            raise InputError("no usable tokenizer.ggml.tokens / token_type", file=self.path)
+            raise InputError("no usable tokenizer.ggml.tokens / token_type (llama.cpp needs both, one entry "
+                             "per token)", file=self.path)
+        known = {int(t) for t in TokenType}
+        odd = next((i for i, kind in enumerate(types) if kind not in known), None)
+        if odd is not None:
+            raise InputError(f"metadata key 'tokenizer.ggml.token_type' gives token {odd} type {types[odd]}, "
+                             f"which llama.cpp does not know", file=self.path)
+        first: dict[str, int] = {}
         vocab = Vocabulary(str(self.path))
         for i, (text, kind) in enumerate(zip(tokens, types)):
+            if first.setdefault(text, i) != i:  # llama.cpp maps text to one id: the other is unreachable
+                raise InputError(f"metadata key 'tokenizer.ggml.tokens' holds {text!r} twice (ids {first[text]} and "
+                                 f"{i})", file=self.path)
             if kind == TokenType.CONTROL:
                 vocab.specials[i] = text
             elif kind != TokenType.UNUSED:  # UNUSED: the converter's [PADn] rows
                 vocab.tokens[i] = byte_level_bytes(text) or text.encode("utf-8")
+        ids = {}
+        for key in ("bos_token_id", "eos_token_id", "padding_token_id", "eot_token_id", "eom_token_id"):
+            ids[key] = self.typed(f"tokenizer.ggml.{key}", "u32")
+            if ids[key] is not None and ids[key] >= len(tokens):
+                raise InputError(f"metadata key 'tokenizer.ggml.{key}' is {ids[key]}, beyond the {len(tokens)} "
+                                 "tokens", file=self.path)
         for role, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id")):
-            value = self.value(f"tokenizer.ggml.{key}")
-            vocab.ids[role] = int(value) if value is not None else None
-        stops = [self.value(f"tokenizer.ggml.{k}") for k in ("eos_token_id", "eot_token_id", "eom_token_id")]
-        template = self.value("tokenizer.chat_template")
+            vocab.ids[role] = ids[key]
+        stops = [ids[k] for k in ("eos_token_id", "eot_token_id", "eom_token_id")]
+        template = self.typed("tokenizer.chat_template", "str")
         return Embedded(vocab, ("GGUF tokenizer.chat_template", template) if template else None, "eos",
-                        sorted({int(i) for i in stops if i is not None}))
+                        sorted({i for i in stops if i is not None}))
+
+    def _array(self, key: str, item: str) -> list | None:
+        """Metadata array ``key`` if its items have the type llama.cpp reads (``item`` as in ``typed``)."""
+        field = self.fields.get(key)
+        if field is None:
+            return None
+        want, name = _KINDS[item]
+        if list(field.types) != [_ARRAY, want]:
+            got = "/".join(t.name for t in field.types)
+            raise InputError(f"metadata key {key!r} is {got}; llama.cpp reads an ARRAY of {name}", file=self.path)
+        return self.value(key)
 
     # -- summaries ----------------------------------------------------------------------
 
@@ -774,7 +859,15 @@ def expected_parts(config: ModelConfig) -> dict[str, list[tuple[str, tuple[int, 
 
 
 def open_canonical(path: str | Path) -> GgufModel:
-    return GgufModel(path)
+    """The model, refused where llama.cpp's loader would refuse it (a tensor missing or of the
+    wrong shape for the metadata, too few tokens)."""
+    model = GgufModel(path)
+    problems = model.problems()
+    if problems:
+        model.close()
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise InputError("llama.cpp would not load it: " + "; ".join(problems[:3]) + more, file=model.path)
+    return model
 
 
 def describe(path: str | Path, *, scan: bool = False) -> dict:

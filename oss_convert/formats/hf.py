@@ -50,7 +50,7 @@ from ..tokens.files import TOKENIZER_FILES, FolderTokens
 from ..tokens.vocabulary import special_ids
 from . import mxfp4
 from .original import OriginalCheckpoint
-from ..model import (RMS_NORM_EPS, SWIGLU_ALPHA, ModelConfig, Mxfp4Pair, VocabRows, expected_tensors,
+from ..model import (RMS_NORM_EPS, SWIGLU_ALPHA, ModelConfig, Mxfp4Pair, VocabRows, expected_tensors, is_number,
                      expert_name, is_expert_weight, is_windowed, iter_chunks)
 from .base import Format
 from .safetensors import FolderLayout, ShardedReader
@@ -204,49 +204,74 @@ def _integral(value: float) -> float | int:
     return int(value) if float(value).is_integer() else value
 
 
+# What a transformers config calls each of the 16 keys (for messages: a key is named as the file spells it).
+HF_NAMES = {"num_experts": "num_local_experts", "experts_per_token": "num_experts_per_tok",
+            "rope_scaling_factor": "rope_scaling.factor", "rope_ntk_alpha": "rope_scaling.beta_slow",
+            "rope_ntk_beta": "rope_scaling.beta_fast"}
+
+
+def _number(doc: dict, key: str, file: Path | None, default=None, where: str = ""):
+    """``doc[key]`` if it is a JSON number (``default`` when absent); anything else names the key."""
+    value = doc.get(key, default)
+    if value is None:
+        raise InputError(f"config key {where}{key!r} is missing", file=file)
+    if not is_number(value):
+        raise InputError(f"config key {where}{key!r} must be a number, got {value!r}", file=file)
+    return value
+
+
 def model_config_from_hf(raw: dict, *, file: Path | None = None) -> ModelConfig:
     """The 16 ``original/`` keys from a ``GptOssForCausalLM`` config; refuses what the reference cannot run."""
     if raw.get("model_type") != MODEL_TYPE:
         raise InputError(f"model_type is {raw.get('model_type')!r}, not {MODEL_TYPE!r}", file=file)
     rope = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
-    try:
-        values = {
-            "num_hidden_layers": raw["num_hidden_layers"],
-            "num_experts": raw["num_local_experts"],
-            "experts_per_token": raw.get("num_experts_per_tok", raw.get("experts_per_token")),
-            "vocab_size": raw["vocab_size"],
-            "hidden_size": raw["hidden_size"],
-            "intermediate_size": raw["intermediate_size"],
-            "swiglu_limit": float(raw.get("swiglu_limit", 7.0)),
-            "head_dim": raw.get("head_dim", raw["hidden_size"] // raw["num_attention_heads"]),
-            "num_attention_heads": raw["num_attention_heads"],
-            "num_key_value_heads": raw["num_key_value_heads"],
-            "sliding_window": raw["sliding_window"],
-            "initial_context_length": raw.get("initial_context_length", rope.get("original_max_position_embeddings")),
-            "rope_theta": _integral(raw.get("rope_theta", rope.get("rope_theta", 150000))),
-            "rope_scaling_factor": float(rope.get("factor", 1.0)),
-            "rope_ntk_alpha": _integral(rope.get("beta_slow", 1)),
-            "rope_ntk_beta": _integral(rope.get("beta_fast", 32)),
-        }
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InputError(f"GptOss config lacks or mangles {exc}", file=file) from exc
+    if not isinstance(rope, dict):
+        raise InputError(f"config key 'rope_scaling' must be a JSON object, got {rope!r}", file=file)
+    names = dict(HF_NAMES)
+    experts_per_token = "num_experts_per_tok" if "num_experts_per_tok" in raw else "experts_per_token"
+    names["experts_per_token"] = experts_per_token
+    values = {key: _number(raw, hf_key, file) for key, hf_key in (
+        ("num_hidden_layers", "num_hidden_layers"), ("num_experts", "num_local_experts"),
+        ("experts_per_token", experts_per_token), ("vocab_size", "vocab_size"), ("hidden_size", "hidden_size"),
+        ("intermediate_size", "intermediate_size"), ("num_attention_heads", "num_attention_heads"),
+        ("num_key_value_heads", "num_key_value_heads"), ("sliding_window", "sliding_window"))}
+    values["swiglu_limit"] = _number(raw, "swiglu_limit", file, 7.0)
+    if "head_dim" in raw:
+        values["head_dim"] = _number(raw, "head_dim", file)
+    else:  # transformers' default; the division waits for check() to know the head count is sane
+        heads = values["num_attention_heads"]
+        values["head_dim"] = values["hidden_size"] // heads if isinstance(heads, int) and heads > 0 else 0
+    if "initial_context_length" in raw:
+        values["initial_context_length"] = _number(raw, "initial_context_length", file)
+    else:
+        values["initial_context_length"] = _number(rope, "original_max_position_embeddings", file,
+                                                   where="rope_scaling.")
+        names["initial_context_length"] = "rope_scaling.original_max_position_embeddings"
+    if "rope_theta" in raw:
+        values["rope_theta"] = _integral(_number(raw, "rope_theta", file))
+    else:
+        values["rope_theta"] = _integral(_number(rope, "rope_theta", file, 150000, where="rope_scaling."))
+        names["rope_theta"] = "rope_scaling.rope_theta"
+    values["rope_scaling_factor"] = float(_number(rope, "factor", file, 1.0, where="rope_scaling."))
+    values["rope_ntk_alpha"] = _integral(_number(rope, "beta_slow", file, 1, where="rope_scaling."))
+    values["rope_ntk_beta"] = _integral(_number(rope, "beta_fast", file, 32, where="rope_scaling."))
+    config = ModelConfig.from_dict(values, file=file, names=names)  # types and bounds first: then relations
     problems = []
     if rope and rope.get("rope_type", "yarn") != "yarn":
         problems.append(f"rope_type {rope.get('rope_type')!r} (the reference uses yarn)")
     if rope.get("truncate", False):
         problems.append("rope_scaling.truncate true (the reference does not round the YaRN ramp)")
-    if float(raw.get("rms_norm_eps", RMS_NORM_EPS)) != RMS_NORM_EPS:
-        problems.append(f"rms_norm_eps {raw['rms_norm_eps']} (the reference uses {RMS_NORM_EPS})")
-    if float(raw.get("swiglu_alpha", SWIGLU_ALPHA)) != SWIGLU_ALPHA:
-        problems.append(f"swiglu_alpha {raw['swiglu_alpha']} (the reference uses {SWIGLU_ALPHA})")
+    for key, value in (("rms_norm_eps", RMS_NORM_EPS), ("swiglu_alpha", SWIGLU_ALPHA)):
+        if raw.get(key, value) != value:
+            problems.append(f"{key} {raw[key]!r} (the reference uses {value})")
     if not raw.get("attention_bias", True):
         problems.append("attention_bias false")
     types = raw.get("layer_types")
-    if types is not None and types != hf_config_layer_types(values["num_hidden_layers"]):
+    if types is not None and types != hf_config_layer_types(config.num_hidden_layers):
         problems.append("layer_types differ from the reference (sliding window on even layers)")
     if problems:
         raise InputError("config describes a model the gpt-oss reference cannot run: " + "; ".join(problems), file=file)
-    return ModelConfig.from_dict(values, file=file)
+    return config
 
 
 def hf_config_layer_types(layers: int) -> list[str]:
@@ -284,6 +309,7 @@ class HfCheckpoint(ShardedReader, VocabRows, FolderTokens):
         self.hf_config = self._read_config(self.config_path)
         self.config = model_config_from_hf(self.hf_config, file=self.config_path)
         self._open_shards(self.path, "*.safetensors")
+        self._check_index(self.path)  # transformers finds the tensors through it
         self.tied = bool(self.hf_config.get("tie_word_embeddings", False)) and "lm_head.weight" not in self.entries
         self.experts = "mxfp4" if "model.layers.0.mlp.experts.gate_up_proj_blocks" in self.entries else "bf16"
         self.specs = expected_tensors(self.config, self.experts)

@@ -386,6 +386,10 @@ class MetalModel(VocabRows):
         if not (h.interpolation_scale > 0 and h.yarn_scale != 0 and h.rope_theta > 1):
             problems.append(f"RoPE fields out of range (interpolation_scale {h.interpolation_scale}, "
                             f"yarn_scale {h.yarn_scale}, rope_theta {h.rope_theta})")
+        if h.rmsnorm_epsilon != np.float32(RMS_NORM_EPS):  # the runtime normalizes with it; the reference with 1e-5
+            problems.append(f"rmsnorm_epsilon is {h.rmsnorm_epsilon}, not the reference's {RMS_NORM_EPS}")
+        if not math.isfinite(h.swiglu_limit):
+            problems.append(f"swiglu_limit is {h.swiglu_limit}")
         if self.num_text == 0 or self.regex_size == 0:
             problems.append("empty tokenizer")
         if problems:

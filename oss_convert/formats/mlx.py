@@ -203,11 +203,38 @@ def _plain_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# MLX's quantization modes, with the (bits, group size) each allows and its defaults (mlx.core.quantize)
+MLX_MODES = {"affine": ({2, 3, 4, 5, 6, 8}, {32, 64, 128}, (4, 64)), "mxfp4": ({4}, {32}, (4, 32)),
+             "nvfp4": ({4}, {16}, (4, 16)), "mxfp8": ({8}, {32}, (8, 32))}
+
+
+def _quantization_params(spec: dict, key: str, file: Path) -> tuple[str, int, int]:
+    """``(mode, bits, group_size)`` of a quantization block (or a module's override), as mlx reads it."""
+    mode = spec.get("mode", "affine")
+    if mode not in MLX_MODES:
+        raise InputError(f"config key '{key}.mode' is {mode!r}; MLX knows {sorted(MLX_MODES)}", file=file)
+    allowed_bits, allowed_groups, (bits, group_size) = MLX_MODES[mode]
+    bits, group_size = spec.get("bits", bits), spec.get("group_size", group_size)
+    for name, value, allowed in (("bits", bits, allowed_bits), ("group_size", group_size, allowed_groups)):
+        if not (isinstance(value, int) and not isinstance(value, bool)) or value not in allowed:
+            raise InputError(f"config key '{key}.{name}' is {value!r}; MLX's {mode} mode takes {sorted(allowed)}",
+                             file=file)
+    return mode, bits, group_size
+
+
+def _quantization_text(params: tuple[str, int, int] | None) -> str:
+    return "dense" if params is None else f"{params[0]} {params[1]}-bit, group {params[2]}"
+
+
 class Quantized:
     """How one module is stored: ``mode`` ("affine", "mxfp4", ...), ``bits``, ``group_size``."""
 
     def __init__(self, mode: str, bits: int, group_size: int):
         self.mode, self.bits, self.group_size = mode, bits, group_size
+
+    @property
+    def params(self) -> tuple[str, int, int]:
+        return self.mode, self.bits, self.group_size
 
     @property
     def storage(self) -> str:
@@ -257,11 +284,39 @@ class MlxModel(ShardedReader, VocabRows, FolderTokens):
         extra = sorted(self.entries.keys() - seen)
         if extra:
             raise self._fail(extra[0], f"unexpected tensors for a model with this config.json: {extra[:5]}")
-        if any(q is not None for q in quant.values()) and not (
-                self.mlx_config.get("quantization") or self.mlx_config.get("quantization_config")):
-            raise InputError("quantized tensors but no quantization block in config.json (mlx-lm cannot load it)",
-                             file=self.config_path)
+        self._check_quantization_block(quant)
         return quant
+
+    def _check_quantization_block(self, quant: dict[str, "Quantized | None"]) -> None:
+        """config.json's ``quantization`` as mlx-lm (0.32) reads it: it must be an object with
+        ``group_size`` and ``bits``; a module it names is quantized as its entry says (false: not at
+        all) and then loaded strictly, so an entry that disagrees with the module's tensors does
+        not load; a module it does not name is quantized as its tensors say."""
+        block = self.mlx_config.get("quantization", self.mlx_config.get("quantization_config"))
+        if block is None:
+            if any(q is not None for q in quant.values()):
+                raise InputError("quantized tensors but no quantization block in config.json (mlx-lm cannot load it)",
+                                 file=self.config_path)
+            return
+        if not isinstance(block, dict) or not {"group_size", "bits"} <= block.keys():
+            raise InputError(f"config key 'quantization' must be an object with group_size and bits "
+                             f"(mlx-lm reads both), got {block!r:.200}", file=self.config_path)
+        for module, stored in quant.items():
+            if module not in block:
+                continue
+            spec = block[module]
+            if spec is False:
+                wanted = None
+            elif isinstance(spec, dict):
+                wanted = _quantization_params(spec, f"quantization.{module}", self.config_path)
+            else:
+                raise InputError(f"config key 'quantization.{module}' must be an object or false, got {spec!r:.100}",
+                                 file=self.config_path)
+            if wanted != (stored.params if stored is not None else None):
+                raise InputError(f"config key 'quantization.{module}' makes mlx-lm load it as "
+                                 f"{_quantization_text(wanted)}, but its tensors are "
+                                 f"{_quantization_text(stored.params if stored is not None else None)}",
+                                 file=self.config_path)
 
     def _module_quantization(self, module: str, shape: tuple[int, ...]) -> Quantized | None:
         name = module + ".weight"

@@ -239,6 +239,30 @@ class ShardedReader:
             raise InputError("config must be a JSON object", file=path)
         return config
 
+    def _check_index(self, folder: Path) -> None:
+        """``model.safetensors.index.json``, where there is one, as transformers reads it to find
+        each tensor: an object whose ``weight_map`` maps every tensor of the shards, and nothing
+        else, to the file in this folder that holds it."""
+        path = Path(folder) / INDEX_FILE
+        if not (path.exists() or path.is_symlink()):
+            return
+        doc = read_json(path)
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise InputError("the index must be an object whose weight_map maps tensor names to file names", file=path)
+        for name, file in weight_map.items():
+            entry = self.entries.get(name)
+            if entry is None:
+                raise InputError(f"the index names a tensor no shard holds (it maps it to {file!r})", file=path,
+                                 tensor=name)
+            if file != entry.file.name:
+                raise InputError(f"the index maps it to {file!r}, but {entry.file.name} holds it", file=path,
+                                 tensor=name)
+        unlisted = sorted(self.entries.keys() - weight_map.keys())
+        if unlisted:
+            raise InputError(f"the index leaves out {len(unlisted)} tensors of the shards (transformers would not "
+                             "load them)", file=path, tensor=unlisted[0])
+
     def _open_shards(self, folder: Path, pattern: str) -> None:
         """Open every ``pattern`` file in ``folder`` and index their tensors into ``self.entries``."""
         paths = sorted(folder.glob(pattern))

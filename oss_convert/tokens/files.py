@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import InputError
-from ..reading import read_json, read_text
+from ..reading import open_regular, read_json, read_text
 from .vocabulary import (O200K_PATTERN, ROLES, SPECIAL_TOKENS, Embedded, Vocabulary, byte_level_bytes, byte_level_text,
                          layout, load_ranks, rank_merges)
 
@@ -55,6 +55,25 @@ class TokenizerJson:
         self.doc = doc
         self.vocab: dict[str, int] = vocab
         self.added: dict[int, dict] = {t["id"]: t for t in added}
+        self._refuse_shared_ids(added)
+
+    def _refuse_shared_ids(self, added: list[dict]) -> None:
+        """One id, one token: two texts on one id would leave one of them out of any vocabulary
+        written from this (a GGUF keeps one string per id)."""
+        if len(set(self.vocab.values())) != len(self.vocab):
+            seen: dict[int, str] = {}
+            for text, i in self.vocab.items():
+                if seen.setdefault(i, text) != text:
+                    raise InputError(f"model.vocab gives id {i} to two tokens ({seen[i]!r} and {text!r})",
+                                     file=self.path)
+        if len(self.added) != len(added):
+            twice = next(i for i in self.added if sum(t["id"] == i for t in added) > 1)
+            raise InputError(f"added_tokens gives id {twice} to two tokens", file=self.path)
+        by_id = {i: t for t, i in self.vocab.items()}
+        for i, token in self.added.items():
+            if i in by_id and by_id[i] != token["content"]:
+                raise InputError(f"added token {token['content']!r} has id {i}, which model.vocab gives to "
+                                 f"{by_id[i]!r}", file=self.path)
 
     @classmethod
     def beside(cls, folder: Path, needed_by: str | None = None) -> "TokenizerJson":
@@ -121,39 +140,122 @@ class TokenizerJson:
         return out
 
 
+def _present(path: Path) -> bool:
+    """A side file is there: as a file, or as anything else in its place (a FIFO, a broken or
+    looping link), which the reader then refuses by name rather than taking it as absent."""
+    return path.exists() or path.is_symlink()
+
+
+def _is_token(value) -> bool:
+    """A special token as transformers writes one: its text, or an AddedToken mapping with a content string."""
+    return isinstance(value, str) or (isinstance(value, dict) and isinstance(value.get("content"), str))
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def tokenizer_config(folder: Path) -> dict:
-    """``folder/tokenizer_config.json`` as a mapping ({} when missing)."""
+    """``folder/tokenizer_config.json`` as a mapping ({} when missing), its keys of the types
+    transformers, mlx-lm and gguf-py read them as: the special tokens, the chat template (a
+    string, or a list of named templates), ``added_tokens_decoder`` (id -> token)."""
     path = Path(folder) / "tokenizer_config.json"
-    if not path.is_file():
+    if not _present(path):
         return {}
     doc = _read_json(path, "tokenizer config")
     if not isinstance(doc, dict):
         raise InputError("the tokenizer config is not a JSON object", file=path)
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        if doc.get(key) is not None and not _is_token(doc[key]):
+            raise InputError(f"tokenizer config key {key!r} must be a token (a string or an object with a content "
+                             f"string), got {doc[key]!r:.60}", file=path)
+    template = doc.get("chat_template")
+    if template is not None and not isinstance(template, str) and not (isinstance(template, list) and all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+            for t in template)):
+        raise InputError("tokenizer config key 'chat_template' must be a string or a list of "
+                         "{name, template} strings", file=path)
+    decoder = doc.get("added_tokens_decoder")
+    if decoder is not None and not (isinstance(decoder, dict) and all(
+            k.isdigit() and _is_token(v) for k, v in decoder.items())):
+        raise InputError("tokenizer config key 'added_tokens_decoder' must map non-negative ids to tokens",
+                         file=path)
+    for key in ("add_bos_token", "add_eos_token"):
+        if doc.get(key) is not None and not isinstance(doc[key], bool):
+            raise InputError(f"tokenizer config key {key!r} must be true or false", file=path)
     return doc
 
 
-def generation_eos(folder: Path):
-    """``eos_token_id`` (an id or a list) of ``folder/generation_config.json``; None when the
-    file or the key is missing. A file that is not a JSON object is an ``InputError`` naming it."""
+def generation_config(folder: Path) -> dict | None:
+    """``folder/generation_config.json`` (None when missing), its token ids ids or lists of ids."""
     path = Path(folder) / "generation_config.json"
-    if not path.is_file():
+    if not _present(path):
         return None
     doc = _read_json(path, "generation config")
     if not isinstance(doc, dict):
         raise InputError("cannot read the generation config: not a JSON object", file=path)
-    return doc.get("eos_token_id")
+    for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        value = doc.get(key)
+        if value is not None and not (_is_id(value) or (isinstance(value, list) and all(map(_is_id, value)))):
+            raise InputError(f"{key} must be an id or a list of ids, not {value!r:.60}", file=path)
+    return doc
+
+
+def special_tokens_map(folder: Path) -> dict:
+    """``folder/special_tokens_map.json`` ({} when missing): role -> token, or a list of tokens."""
+    path = Path(folder) / "special_tokens_map.json"
+    if not _present(path):
+        return {}
+    doc = _read_json(path, "special tokens map")
+    if not isinstance(doc, dict) or not all(
+            _is_token(v) or (isinstance(v, list) and all(map(_is_token, v))) for v in doc.values()):
+        raise InputError("the special tokens map must map each role to a token or a list of tokens", file=path)
+    return doc
+
+
+def check_side_files(root: Path) -> None:
+    """Every side file a converter copies or hands to gguf-py, read and checked before a byte is
+    written: the tokenizer config, the generation config, the special tokens map, the chat
+    templates in ``additional_chat_templates/``, the README's front matter, the root config."""
+    from .. import side_files
+
+    root = Path(root)
+    for name in TOKENIZER_FILES:  # a FIFO or a looping link in a tokenizer file's place: refused, not skipped
+        if _present(root / name):
+            open_regular(root / name).close()
+    tokenizer_config(root)
+    chat_template(root)
+    generation_config(root)
+    special_tokens_map(root)
+    extra = root / "additional_chat_templates"
+    if extra.is_dir():
+        for path in sorted(extra.iterdir()):
+            try:
+                read_text(path)
+            except InputError as exc:
+                raise InputError(f"cannot read the chat template: {exc.bare_message}", file=path) from exc
+    side_files.check(root)
+
+
+def generation_eos(folder: Path):
+    """``eos_token_id`` (an id or a list) of ``folder/generation_config.json``; None when the
+    file or the key is missing."""
+    doc = generation_config(folder)
+    return None if doc is None else doc.get("eos_token_id")
 
 
 def chat_template(folder: Path) -> tuple[str, str] | None:
     """``(where it came from, text)`` of a folder's chat template: ``chat_template.jinja``, else
     ``tokenizer_config.json``'s ``chat_template`` key; ``None`` when it has neither."""
     path = Path(folder) / CHAT_TEMPLATE_FILE
-    if path.is_file():
+    if _present(path):
         try:
             return str(path), read_text(path)
         except InputError as exc:
             raise InputError(f"cannot read the chat template: {exc.bare_message}", file=path) from exc
     text = tokenizer_config(folder).get("chat_template")
+    if isinstance(text, list):  # named templates: transformers renders the one called "default"
+        text = next((t["template"] for t in text if t["name"] == "default"), None)
     if isinstance(text, str):
         return f"{Path(folder) / 'tokenizer_config.json'} chat_template", text
     return None
@@ -163,9 +265,10 @@ def folder_tokens(folder: Path) -> Embedded | None:
     """What a Hugging Face style folder (``original/`` repo, MLX, transformers) embeds, or
     ``None`` when it has no ``tokenizer.json``."""
     folder = Path(folder)
-    if not (folder / "tokenizer.json").is_file():
+    if not _present(folder / "tokenizer.json"):
         return None
     vocabulary = TokenizerJson(folder / "tokenizer.json").vocabulary(tokenizer_config(folder))
+    special_tokens_map(folder)  # read by transformers' tokenizer, so by mlx-lm: checked, not used
     return Embedded(vocabulary, chat_template(folder), "list", generation_stop_ids(folder))
 
 
@@ -178,16 +281,11 @@ class FolderTokens:
 
 def generation_stop_ids(folder: Path) -> list[int] | None:
     """The ids ``generation_config.json`` stops on, sorted; ``None`` without the file, [] without the key."""
-    if not (Path(folder) / "generation_config.json").is_file():
+    doc = generation_config(folder)
+    if doc is None:
         return None
-    eos = generation_eos(folder)
-    if eos is None:
-        return []
-    ids = eos if isinstance(eos, list) else [eos]
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise InputError(f"eos_token_id must be an id or a list of ids, not {eos!r}",
-                         file=Path(folder) / "generation_config.json")
-    return sorted(ids)
+    eos = doc.get("eos_token_id")
+    return [] if eos is None else sorted(eos if isinstance(eos, list) else [eos])
 
 
 # --------------------------------------------------------------------------------------

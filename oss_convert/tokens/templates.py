@@ -8,7 +8,8 @@ lstrip_blocks, ``tojson`` as ``json.dumps(ensure_ascii=False)``, ``raise_excepti
 ``CORPUS`` is the set of chats the check renders: reasoning effort low / medium / high,
 developer instructions, function tools with JSON schemas, analysis + final, tool calls whose
 arguments hold quotes, backslashes and non-ASCII, tool results, multi-turn history, the
-generation prompt on and off. ``check`` renders each with a template and with Harmony
+generation prompt on and off. ``judge`` holds a template's render of each against Harmony's
+(``tokens.bounded.check`` renders a stranger's template within bounds, then judges)
 (``harmony.render``), compares the tokens, and reports each chat's verdict with the first
 difference in context on both sides.
 
@@ -66,11 +67,21 @@ def compile_template(text: str, source: str):
         raise InputError(f"the chat template does not parse: {exc.message} (line {exc.lineno})", file=source) from exc
 
 
-def render_text(template, chat: dict) -> str:
-    """A chat rendered as ``apply_chat_template(messages, tools=..., add_generation_prompt=..., **kwargs)``."""
+def render_text(template, chat: dict, limit: int | None = None) -> str | None:
+    """A chat rendered as ``apply_chat_template(messages, tools=..., add_generation_prompt=..., **kwargs)``;
+    with ``limit``, None once the output passes that many characters (rendering stops there)."""
     kwargs = {k: v for k, v in chat.items() if k not in ("name", "messages", "tools", "add_generation_prompt")}
-    return template.render(messages=chat["messages"], tools=chat.get("tools"),
-                           add_generation_prompt=chat.get("add_generation_prompt", True), **kwargs)
+    context = dict(messages=chat["messages"], tools=chat.get("tools"),
+                   add_generation_prompt=chat.get("add_generation_prompt", True), **kwargs)
+    if limit is None:
+        return template.render(**context)
+    parts, size = [], 0
+    for part in template.generate(**context):
+        size += len(part)
+        if size > limit:
+            return None
+        parts.append(part)
+    return "".join(parts)
 
 
 # --------------------------------------------------------------------------------------
@@ -222,12 +233,6 @@ def judge(name: str, got: list[int] | str, want: list[int]) -> Verdict:
         return Verdict(name, "same", len(want))
     at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
     return Verdict(name, "differs", len(want), at, _context(got, at), _context(want, at))
-
-
-def check(text: str, source: str, corpus: list[dict] = CORPUS) -> list[Verdict]:
-    """Every corpus chat's verdict for the template ``text`` (from ``source``, named in errors)."""
-    template = compile_template(text, source)
-    return [compare_chat(template, chat) for chat in corpus]
 
 
 def resolve(choice: str | None) -> str | None:

@@ -459,6 +459,8 @@ def check_document(document: dict, path) -> None:
             if kind in _JSON_TYPES and got is not None and (
                     not isinstance(got, _JSON_TYPES[kind]) or isinstance(got, bool) != (kind == "bool")):
                 fail(f"{block_field.name}.{f.name}", kind)
+    if document.get("verdict") not in ("pass", "fail"):
+        fail("verdict", '"pass" or "fail"')
     for key in ("reasons", "notes", "checks"):
         if not isinstance(document.get(key, []), list):
             fail(key, "a list")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from ..tokens import harmony, templates as chat
+from ..tokens import bounded, harmony, templates as chat
 from ..errors import InputError
 from ..tokens.files import chat_template as folder_template
 
@@ -33,31 +33,33 @@ def check(model, reference_tokenizer: Path | None, strict: bool = False) -> dict
         harmony.encoding()
     except InputError as exc:  # openai-harmony or its vocabulary missing
         return {"checked": False, "reason": str(exc)}
-    try:
-        template = chat.compile_template(text, source)
-    except InputError as exc:
-        return {**result, "parse_error": str(exc), "conversations": [], "regressions": []}
     reference = folder_template(reference_tokenizer.parent) if reference_tokenizer is not None else None
-    ref_template = None
-    if reference is not None and reference[1] != text:
-        try:
-            ref_template = chat.compile_template(reference[1], reference[0])
-        except InputError:
-            ref_template = None
+    same_text = reference is not None and reference[1] == text
+    # Both templates are a stranger's: rendered in one bounded child (time, memory, output size)
+    jobs = [(text, source)] + ([reference[::-1]] if reference is not None and not same_text else [])
+    rendered = bounded.render_all(jobs, chat.CORPUS)
+    ours_all = rendered[0]
+    if isinstance(ours_all, InputError):
+        return {**result, "parse_error": str(ours_all), "conversations": [], "regressions": []}
+    if isinstance(ours_all, bounded.RenderLimit):
+        ours_all = [ours_all] * len(chat.CORPUS)
+    theirs_all = rendered[1] if len(rendered) > 1 else None
+    if isinstance(theirs_all, BaseException):  # the reference's own template unusable: compare by text only
+        theirs_all = None
     result["reference_source"] = reference[0] if reference is not None else None
-    result["same_text_as_reference"] = reference is not None and reference[1] == text
+    result["same_text_as_reference"] = same_text
     rows, regressions = [], []
-    for item in chat.CORPUS:  # each side rendered once
+    for i, item in enumerate(chat.CORPUS):
         want = harmony.render(item, chat.CHECK_DATE)
-        ours = chat.render_tokens(template, item)
+        ours = bounded.tokens_of(ours_all[i])
         verdict = chat.judge(item["name"], ours, want)
         row = verdict.to_dict()
-        if reference is None:
-            row["as_reference"] = None
-        elif ref_template is None:
-            row["as_reference"] = result["same_text_as_reference"]
+        if reference is None or theirs_all is None:
+            row["as_reference"] = None if reference is None else same_text
+            if verdict.status == "error" and not same_text:  # no template of the reference that fails there too
+                regressions.append(item["name"])
         else:
-            theirs = chat.render_tokens(ref_template, item)
+            theirs = bounded.tokens_of(theirs_all[i])
             row["as_reference"] = ours == theirs
             if verdict.status != "same" and (theirs == want or not row["as_reference"]):
                 regressions.append(item["name"])

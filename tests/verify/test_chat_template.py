@@ -16,7 +16,7 @@ from chat_strategies import chats
 from oracles import llama
 from helpers import run_cli
 from oss_convert import converters
-from oss_convert.tokens import harmony, templates as chat
+from oss_convert.tokens import bounded, harmony, templates as chat
 from oss_convert.verify.check import Inputs, verify
 
 FAST = Inputs(ctx=256, max_chunks=1)
@@ -68,7 +68,7 @@ def test_our_template_renders_generated_chats_as_harmony_does(generated):
 
 def test_the_check_finds_a_one_token_change():
     changed = chat.HARMONY_TEMPLATE.replace("Knowledge cutoff: 2024-06", "Knowledge cutoff: 2024-07")
-    verdicts = chat.check(changed, "changed.jinja")
+    verdicts = bounded.check(changed, "changed.jinja")
     assert {v.status for v in verdicts} == {"differs"}
     first = verdicts[0]
     assert "2024-07" in first.template_context.replace("⟦", "") and "2024-06" in first.harmony_context.replace("⟦", "")
@@ -77,7 +77,7 @@ def test_the_check_finds_a_one_token_change():
 @pytest.mark.oracle
 def test_the_real_template_is_measured_chat_by_chat(real_chat_template):
     assert len(real_chat_template.encode("utf-8")) == 16738
-    verdicts = {v.name: v for v in chat.check(real_chat_template, "openai-gpt-oss-120b.jinja")}
+    verdicts = {v.name: v for v in bounded.check(real_chat_template, "openai-gpt-oss-120b.jinja")}
     assert set(verdicts) == set(REAL_TEMPLATE_VERDICTS)
     for name, where in REAL_TEMPLATE_VERDICTS.items():
         v = verdicts[name]
