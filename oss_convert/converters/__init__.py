@@ -164,7 +164,9 @@ def convert(source: str | Path, target_name: str, output: str | Path, *, force: 
         inputs = source_inputs(src, options) + (adapter_inputs(lora) if lora is not None else [])
         published = [output, manifest_path(output)] if manifest else [output]
         refuse_unsafe_output(published, inputs, force=force, shard_folders=[src.path])
-        refuse_inside(published, [src.path, Path(src.repo_root)] + ([Path(lora.path)] if lora is not None else []))
+        # inside the shard folder (or the adapter's): a file there becomes part of that input. The
+        # repo root may hold outputs, as the Hub repos hold metal/ beside original/.
+        refuse_inside(published, [src.path] + ([Path(lora.path)] if lora is not None else []))
         check_side_files(Path(src.repo_root))  # what the target copies or hands to gguf-py, before a byte is written
         if lora is not None:
             src = MergedSource(src, lora, recipe=options.get("recipe") if options.get("recipe") in quantize.RECIPES
