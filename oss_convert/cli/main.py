@@ -174,6 +174,29 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _across_ranks(exc: OssConvertError) -> tuple[OssConvertError, bool]:
+    """Under ``mlx.launch``: the other ranks learn of this rank's failure at their next exchange
+    (``verify.ranks``), and every rank ends with the failing rank's message and code, which rank
+    0 alone prints. Otherwise the error as it is."""
+    from ..verify.ranks import RankFailure, current
+
+    world = current()
+    if world is None or world.size == 1:
+        return exc, True
+    if not isinstance(exc, RankFailure):
+        try:
+            world.check_in(exc)
+        except RankFailure as failure:
+            exc = failure
+    if world.leader:
+        click.echo(f"error: {printable(str(exc))}", err=True)
+    try:  # every rank waits for rank 0's message before any exits (mlx.launch stops the rest at the first)
+        world.finish(0)
+    except OssConvertError:
+        pass
+    return exc, False
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -188,8 +211,10 @@ def main() -> None:
         click.echo("interrupted", err=True)
         sys.exit(130)
     except OssConvertError as exc:
-        click.echo(f"error: {printable(str(exc))}", err=True)  # one line, whatever a file's name holds
-        sys.exit(EXIT_ERROR)
+        exc, leader = _across_ranks(exc)
+        if leader:
+            click.echo(f"error: {printable(str(exc))}", err=True)  # one line, whatever a file's name holds
+        sys.exit(getattr(exc, "exit_code", EXIT_ERROR))
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from ..atomic import atomic_output
 from ..errors import InputError, OutputExistsError
 from ..guard import artifact_inputs, refuse_overlap, refuse_report_outputs, refuse_unsafe_output
+from ..verify.ranks import world
 from ..verify.reference import DEFAULT_CTX, DEFAULT_TOP_K, METAL_VOCAB_ROWS
 from ..verify.card import RELATIONS
 from ..verify.report import DEFAULT_MAX_KLD, DEFAULT_MIN_TOP1, to_json
@@ -65,9 +66,14 @@ def reference_cmd(source, output, force, cut_rows, adapter, text_file, tokens_fi
         raise OutputExistsError(f"{output} exists; pass --force to replace it")
     refuse_unsafe_output([output], [*artifact_inputs(source), *artifact_inputs(adapter), text_file, tokens_file],
                          force=force)
-    ref = make_reference(source, inputs, progress_for(quiet), cut_rows=tuple(cut_rows), adapter=adapter)
-    ref.save(output, force=force)
-    click.echo(f"{output}: {ref.tokens.shape[0]} chunks x {ref.ctx} tokens, {len(ref.targets)} scored, top-{ref.meta['top_k']}")
+    ranks = world()
+    ref = make_reference(source, inputs, progress_for(quiet or not ranks.leader), cut_rows=tuple(cut_rows),
+                         adapter=adapter)
+    if ranks.leader:  # every rank holds the whole reference; one writes it
+        ref.save(output, force=force)
+        click.echo(f"{output}: {ref.tokens.shape[0]} chunks x {ref.ctx} tokens, {len(ref.targets)} scored, "
+                   f"top-{ref.meta['top_k']}" + (f", {ranks.size} ranks" if ranks.size > 1 else ""))
+    ranks.finish(0)
 
 
 @click.command("verify")
@@ -106,7 +112,6 @@ def verify_cmd(artifact, reference, integrity, max_kld, min_top1, json_file, sum
         raise click.UsageError("--reference is required (or use --integrity)")
     from ..verify.check import verify
     from ..verify.compare import resolve
-    from ..verify.report import format_table
 
     artifact = str(resolve(artifact))  # a path, or a Hub quant (user/repo:Q4_K_M) from the local cache
 
@@ -114,10 +119,19 @@ def verify_cmd(artifact, reference, integrity, max_kld, min_top1, json_file, sum
     refuse_report_outputs([json_file, plot_file], [*artifact_inputs(artifact), *artifact_inputs(reference),
                                                    *artifact_inputs(adapter), text_file, tokens_file],
                           force=force, appended=[summary_file])  # before the model runs
+    ranks = world()
     report = verify(artifact, reference, inputs,
                     max_kld=max_kld, min_top1=min_top1,
                     check_tensors=not no_tensors, strict_chat_template=strict_chat_template,
-                    progress=progress_for(quiet), adapter=adapter)
+                    progress=progress_for(quiet or not ranks.leader), adapter=adapter)
+    code = ranks.finish(_verify_outputs(report, artifact, reference, json_file, summary_file, plot_file)
+                        if ranks.leader else 0)
+    if code and ranks.leader:  # the verdict is rank 0's exit code (a rank's non-zero exit makes mlx.launch stop the rest)
+        sys.exit(code)
+
+
+def _verify_outputs(report: dict, artifact, reference, json_file, summary_file, plot_file) -> int:
+    """What verify prints and writes (rank 0 alone), and its exit code."""
     if plot_file is not None:
         from ..verify.compare import plot_positions
 
@@ -132,10 +146,11 @@ def verify_cmd(artifact, reference, integrity, max_kld, min_top1, json_file, sum
 
         append_summary(summary_file, verify_summary(report))
     if str(json_file) != "-":  # stdout carries the JSON alone
+        from ..verify.report import format_table
+
         for line in format_table(report).split("\n"):
             say(line)
-    if report["verdict"] != "pass":
-        sys.exit(EXIT_FAIL)
+    return 0 if report["verdict"] == "pass" else EXIT_FAIL
 
 
 def _check_integrity(artifact: Path, json_file, force: bool) -> None:
@@ -189,14 +204,24 @@ def compare_cmd(artifacts, reference, max_kld, min_top1, json_file, csv_file, pl
     with one reference: size, bits per weight, perplexity ratio, KL, top-1, verdict, by size.
 
     Exit 0 when every artifact passes, 1 when one fails."""
-    from ..verify.compare import compare, format_table, plot_sizes, to_csv
+    from ..verify.compare import compare
 
     inputs = _inputs(text_file, tokens_file, ctx, max_chunks, top_k)
     refuse_report_outputs([json_file, csv_file, plot_file],
                           [*(q for a in artifacts for q in artifact_inputs(a)), *artifact_inputs(reference),
                            text_file, tokens_file], force=force, appended=[summary_file])
+    ranks = world()
     result = compare(reference, list(artifacts), inputs,
-                     max_kld=max_kld, min_top1=min_top1, progress=progress_for(quiet))
+                     max_kld=max_kld, min_top1=min_top1, progress=progress_for(quiet or not ranks.leader))
+    code = ranks.finish(_compare_outputs(result, json_file, csv_file, plot_file, summary_file) if ranks.leader else 0)
+    if code and ranks.leader:  # the verdict is rank 0's exit code, as for verify
+        sys.exit(code)
+
+
+def _compare_outputs(result: dict, json_file, csv_file, plot_file, summary_file) -> int:
+    """What compare prints and writes (rank 0 alone), and its exit code."""
+    from ..verify.compare import format_table, plot_sizes, to_csv
+
     written = {json_file: to_json(result),
                csv_file: to_csv(result)}
     for target, text in written.items():
@@ -211,8 +236,7 @@ def compare_cmd(artifacts, reference, max_kld, min_top1, json_file, csv_file, pl
     if "-" not in (str(json_file), str(csv_file)):  # stdout carries the JSON or CSV alone
         for line in format_table(result).split("\n"):
             say(line)
-    if any(r["verdict"] == "fail" for r in result["rows"]):
-        sys.exit(EXIT_FAIL)
+    return EXIT_FAIL if any(r["verdict"] == "fail" for r in result["rows"]) else 0
 
 
 @click.command("card")

@@ -12,7 +12,7 @@ from .. import formats
 from ..adapters import AdaptedModel, adapter_identity
 from ..errors import InputError, UsageError
 from ..progress import SILENT, Progress
-from . import template as chat_template
+from . import ranks, template as chat_template
 from . import text as textmod
 from .metrics import TokenMetrics, compare_block, summarize
 from .reference import DEFAULT_CTX, DEFAULT_TOP_K, METAL_VOCAB_ROWS, Reference, chunk_tokens, compute_reference, scored_rows
@@ -90,7 +90,7 @@ def reference_of(model, src: str | Path, kind: str, inputs: Inputs, progress: Pr
     """The reference distribution of an opened ``model`` (read from ``src``, of format ``kind``)."""
     chunks, source = prepare_tokens(inputs, textmod.find_tokenizer(src, model), model.config.sliding_window)
     t0 = time.perf_counter()
-    with progress.task("reference", chunks.size, unit="tok") as advance:
+    with progress.task("reference", chunks[ranks.world().share(len(chunks))].size, unit="tok") as advance:
         meta = {"source": str(src), "source_kind": kind, "input": source}
         if isinstance(model, AdaptedModel):
             meta["adapter"] = adapter_identity(model.adapter)
@@ -110,14 +110,22 @@ def score(artifact_model, ref: Reference, progress: Progress = SILENT,
     shared = min(runner.vocab_rows, ref.vocab_size)
     top_lp, lse, tgt_lp = ref.over_rows(shared)
     targets = ref.targets
-    parts, at = [], 0
-    with progress.task("artifact", ref.tokens.size, unit="tok") as advance:
-        # scored positions in chunk order, a block at a time: ``at`` walks the reference's flat arrays
-        for _, logits in runner.iter_logit_blocks(ref.tokens, scored_rows(ref.ctx), advance):
-            s = slice(at, at + logits.shape[0])
-            parts.append(compare_block(logits[:, :shared], targets[s], ref.top_ids[s], top_lp[s], lse[s], tgt_lp[s]))
-            at = s.stop
-    metrics = TokenMetrics.concat(parts)
+    world = ranks.world()
+    rows = scored_rows(ref.ctx)
+    per_chunk = len(range(ref.ctx)[rows])
+    parts = []
+    with world.checked():  # this rank's share of the chunks (all of them without mlx.launch)
+        mine = world.share(ref.tokens.shape[0])
+        at = mine.start * per_chunk
+        with progress.task("artifact", ref.tokens[mine].size, unit="tok") as advance:
+            # scored positions in chunk order, a block at a time: ``at`` walks the reference's flat arrays
+            for _, logits in runner.iter_logit_blocks(ref.tokens[mine], rows, advance):
+                s = slice(at, at + logits.shape[0])
+                parts.append(compare_block(logits[:, :shared], targets[s], ref.top_ids[s], top_lp[s], lse[s],
+                                           tgt_lp[s]))
+                at = s.stop
+    local = TokenMetrics.concat(parts)
+    metrics = TokenMetrics(**world.gather_rows(vars(local)))  # every rank's, in chunk order
     return summarize(metrics), metrics
 
 
@@ -145,13 +153,18 @@ def verify(artifact: str | Path, reference: str | Path, inputs: Inputs, *, max_k
         t_ref = time.perf_counter()
         summary, metrics = score(art, ref, progress)
         t_art = time.perf_counter()
-        tensors = compare_models(ref_model, art) if ref_model is not None and check_tensors else None
+        leader = ranks.world().leader  # the checks that read whole files run once, where the report is written
+        tensors = compare_models(ref_model, art) if ref_model is not None and check_tensors and leader else None
         ref_json = _reference_tokenizer(ref)
-        tokenizer = _check_tokenizer(art, textmod.find_tokenizer(artifact, art), ref_json, ref)
-        template = chat_template.check(art, ref_json, strict=strict_chat_template)
+        if leader:
+            tokenizer = _check_tokenizer(art, textmod.find_tokenizer(artifact, art), ref_json, ref)
+            template = chat_template.check(art, ref_json, strict=strict_chat_template)
+        else:
+            tokenizer = template = {"checked": False, "reason": "checked on rank 0"}
         timings = {"reference_s": round(t_ref - t0, 3) if ref_model is not None else 0.0,
                    "artifact_s": round(t_art - t_ref, 3), "tensors_s": round(time.perf_counter() - t_art, 3),
-                   "total_s": round(time.perf_counter() - t0, 3)}
+                   "total_s": round(time.perf_counter() - t0, 3), "ranks": ranks.world().size,
+                   "exchange_s": round(ranks.world().seconds, 3)}
         return build_report(
             artifact=str(artifact), artifact_kind=artifact_format.name, artifact_config=art.config.to_dict(),
             reference=ref, reference_path=str(reference), summary=summary, tensors=tensors, tokenizer=tokenizer,

@@ -25,6 +25,7 @@ from ..atomic import atomic_output
 from ..errors import InputError
 from ..formats import reference as cache
 from ..guard import refuse_stranger
+from . import ranks
 from .metrics import logsumexp
 
 METAL_VOCAB_ROWS = 200014  # what the Metal model.bin keeps
@@ -151,6 +152,26 @@ def compute_reference(runner, chunks: np.ndarray, *, top_k: int = DEFAULT_TOP_K,
     V = runner.vocab_rows
     k = min(top_k, V)
     rows = scored_rows(chunks.shape[1])
+    world = ranks.world()
+    with world.checked():  # this rank's share of the chunks (all of them without mlx.launch)
+        values = _top_k_values(runner, chunks[world.share(chunks.shape[0])], rows, k, cut_rows, progress)
+    values = world.gather_rows(values)  # every rank's, in chunk order
+    config = runner.config.to_dict()
+    return Reference(
+        tokens=chunks.astype(np.int32), top_ids=values["ids"], top_logprobs=values["lp"],
+        logsumexp=values["lse"], target_logprob=values["tgt"],
+        cut_logsumexp={int(name[3:]): v for name, v in values.items() if name.startswith("cut")},
+        meta={"ctx": int(chunks.shape[1]), "chunks": int(chunks.shape[0]), "vocab_size": V, "top_k": k,
+              "config": config, "experts": runner.experts, "oss_convert_version": __version__, "ranks": world.size,
+              **(meta or {})},
+    )
+
+
+def _top_k_values(runner, chunks: np.ndarray, rows: slice, k: int, cut_rows: tuple[int, ...],
+                  progress: Callable[[float], None] | None) -> dict[str, np.ndarray]:
+    """The reference's per-position arrays for ``chunks``: top-k ids and log-probs, logsumexp,
+    the target's log-prob, and the logsumexp over each cut's first rows (``cut<N>``)."""
+    V = runner.vocab_rows
     want = targets(chunks).reshape(chunks.shape[0], -1)
     parts: dict[str, list] = {"ids": [], "lp": [], "lse": [], "tgt": []}
     cuts = {c: [] for c in cut_rows if c < V}
@@ -169,11 +190,5 @@ def compute_reference(runner, chunks: np.ndarray, *, top_k: int = DEFAULT_TOP_K,
             for cut in cuts:
                 cuts[cut].append(logsumexp(logits[:, :cut]))
             at += len(lse)
-    config = runner.config.to_dict()
-    return Reference(
-        tokens=chunks.astype(np.int32), top_ids=np.concatenate(parts["ids"]), top_logprobs=np.concatenate(parts["lp"]),
-        logsumexp=np.concatenate(parts["lse"]), target_logprob=np.concatenate(parts["tgt"]),
-        cut_logsumexp={cut: np.concatenate(v) for cut, v in cuts.items()},
-        meta={"ctx": int(chunks.shape[1]), "chunks": int(chunks.shape[0]), "vocab_size": V, "top_k": k,
-              "config": config, "experts": runner.experts, "oss_convert_version": __version__, **(meta or {})},
-    )
+    return {**{name: np.concatenate(v) for name, v in parts.items()},
+            **{f"cut{cut}": np.concatenate(v) for cut, v in cuts.items()}}

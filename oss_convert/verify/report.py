@@ -115,6 +115,8 @@ class Timings:
     artifact_s: float
     tensors_s: float
     total_s: float
+    ranks: int = 1  # processes that computed it (mlx.launch -n N)
+    exchange_s: float = 0.0  # of which in MLX's collectives (gathers, waiting for the other ranks)
 
 
 @dataclass
