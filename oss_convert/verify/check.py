@@ -12,6 +12,7 @@ from .. import formats
 from ..adapters import AdaptedModel, adapter_identity
 from ..errors import InputError, UsageError
 from ..progress import SILENT, Progress
+from ..tokens.files import chat_template as folder_template
 from . import ranks, template as chat_template
 from . import text as textmod
 from .metrics import TokenMetrics, compare_block, summarize
@@ -88,10 +89,14 @@ def open_reference_model(src: str | Path, adapter: str | Path | None):
 def reference_of(model, src: str | Path, kind: str, inputs: Inputs, progress: Progress = SILENT,
                  experts: str = "dequantized", cut_rows: tuple[int, ...] = (METAL_VOCAB_ROWS,)) -> Reference:
     """The reference distribution of an opened ``model`` (read from ``src``, of format ``kind``)."""
-    chunks, source = prepare_tokens(inputs, textmod.find_tokenizer(src, model), model.config.sliding_window)
+    tokenizer = textmod.find_tokenizer(src, model)
+    chunks, source = prepare_tokens(inputs, tokenizer, model.config.sliding_window)
     t0 = time.perf_counter()
     with progress.task("reference", chunks[ranks.world().share(len(chunks))].size, unit="tok") as advance:
         meta = {"source": str(src), "source_kind": kind, "input": source}
+        template = folder_template(Path(tokenizer).parent) if tokenizer is not None else None
+        if template is not None:  # a verify against the cache compares templates with it, wherever it runs
+            meta["chat_template"] = {"source": template[0], "text": template[1]}
         if isinstance(model, AdaptedModel):
             meta["adapter"] = adapter_identity(model.adapter)
         ref = compute_reference(Runner(model, experts), chunks, top_k=inputs.top_k, cut_rows=cut_rows,
@@ -158,7 +163,7 @@ def verify(artifact: str | Path, reference: str | Path, inputs: Inputs, *, max_k
         ref_json = _reference_tokenizer(ref)
         if leader:
             tokenizer = _check_tokenizer(art, textmod.find_tokenizer(artifact, art), ref_json, ref)
-            template = chat_template.check(art, ref_json, strict=strict_chat_template)
+            template = chat_template.check(art, _reference_template(ref, ref_json), strict=strict_chat_template)
         else:
             tokenizer = template = {"checked": False, "reason": "checked on rank 0"}
         timings = {"reference_s": round(t_ref - t0, 3) if ref_model is not None else 0.0,
@@ -213,6 +218,16 @@ def _check_tokenizer(model, found: Path | None, ref_json: Path | None, ref: Refe
         result["checked"] = True
     result.setdefault("same_ids", None)
     return result
+
+
+def _reference_template(ref: Reference, ref_json: Path | None) -> tuple[str, str] | None:
+    """The reference's chat template (where from, text): beside its tokenizer, else as its cache
+    recorded it."""
+    found = folder_template(ref_json.parent) if ref_json is not None else None
+    if found is None and ref.meta.get("chat_template") is not None:
+        recorded = ref.meta["chat_template"]
+        found = (f"{recorded['source']} (as recorded in the reference cache)", recorded["text"])
+    return found
 
 
 def _reference_tokenizer(ref: Reference) -> Path | None:

@@ -121,6 +121,10 @@ class Reference:
             )
         except (IndexError, ValueError, TypeError) as exc:
             raise InputError(f"cannot read reference cache: {exc}", file=path) from exc
+        template = meta.get("chat_template")
+        if template is not None and not (isinstance(template, dict) and isinstance(template.get("source"), str)
+                                         and isinstance(template.get("text"), str)):
+            raise InputError("reference cache chat_template must hold a source and a text", file=path)
         n = ref.targets.shape[0]
         if ref.top_ids.shape[0] != n or ref.logsumexp.shape != (n,) or ref.top_ids.shape != ref.top_logprobs.shape:
             raise InputError("reference cache arrays disagree in length", file=path)

@@ -14,14 +14,14 @@ Imports: base modules, ``tokens``.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 from ..tokens import bounded, harmony, templates as chat
 from ..errors import InputError
-from ..tokens.files import chat_template as folder_template
 
 
-def check(model, reference_tokenizer: Path | None, strict: bool = False) -> dict:
+def check(model, reference: tuple[str, str] | None, strict: bool = False) -> dict:
+    """The artifact's template over the corpus, against Harmony and against ``reference`` (the
+    reference's template: where from, text), both rendered within bounds."""
     embedded = model.embedded()
     found = embedded.chat_template if embedded is not None else None
     if found is None:
@@ -33,7 +33,6 @@ def check(model, reference_tokenizer: Path | None, strict: bool = False) -> dict
         harmony.encoding()
     except InputError as exc:  # openai-harmony or its vocabulary missing
         return {"checked": False, "reason": str(exc)}
-    reference = folder_template(reference_tokenizer.parent) if reference_tokenizer is not None else None
     same_text = reference is not None and reference[1] == text
     # Both templates are a stranger's: rendered in one bounded child (time, memory, output size)
     jobs = [(text, source)] + ([reference[::-1]] if reference is not None and not same_text else [])

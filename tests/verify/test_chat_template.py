@@ -259,3 +259,22 @@ def test_a_truncated_tokenizer_is_an_error_naming_the_file(tiny_repo, tmp_path, 
     code, _, err = run_cli(monkeypatch, capsys, "verify", str(out), "--reference", str(tiny_repo), "--ctx", "256",
                            "--chunks", "1", "-q", "--no-tensors")
     assert code == 2 and f"{out / 'tokenizer.json'}: cannot read the tokenizer" in err, err
+
+
+def test_a_cache_keeps_the_reference_template_for_where_the_repo_is_not(tiny_repo, tmp_path):
+    """verify against a cache made elsewhere (the repo gone) still holds the artifact's template
+    against the reference's, as the cache recorded it: a template that renders none of the chats
+    right fails; the reference's own passes."""
+    from oss_convert.verify.check import make_reference
+
+    repo = Path(shutil.copytree(tiny_repo, tmp_path / "repo"))
+    cache = make_reference(repo, FAST).save(tmp_path / "ref.npz")
+    shutil.rmtree(repo)
+    good = converters.convert(tiny_repo, "mlx", tmp_path / "good").output
+    bad = Path(shutil.copytree(good, tmp_path / "bad"))
+    (bad / "chat_template.jinja").write_text("{{ messages[0].content }}", encoding="utf-8")
+    passed = verify(good, cache, FAST, check_tensors=False)
+    assert _template_check(passed)["status"] == "pass"
+    assert "as recorded in the reference cache" in passed["chat_template"]["reference_source"]
+    failed = verify(bad, cache, FAST, check_tensors=False)
+    assert _template_check(failed)["status"] == "fail" and len(failed["chat_template"]["regressions"]) == len(chat.CORPUS)
