@@ -62,7 +62,7 @@ def prepare_tokens(inputs: Inputs, tokenizer_json: Path | None, window: int) -> 
 
 
 def make_reference(src: str | Path, inputs: Inputs, progress: Progress = SILENT,
-                   experts: str = "dequantized", cut_rows: tuple[int, ...] = (METAL_VOCAB_ROWS,),
+                   experts: str | None = None, cut_rows: tuple[int, ...] = (METAL_VOCAB_ROWS,),
                    adapter: str | Path | None = None) -> Reference:
     """The BF16 reference of ``src`` (any artifact; normally an ``original/`` checkpoint), with
     ``adapter`` applied exactly when given."""
@@ -86,8 +86,17 @@ def open_reference_model(src: str | Path, adapter: str | Path | None):
         raise
 
 
+def reference_kernels(model) -> str:
+    """The expert kernels the reference runs (``Runner``'s ``experts``): when its experts are MXFP4
+    (every ``original/`` checkpoint), the very kernels an MXFP4 artifact runs, so that the same
+    weights give the same logits bit for bit on every device (on a GPU the dequantized path and
+    ``gather_qmm`` differ in the last bits, and a near-tie in routing turns that into a different
+    expert); dense experts (a BF16 fine-tune) dequantized. On the CPU both decode exactly."""
+    return "quantized" if model.mxfp4(0, "mlp1") is not None else "dequantized"
+
+
 def reference_of(model, src: str | Path, kind: str, inputs: Inputs, progress: Progress = SILENT,
-                 experts: str = "dequantized", cut_rows: tuple[int, ...] = (METAL_VOCAB_ROWS,)) -> Reference:
+                 experts: str | None = None, cut_rows: tuple[int, ...] = (METAL_VOCAB_ROWS,)) -> Reference:
     """The reference distribution of an opened ``model`` (read from ``src``, of format ``kind``)."""
     tokenizer = textmod.find_tokenizer(src, model)
     chunks, source = prepare_tokens(inputs, tokenizer, model.config.sliding_window)
@@ -99,7 +108,7 @@ def reference_of(model, src: str | Path, kind: str, inputs: Inputs, progress: Pr
             meta["chat_template"] = {"source": template[0], "text": template[1]}
         if isinstance(model, AdaptedModel):
             meta["adapter"] = adapter_identity(model.adapter)
-        ref = compute_reference(Runner(model, experts), chunks, top_k=inputs.top_k, cut_rows=cut_rows,
+        ref = compute_reference(Runner(model, experts or reference_kernels(model)), chunks, top_k=inputs.top_k, cut_rows=cut_rows,
                                 progress=advance, meta=meta)
     ref.meta["seconds"] = round(time.perf_counter() - t0, 3)
     return ref

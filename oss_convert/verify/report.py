@@ -48,7 +48,7 @@ class ReferenceBlock:
     kind: str | None  # the source's kind (KINDS), or "cache" for an .npz
     source: str | None  # the checkpoint the reference was computed from
     config: dict
-    experts: str | None  # "dequantized": the BF16 reference path
+    experts: str | None  # the expert kernels: "quantized" (MXFP4, as an MXFP4 artifact's) or "dequantized"
     top_k: int | None  # reference log-probs kept per token
     adapter: dict | None = None  # the LoRA adapter applied to the source (format, files, sha256), if any
 

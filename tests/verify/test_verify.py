@@ -252,3 +252,17 @@ def test_a_reader_that_fails_is_an_error_not_a_difference(tiny_repo):
     with pytest.raises(InputError, match="cannot read it"):
         compare_dense(OriginalCheckpoint(tiny_repo), _Edited(tiny_repo, "block.1.attn.qkv.weight", broken, "BF16"),
                       "block.1.attn.qkv.weight")
+
+
+def test_the_reference_runs_mxfp4_experts_through_the_artifacts_kernels(tiny_repo, dense_repo):
+    """An MXFP4 reference takes the artifact's expert kernels (on a GPU, gather_qmm: the same
+    weights then give the same logits bit for bit); dense experts stay dequantized. On the CPU
+    both decode exactly, so the values do not move."""
+    from oss_convert.verify.check import make_reference
+
+    shared = make_reference(tiny_repo, FAST_INPUTS)
+    forced = make_reference(tiny_repo, FAST_INPUTS, experts="dequantized")
+    assert (shared.meta["experts"], forced.meta["experts"]) == ("quantized", "dequantized")
+    for name in ("top_ids", "top_logprobs", "logsumexp", "target_logprob"):
+        assert np.array_equal(getattr(shared, name), getattr(forced, name)), name
+    assert make_reference(dense_repo, FAST_INPUTS).meta["experts"] == "dequantized"
