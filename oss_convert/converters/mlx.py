@@ -155,7 +155,9 @@ def _quantized_part(src, name: str, rows: slice | None, part: int, group_size: i
         data = src.raw(name)
         for piece in iter_chunks(data if rows is None else data[rows], 16 << 20):
             weight = mx.array(np.ascontiguousarray(piece)).view(mx.bfloat16)
-            result = mx.quantize(weight, group_size=group_size, bits=bits, mode="affine")[part]
+            # on the CPU stream whatever the machine: the same input gives the same bytes on a GPU host
+            # (mlx-cuda 0.32.4's quantize and dequantize part from the CPU's in the last bits)
+            result = mx.quantize(weight, group_size=group_size, bits=bits, mode="affine", stream=mx.cpu)[part]
             yield np.array(result if part == 0 else result.view(mx.uint16))
             src.release(name)
 

@@ -367,8 +367,11 @@ class MlxModel(ShardedReader, VocabRows, FolderTokens):
             return array.view(mx.bfloat16) if dtype == "BF16" else array
 
         biases = load(module + ".biases") if q.mode == "affine" else None
+        # On the CPU stream whatever the default device: the values go to numpy anyway, and on
+        # mlx-cuda 0.32.4 an affine 8-bit module's GPU dequantize parts from the CPU's (the trained
+        # model's logits moved by 11%, bench/gpu_exact.py), where every other kernel agrees to 1e-6.
         out = mx.dequantize(load(module + ".weight"), load(module + ".scales"), biases, group_size=q.group_size,
-                            bits=q.bits, mode=q.mode, dtype=mx.float32)
+                            bits=q.bits, mode=q.mode, dtype=mx.float32, stream=mx.cpu)
         return np.array(out)
 
     def _sources(self, name: str) -> list[str]:
