@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -70,9 +71,14 @@ class World:
         import mlx.core as mx
 
         start = time.perf_counter()
+        # Inside a collective this thread is in MLX's C++ and Python's handlers never run: a peer
+        # that died leaves it waiting, and mlx.launch's SIGTERM must end it as the default would.
+        previous = signal.signal(signal.SIGTERM, signal.SIG_DFL) if _main_thread() else None
         try:
             return self._gather(mx, data)
         finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
             self.seconds += time.perf_counter() - start
 
     def _gather(self, mx, data: bytes) -> list[bytes]:
@@ -137,6 +143,12 @@ class World:
             self.check_in(exc)
             raise
         self.check_in()
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 _WORLD: World | None = None
