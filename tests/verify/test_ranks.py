@@ -28,12 +28,18 @@ from helpers import run_sub
 CLI = [sys.executable, "-m", "oss_convert.cli.main"]
 
 
+def launcher() -> str:
+    """``mlx.launch``, beside this Python (a venv not on PATH) or on PATH."""
+    pytest.importorskip("mlx.core")
+    beside = Path(sys.executable).parent / "mlx.launch"
+    found = str(beside) if beside.is_file() else shutil.which("mlx.launch")
+    assert found is not None, "mlx.launch is not installed (it comes with the mlx package)"
+    return found
+
+
 def mlx_launch(ranks: int, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     """``mlx.launch -n RANKS -- oss-convert ARGS`` (the ring backend on 127.0.0.1)."""
-    pytest.importorskip("mlx.core")
-    launcher = shutil.which("mlx.launch")
-    assert launcher is not None, "mlx.launch is not on PATH (pip install mlx)"
-    return subprocess.run([launcher, "-n", str(ranks), "--", *CLI, *args], capture_output=True, text=True,
+    return subprocess.run([launcher(), "-n", str(ranks), "--", *CLI, *args], capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -172,9 +178,7 @@ def test_more_ranks_than_chunks_is_a_usage_error(artifacts, tiny_repo):
 @pytest.mark.oracle
 def test_a_rank_killed_mid_run_ends_the_job(tiny_repo, tmp_path):
     """mlx.launch ends the other ranks when one dies; the job is over in seconds, not hung."""
-    launcher = shutil.which("mlx.launch")
-    assert launcher is not None
-    job = subprocess.Popen([launcher, "-n", "2", "--", *CLI, "reference", str(tiny_repo), "-o",
+    job = subprocess.Popen([launcher(), "-n", "2", "--", *CLI, "reference", str(tiny_repo), "-o",
                             str(tmp_path / "r.npz"), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, start_new_session=True)
     victim = None
