@@ -244,17 +244,23 @@ EXPENSIVE_TEMPLATES = {
 }
 
 
+# The renderer's child may use its whole 1 GiB address space (tokens.bounded.MEMORY); the peak
+# measured is that of the largest process, so these cases allow it with room
+RENDER_MEMORY = 5 << 28
+
+
 def _template_cases() -> list[Case]:
     out = []
     for what, text in EXPENSIVE_TEMPLATES.items():
         out.append(Case(f"templates/mlx/{what}", ("verify", "{mlx}", "--reference", "{ref}", "--quiet", "--no-tensors"),
-                        write("mlx/chat_template.jinja", text), ("chat_template.jinja",), exits=(1,)))
+                        write("mlx/chat_template.jinja", text), ("chat_template.jinja",), exits=(1,),
+                        memory=RENDER_MEMORY))
     out.append(Case("templates/gguf/power", ("verify", "{gguf}", "--reference", "{ref}", "--quiet"),
                     gguf_kv("tokenizer.chat_template", STRING, EXPENSIVE_TEMPLATES["power"]), ("model.gguf",),
-                    exits=(1,)))
+                    exits=(1,), memory=RENDER_MEMORY))
     out.append(Case("templates/gguf/lipsum", ("verify", "{gguf}", "--reference", "{ref}", "--quiet"),
                     gguf_kv("tokenizer.chat_template", STRING, EXPENSIVE_TEMPLATES["lipsum"]), ("model.gguf",),
-                    exits=(1,)))
+                    exits=(1,), memory=RENDER_MEMORY))
     out.append(Case("templates/repo/recursive-macro", ("convert", "{repo}", "--to", "gguf", "-o", "{out}", "--quiet",
                                                         "--chat-template", "keep"),
                     write("repo/chat_template.jinja", EXPENSIVE_TEMPLATES["recursive-macro"]), (),
