@@ -66,8 +66,9 @@ class TokenizerJson:
                 if seen.setdefault(i, text) != text:
                     raise InputError(f"model.vocab gives id {i} to two tokens ({seen[i]!r} and {text!r})",
                                      file=self.path)
-        if len(self.added) != len(added):
-            twice = next(i for i in self.added if sum(t["id"] == i for t in added) > 1)
+        if len(self.added) != len(added):  # one pass: a stranger's file may hold a million added tokens
+            seen_ids: set[int] = set()
+            twice = next(t["id"] for t in added if t["id"] in seen_ids or seen_ids.add(t["id"]))
             raise InputError(f"added_tokens gives id {twice} to two tokens", file=self.path)
         by_id = {i: t for t, i in self.vocab.items()}
         for i, token in self.added.items():
@@ -187,7 +188,7 @@ def tokenizer_config(folder: Path) -> dict:
 
 
 def generation_config(folder: Path) -> dict | None:
-    """``folder/generation_config.json`` (None when missing), its token ids ids or lists of ids."""
+    """``folder/generation_config.json`` (None when missing), its token ids or lists of ids."""
     path = Path(folder) / "generation_config.json"
     if not _present(path):
         return None

@@ -281,8 +281,8 @@ class Runner:
         nq, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         group = nq // nkv
         t = rms_norm(x, self._f32(p + "norm.scale"))
-        qkv = t.reshape(C * T, H) @ self._f32(p + "qkv.weight").T + self._f32(p + "qkv.bias")
-        q, k, v = self._qkv_split(qkv.reshape(C, T, -1), C, T)
+        qkv = _by_chunk(t, self._f32(p + "qkv.weight")) + self._f32(p + "qkv.bias")
+        q, k, v = self._qkv_split(qkv, C, T)
         q, k = _rope(q, cos, sin, np), _rope(k, cos, sin, np)
         sinks = self._f32(p + "sinks").reshape(nkv, group)
         scale = np.float32(1.0 / math.sqrt(hd))
@@ -291,15 +291,16 @@ class Runner:
             qi = np.ascontiguousarray((q[i] * scale).reshape(T, nkv, group, hd).transpose(1, 2, 0, 3))
             ki, vi = np.ascontiguousarray(k[i].transpose(1, 0, 2)), np.ascontiguousarray(v[i].transpose(1, 0, 2))
             out[i] = attend(qi, ki, vi, sinks, c.window(layer), np).reshape(T, nq * hd)
-        y = out.reshape(C * T, -1) @ self._f32(p + "out.weight").T + self._f32(p + "out.bias")
-        return x + y.reshape(C, T, H)
+        y = _by_chunk(out, self._f32(p + "out.weight")) + self._f32(p + "out.bias")
+        return x + y
 
     def _moe_cpu(self, layer: int, x: np.ndarray) -> np.ndarray:
         c = self.config
         p = f"block.{layer}.mlp."
         C, T, H = x.shape
-        t = rms_norm(x, self._f32(p + "norm.scale")).reshape(C * T, H)
-        router = t @ self._f32(p + "gate.weight").T + self._f32(p + "gate.bias")
+        t3 = rms_norm(x, self._f32(p + "norm.scale"))
+        router = (_by_chunk(t3, self._f32(p + "gate.weight")) + self._f32(p + "gate.bias")).reshape(C * T, -1)
+        t = t3.reshape(C * T, H)
         k = c.experts_per_token
         indices = self._choose_experts(layer, router, np)
         chosen = np.take_along_axis(router, indices, axis=-1)
@@ -315,10 +316,18 @@ class Runner:
             slots = order[starts[e]:starts[e + 1]]
             if not slots.size:
                 continue  # an expert no token chose is never decoded
-            rows = slots // k  # each token picks an expert at most once: rows are unique
-            h = t[rows] @ weight1(e).T + b1[e]
-            y = swiglu(h, c.swiglu_limit, np) @ weight2(e).T + b2[e]
-            out[rows] += y * gates.reshape(-1)[slots][:, None]
+            rows = slots // k  # each token picks an expert at most once: rows are unique, ascending
+            w1, w2 = weight1(e), weight2(e)
+            # one chunk's rows at a time: a chunk's result never depends on which chunks share the
+            # call (BLAS rounds by the shape it is given), so a rank's share computes what one process does
+            bounds = np.searchsorted(rows, np.arange(C + 1) * T)
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                if lo == hi:
+                    continue
+                r = rows[lo:hi]
+                h = t[r] @ w1.T + b1[e]
+                y = swiglu(h, c.swiglu_limit, np) @ w2.T + b2[e]
+                out[r] += y * gates.reshape(-1)[slots[lo:hi]][:, None]
         return x + out.reshape(C, T, H)
 
     # -- MLX GPU ------------------------------------------------------------------------------
@@ -401,6 +410,17 @@ def _rope(x, cos, sin, xp):
     x1, x2 = x[..., :half], x[..., half:]
     cos, sin = cos[:, None, :], sin[:, None, :]
     return xp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _by_chunk(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """``x [C, T, in] @ weight.T`` one chunk per BLAS call: each chunk's rows are rounded alike
+    whatever other chunks the batch holds (with some kernels a GEMM's rounding depends on its row
+    count), so data-parallel ranks reproduce one process bit for bit."""
+    wt = weight.T
+    out = np.empty(x.shape[:-1] + (weight.shape[0],), dtype=np.float32)
+    for i in range(x.shape[0]):
+        np.matmul(x[i], wt, out=out[i])
+    return out
 
 
 class _ExpertWeights:
