@@ -352,6 +352,11 @@ class AdaptedModel:
     def release(self, name: str) -> None:
         self.model.release(name)
 
+    def bf16_bits(self, name: str) -> np.ndarray | None:
+        """The base's stored bits, only for tensors the adapter leaves alone."""
+        base = getattr(self.model, "bf16_bits", None)
+        return None if base is None or self.adapter.touches(name) else base(name)
+
     def embedded(self):
         return self.model.embedded()
 

@@ -313,6 +313,13 @@ class VocabRows:
             return bf16_to_f32(np.ascontiguousarray(bits[rows]))
         return np.ascontiguousarray(self.f32(name)[rows], dtype=np.float32)
 
+    def bf16_bits(self, name: str) -> np.ndarray | None:
+        """Raw BF16 bits of a dense tensor the artifact stores as plain BF16 in canonical shape and
+        layout (a mapped view), else ``None``: a GPU runner moves these and widens them there, which
+        is exact. Expert weights are left out: a reader that stores them transposed (the
+        transformers layout) would hand over a same-shaped wrong matrix when ``H == I``."""
+        return None if is_expert_weight(name) or self.storage(name) != "BF16" else self._bf16_bits(name)
+
     def _bf16_bits(self, name: str) -> np.ndarray | None:
         return None
 

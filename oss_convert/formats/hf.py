@@ -409,16 +409,9 @@ class HfCheckpoint(ShardedReader, VocabRows, FolderTokens):
         yield from iter_chunks(self.raw(name), max_bytes)
         self.release(name)
 
-    def release(self, name: str) -> None:
-        """Unmap the pages behind a canonical tensor once streamed (as ``OriginalCheckpoint.release``)."""
-        if is_expert_weight(name) and self.experts == "mxfp4":
-            names = [name + ".blocks", name + ".scales"]
-        else:
-            names = [name]
-        for canonical in names:
-            for hf_name in self._sources(canonical):
-                entry = self.entries[hf_name]
-                self._file(entry).release(hf_name)
+    def _stored(self, name: str) -> list[str]:
+        names = [name + ".blocks", name + ".scales"] if is_expert_weight(name) and self.experts == "mxfp4" else [name]
+        return [hf_name for canonical in names for hf_name in self._sources(canonical)]
 
     def _bf16_bits(self, name: str) -> np.ndarray | None:
         sources = self._sources(name)

@@ -420,13 +420,12 @@ class MlxModel(ShardedReader, VocabRows, FolderTokens):
         weight = sources[0] + ".weight" if sources[0] in self.quant else sources[0]
         return self.entries[weight].dtype
 
-    def release(self, name: str) -> None:
-        """Unmap a canonical tensor's pages once streamed (as ``OriginalCheckpoint.release``)."""
+    def _stored(self, name: str) -> list[str]:
+        parts = []
         for source in self._sources(name):
-            for tensor in ([source + s for s in (".weight", ".scales", ".biases")] if source in self.quant else [source]):
-                if tensor in self.entries:
-                    entry = self.entries[tensor]
-                    self._file(entry).release(tensor)
+            tensors = [source + s for s in (".weight", ".scales", ".biases")] if source in self.quant else [source]
+            parts += [t for t in tensors if t in self.entries]
+        return parts
 
     def scan(self, progress=None) -> list[str]:
         """Read every value that can be invalid: NaN/Inf in float tensors, E8M0 scale byte 255

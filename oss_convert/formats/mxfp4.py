@@ -62,6 +62,18 @@ def _scaled_pair_table() -> np.ndarray:
 _SCALED_PAIRS = _scaled_pair_table()
 
 
+def scaled_pairs() -> np.ndarray:
+    """``[65536, 2]`` float32: ``scale << 8 | byte`` -> the byte's two values exactly as ``decode``
+    gives them, scale 255 included (+-inf, zeros kept as ``np.ldexp`` keeps them), for a decoder
+    that runs elsewhere (the GPU runner's, one lookup per byte as here)."""
+    table = _SCALED_PAIRS.view(np.float32).reshape(65536, 2).copy()
+    byte = np.arange(256)
+    pairs = np.stack([FP4_VALUES[byte & 0x0F], FP4_VALUES[byte >> 4]], axis=1)
+    with np.errstate(over="ignore"):
+        table[SCALE_NAN << 8:] = np.ldexp(pairs, SCALE_NAN - SCALE_BIAS)
+    return table
+
+
 def decode(blocks: np.ndarray, scales: np.ndarray, dtype: str = "f32", out: np.ndarray | None = None) -> np.ndarray:
     """Dequantize to float32 (``dtype="f32"``) or raw BF16 bits (``dtype="bf16"``), exactly.
 

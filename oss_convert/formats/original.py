@@ -148,16 +148,12 @@ class OriginalCheckpoint(ShardedReader, VocabRows, FolderTokens):
         entry = self.entry(name)
         return self._file(entry).array(name)
 
-    def release(self, name: str) -> None:
-        """Unmap a tensor's pages once done with it (see ``SafetensorsFile.release``).
-
-        Streaming code calls this after each tensor so peak RSS stays near one tensor, not the
-        whole checkpoint. Logical expert names release both ``.blocks`` and ``.scales``.
-        """
+    def _stored(self, name: str) -> list[str]:
+        """Logical expert names stand for both ``.blocks`` and ``.scales``."""
         names = [name + ".blocks", name + ".scales"] if name not in self.entries and name.endswith("_weight") else [name]
         for n in names:
-            entry = self.entry(n)
-            self._file(entry).release(n)
+            self.entry(n)  # an unknown name says which
+        return names
 
     def chunks(self, name: str, max_bytes: int = 64 << 20) -> Iterator[np.ndarray]:
         """The raw tensor in pieces along its first axis, each unmapped once the caller moves on."""
@@ -190,6 +186,10 @@ class OriginalCheckpoint(ShardedReader, VocabRows, FolderTokens):
 
     def _bf16_bits(self, name: str) -> np.ndarray | None:
         return self.raw(name) if self.entry(name).dtype == "BF16" else None
+
+    def bf16_bits(self, name: str) -> np.ndarray | None:
+        """Every BF16 tensor, dense experts of a fine-tune included: this layout is the canonical one."""
+        return self._bf16_bits(name) if self.storage(name) == "BF16" else None
 
     def storage(self, name: str) -> str:
         if is_expert_weight(name) and self.experts == "mxfp4":

@@ -183,6 +183,14 @@ class SafetensorsFile:
         if end > start:
             self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
 
+    def prefetch(self, name: str) -> None:
+        """Start reading the tensor's bytes into the page cache and return at once (the runner asks a
+        layer ahead, so the disk reads while the last layer computes). A no-op where the OS has no
+        ``posix_fadvise`` (macOS); the pages are the kernel's, not this process's: RSS is unchanged."""
+        entry = self.entries[name]
+        if hasattr(os, "posix_fadvise") and entry.nbytes:
+            os.posix_fadvise(self._fh.fileno(), entry.start, entry.nbytes, os.POSIX_FADV_WILLNEED)
+
     def close(self) -> None:
         # Views handed out keep the mmap alive through their base; only drop our handle.
         self._mmap = None
@@ -275,6 +283,23 @@ class ShardedReader:
                 if name in self.entries:
                     raise InputError(f"tensor is also in {self.entries[name].file.name}", file=f.path, tensor=name)
                 self.entries[name] = entry
+
+    def _stored(self, name: str) -> list[str]:
+        """The tensors of the files that hold canonical ``name`` (each reader maps its own names)."""
+        raise NotImplementedError
+
+    def release(self, name: str) -> None:
+        """Unmap the pages behind a canonical tensor once streamed (see ``SafetensorsFile.release``).
+
+        Streaming code calls this after each tensor so peak RSS stays near one tensor, not the
+        whole checkpoint."""
+        for stored in self._stored(name):
+            self._file(self.entries[stored]).release(stored)
+
+    def prefetch(self, name: str) -> None:
+        """Start reading a canonical tensor's bytes into the page cache (``SafetensorsFile.prefetch``)."""
+        for stored in self._stored(name):
+            self._file(self.entries[stored]).prefetch(stored)
 
     def _file(self, entry: TensorEntry) -> SafetensorsFile:
         for f in self.files:

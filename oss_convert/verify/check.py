@@ -15,7 +15,7 @@ from ..progress import SILENT, Progress
 from ..tokens.files import chat_template as folder_template
 from . import ranks, template as chat_template
 from . import text as textmod
-from .metrics import TokenMetrics, compare_block, summarize
+from .metrics import TokenMetrics, compare_block, map_rows, summarize
 from .reference import DEFAULT_CTX, DEFAULT_TOP_K, METAL_VOCAB_ROWS, Reference, chunk_tokens, compute_reference, scored_rows
 from .report import DEFAULT_MAX_KLD, DEFAULT_MIN_TOP1, build_report
 from .runner import Runner
@@ -134,10 +134,12 @@ def score(artifact_model, ref: Reference, progress: Progress = SILENT,
         with progress.task("artifact", ref.tokens[mine].size, unit="tok") as advance:
             # scored positions in chunk order, a block at a time: ``at`` walks the reference's flat arrays
             for _, logits in runner.iter_logit_blocks(ref.tokens[mine], rows, advance):
-                s = slice(at, at + logits.shape[0])
-                parts.append(compare_block(logits[:, :shared], targets[s], ref.top_ids[s], top_lp[s], lse[s],
-                                           tgt_lp[s]))
-                at = s.stop
+                def piece(r: slice, logits=logits, at=at) -> TokenMetrics:
+                    s = slice(at + r.start, at + r.stop)
+                    return compare_block(logits[r, :shared], targets[s], ref.top_ids[s], top_lp[s], lse[s], tgt_lp[s])
+
+                parts += map_rows(piece, logits.shape[0])
+                at += logits.shape[0]
     local = TokenMetrics.concat(parts)
     metrics = TokenMetrics(**world.gather_rows(vars(local)))  # every rank's, in chunk order
     return summarize(metrics), metrics

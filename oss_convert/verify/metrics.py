@@ -20,6 +20,8 @@ All reductions run in float64.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +64,41 @@ def logsumexp(logits: np.ndarray, rows_per_block: int = 64) -> np.ndarray:
         m = block.max(axis=-1, keepdims=True)
         out[r:r + rows_per_block] = m[:, 0] + np.log(np.exp(block - m).sum(axis=-1))
     return out.reshape(x.shape[:-1])
+
+
+def logsumexp_cuts(logits: np.ndarray, cuts) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """``logsumexp`` of each row ``[S, V]``, and of each row's first ``cut`` entries for each cut,
+    the same values as ``logsumexp`` gives both, from one float64 pass where a row's max lies
+    before the cut (a row whose max is beyond it takes its own pass)."""
+    block = np.asarray(logits).astype(np.float64)
+    top = block.max(axis=-1)
+    e = np.exp(block - top[:, None])
+    lse = top + np.log(e.sum(axis=-1))
+    out = {}
+    for cut in cuts:
+        head = top + np.log(e[:, :cut].sum(axis=-1))
+        beyond = block[:, :cut].max(axis=-1) != top
+        if beyond.any():
+            head[beyond] = logsumexp(np.asarray(logits)[beyond, :cut])
+        out[cut] = head
+    return lse, out
+
+
+ROWS_PER_TASK = 16  # logit rows one thread scores at a time: 3 float64 copies of 16 x 201088 are 77 MB
+_WORKERS = max(1, min(8, os.cpu_count() or 1))
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def map_rows(score, rows: int, step: int = ROWS_PER_TASK) -> list:
+    """``[score(piece) for piece in slices of step rows]``, in order, run by a pool of threads:
+    numpy leaves the GIL in its loops, so scoring the logits (float64 passes over 201088 entries a
+    row) takes the host's cores instead of one while the device computes the next block."""
+    pieces = [slice(r, min(rows, r + step)) for r in range(0, rows, step)]
+    if len(pieces) < 2 or _WORKERS < 2:
+        return [score(piece) for piece in pieces]
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(_WORKERS, thread_name_prefix="score"))
+    return list(_POOL[0].map(score, pieces))
 
 
 def compare_block(logits: np.ndarray, targets: np.ndarray, top_ids: np.ndarray, top_logprobs: np.ndarray,

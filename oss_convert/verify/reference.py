@@ -26,12 +26,11 @@ from ..errors import InputError
 from ..formats import reference as cache
 from ..guard import refuse_stranger
 from . import ranks
-from .metrics import logsumexp
+from .metrics import logsumexp_cuts, map_rows
 
 METAL_VOCAB_ROWS = 200014  # what the Metal model.bin keeps
 DEFAULT_TOP_K = 1024
 DEFAULT_CTX = 512  # tokens per chunk: longer than the 128-token window, as llama-perplexity's default
-TOP_K_ROWS = 64  # positions ranked at a time (argpartition holds an int64 per vocabulary entry)
 
 
 def chunk_tokens(tokens: np.ndarray, ctx: int, max_chunks: int | None = None) -> np.ndarray:
@@ -176,23 +175,24 @@ def _top_k_values(runner, chunks: np.ndarray, rows: slice, k: int, cut_rows: tup
     """The reference's per-position arrays for ``chunks``: top-k ids and log-probs, logsumexp,
     the target's log-prob, and the logsumexp over each cut's first rows (``cut<N>``)."""
     V = runner.vocab_rows
-    want = targets(chunks).reshape(chunks.shape[0], -1)
-    parts: dict[str, list] = {"ids": [], "lp": [], "lse": [], "tgt": []}
-    cuts = {c: [] for c in cut_rows if c < V}
-    flat_want, at = want.reshape(-1), 0
+    want = targets(chunks).reshape(-1)
+    cuts = tuple(c for c in cut_rows if c < V)
+    parts: list[dict[str, np.ndarray]] = []
+    at = 0
     for _, block in runner.iter_logit_blocks(chunks, rows, progress):
-        for r0 in range(0, block.shape[0], TOP_K_ROWS):  # argpartition's int64 index is 8 bytes per logit
-            logits = block[r0:r0 + TOP_K_ROWS]
-            lse = logsumexp(logits)  # log-probs are logit - lse: the top-k by logit are the top-k by log-prob
-            top = np.argpartition(logits, V - k, axis=1)[:, V - k:] if k < V else np.tile(np.arange(V), (len(lse), 1))
-            top_lp = np.take_along_axis(logits, top, axis=1).astype(np.float64) - lse[:, None]
-            order = np.lexsort((top, -top_lp), axis=1)  # descending log-prob, ties to the lowest id
-            parts["ids"].append(np.take_along_axis(top, order, axis=1).astype(np.int32))
-            parts["lp"].append(np.take_along_axis(top_lp, order, axis=1))
-            parts["lse"].append(lse)
-            parts["tgt"].append(logits[np.arange(len(lse)), flat_want[at:at + len(lse)]].astype(np.float64) - lse)
-            for cut in cuts:
-                cuts[cut].append(logsumexp(logits[:, :cut]))
-            at += len(lse)
-    return {**{name: np.concatenate(v) for name, v in parts.items()},
-            **{f"cut{cut}": np.concatenate(v) for cut, v in cuts.items()}}
+        block_want = want[at:at + block.shape[0]]
+        parts += map_rows(lambda piece: _rank(block[piece], block_want[piece], k, cuts), block.shape[0])
+        at += block.shape[0]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+def _rank(logits: np.ndarray, want: np.ndarray, k: int, cuts: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """The reference's arrays for a few positions' ``logits [S, V]`` (see ``_top_k_values``)."""
+    V = logits.shape[1]
+    lse, cut_lse = logsumexp_cuts(logits, cuts)  # log-probs are logit - lse: the top-k by logit are the top-k by log-prob
+    top = np.argpartition(logits, V - k, axis=1)[:, V - k:] if k < V else np.tile(np.arange(V), (len(lse), 1))
+    top_lp = np.take_along_axis(logits, top, axis=1).astype(np.float64) - lse[:, None]
+    order = np.lexsort((top, -top_lp), axis=1)  # descending log-prob, ties to the lowest id
+    return {"ids": np.take_along_axis(top, order, axis=1).astype(np.int32), "lp": np.take_along_axis(top_lp, order, axis=1),
+            "lse": lse, "tgt": logits[np.arange(len(lse)), want].astype(np.float64) - lse,
+            **{f"cut{cut}": v for cut, v in cut_lse.items()}}

@@ -33,14 +33,14 @@ wrong produces different logits.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 import mlx.core as mx
 import numpy as np
 
-from ..model import RMS_NORM_EPS, SWIGLU_ALPHA, CanonicalModel, ModelConfig, logical_names
+from ..model import RMS_NORM_EPS, SWIGLU_ALPHA, CanonicalModel, ModelConfig, expected_tensors, logical_names
 from ..formats import mxfp4
-from ..formats.mlx import as_mlx_words
 
 Routing = Callable[[int, np.ndarray, int], np.ndarray]  # (layer, router logits [N, E], k) -> expert ids [N, k]
 
@@ -79,31 +79,29 @@ def rope_tables(config: ModelConfig, num_tokens: int) -> tuple[np.ndarray, np.nd
 LOGIT_BLOCK_ROWS = 512  # positions whose logits exist at once (412 MiB of float32 for gpt-oss)
 VOCAB_BLOCK = 16384  # unembedding rows converted at a time on the CPU (180 MiB of float32 for gpt-oss)
 ATTENTION_BLOCK_ELEMENTS = 1 << 24  # scores held at once: 64 MiB of float32 per query block
+GPU_ATTENTION_BLOCK_ELEMENTS = 1 << 26  # on a GPU, all chunks at once: 256 MiB of scores per query block
+GPU_EXPERT_BYTES = 1 << 30  # decoded float32 expert weights on the device at once
 
 
-def query_block(num_heads: int, keys: int, tokens: int) -> int:
-    """Queries per attention block so that ``heads x block x keys`` scores stay bounded."""
-    return int(max(1, min(tokens, ATTENTION_BLOCK_ELEMENTS // max(num_heads * keys, 1))))
-
-
-def attend(q, k, v, sinks, window: int, xp):
+def attend(q, k, v, sinks, window: int, xp, block_elements: int = ATTENTION_BLOCK_ELEMENTS):
     """Causal GQA attention with one sink logit per head, over blocks of queries.
 
-    ``q`` ``[nkv, group, T, hd]`` (already scaled by 1/sqrt(hd)), ``k``/``v`` ``[nkv, T, hd]``,
-    ``sinks`` ``[nkv, group]``; ``xp`` is numpy or ``mlx.core``. Each block of queries sees only
-    the keys its rows can attend to (causal, and the last ``window`` keys when ``window > 0``),
-    so the reference's softmax over ``[scores, sink]`` is computed exactly, masked keys included
-    as the zeros they contribute. Returns ``[T, nkv, group, hd]``.
+    ``q`` ``[..., nkv, group, T, hd]`` (already scaled by 1/sqrt(hd)), ``k``/``v`` ``[..., nkv, T, hd]``
+    (the leading axes, chunks on a GPU, are batched), ``sinks`` ``[nkv, group]``; ``xp`` is numpy or
+    ``mlx.core``. Each block of queries sees only the keys its rows can attend to (causal, and the
+    last ``window`` keys when ``window > 0``), so the reference's softmax over ``[scores, sink]`` is
+    computed exactly, masked keys included as the zeros they contribute. Returns ``[..., T, nkv, group, hd]``.
     """
-    nkv, group, T, hd = q.shape
+    nkv, group, T, hd = q.shape[-4:]
+    batch = math.prod(q.shape[:-4])
     # A windowed block of w queries sees at most 2w-1 keys; a full block sees up to T.
-    step = min(T, window) if window > 0 else query_block(nkv * group, T, T)
+    step = min(T, window) if window > 0 else int(max(1, min(T, block_elements // max(batch * nkv * group * T, 1))))
     sink = sinks.reshape(nkv, group, 1, 1)
     out = []
     for q0 in range(0, T, step):
         q1 = min(T, q0 + step)
         k0 = 0 if window <= 0 else max(0, q0 - window + 1)
-        scores = q[:, :, q0:q1] @ k[:, None, k0:q1].swapaxes(-1, -2)  # [nkv, group, Bq, Bk]
+        scores = q[..., q0:q1, :] @ k[..., None, k0:q1, :].swapaxes(-1, -2)  # [..., nkv, group, Bq, Bk]
         qpos, kpos = np.arange(q0, q1)[:, None], np.arange(k0, q1)[None, :]
         allowed = kpos <= qpos
         if window > 0:
@@ -112,9 +110,9 @@ def attend(q, k, v, sinks, window: int, xp):
         top = xp.maximum(scores.max(axis=-1, keepdims=True), sink)
         weights = xp.exp(scores - top)
         total = weights.sum(axis=-1, keepdims=True) + xp.exp(sink - top)
-        out.append((weights / total) @ v[:, None, k0:q1])  # [nkv, group, Bq, hd]
-    joined = xp.concatenate(out, axis=2) if len(out) > 1 else out[0]
-    return joined.transpose(2, 0, 1, 3)
+        out.append((weights / total) @ v[..., None, k0:q1, :])  # [..., nkv, group, Bq, hd]
+    joined = xp.concatenate(out, axis=-2) if len(out) > 1 else out[0]
+    return xp.moveaxis(joined, -2, -4)
 
 
 def rms_norm(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -169,28 +167,34 @@ class Runner:
 
         ``progress`` is told the tokens done after each layer (``C*T/L`` per layer), so a bar
         counts tokens through the whole model and shows tokens/s and the time left."""
+        chunks = self._check_ids(chunks)
+        if self.device == "gpu":
+            return np.array(self._hidden_mlx(chunks, progress))
+        x = self._embed(chunks)
+        cos, sin = rope_tables(self.config, chunks.shape[1])
+        per_layer = chunks.size / self.config.num_hidden_layers
+        ahead = _Prefetch(self.model, self.config)
+        try:
+            for layer in range(self.config.num_hidden_layers):
+                ahead.layer(layer + 1)
+                x = self._moe_cpu(layer, self._attention_cpu(layer, x, cos, sin))
+                self._release(self._layer_names(layer))
+                if progress is not None:
+                    progress(per_layer)
+        finally:
+            ahead.close()
+        return rms_norm(x, self._f32("norm.scale"))
+
+    def _check_ids(self, chunks: np.ndarray) -> np.ndarray:
         chunks = np.asarray(chunks)
         if chunks.ndim == 1:
             chunks = chunks[None]
         if chunks.size and (chunks.min() < 0 or chunks.max() >= self.config.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
-        x = self._embed(chunks)
-        cos, sin = rope_tables(self.config, chunks.shape[1])
-        per_layer = chunks.size / self.config.num_hidden_layers
-        gpu = self.device == "gpu"
-        if gpu:
-            x, cos, sin = mx.array(x), mx.array(cos), mx.array(sin)
-        for layer in range(self.config.num_hidden_layers):
-            if gpu:
-                x = self._moe_mlx(layer, self._attention_mlx(layer, x, cos, sin))
-                mx.eval(x)
-            else:
-                x = self._moe_cpu(layer, self._attention_cpu(layer, x, cos, sin))
-            self._release(n for n in logical_names(self.config) if n.startswith(f"block.{layer}."))
-            if progress is not None:
-                progress(per_layer)
-        x = np.asarray(x, dtype=np.float32)
-        return rms_norm(x, self._f32("norm.scale"))
+        return chunks
+
+    def _layer_names(self, layer: int) -> list[str]:
+        return [n for n in logical_names(self.config) if n.startswith(f"block.{layer}.")]
 
     def iter_logits(self, chunks: np.ndarray, rows: slice | None = None,
                     progress: Callable[[float], None] | None = None) -> Iterator[np.ndarray]:
@@ -209,19 +213,16 @@ class Runner:
                           block_rows: int = LOGIT_BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
         """``(chunk, logits [<= block_rows, V])`` in order: chunk by chunk, a few positions at a time,
         so a long chunk's logits (4095 x 201088 float32 = 3.3 GB at ctx 8192) never exist at once."""
+        if self.device == "gpu":
+            yield from self._logit_blocks_mlx(chunks, rows, progress, block_rows)
+            return
         hidden = self.hidden_states(chunks, progress)
-        gpu = self.device == "gpu"
-        # The [V, H] unembedding is 2.3 GB as float32: the GPU holds it once; on the CPU it is
-        # converted in blocks of vocabulary rows as they are used.
-        unembedding = mx.array(self._f32("unembedding.weight")) if gpu else None
+        # The [V, H] unembedding is 2.3 GB as float32: it is converted in blocks of vocabulary rows as they are used.
         V = self.config.vocab_size
         for c in range(hidden.shape[0]):
             h_all = hidden[c] if rows is None else hidden[c, rows]
             for r0 in range(0, h_all.shape[0], block_rows):
                 h = h_all[r0:r0 + block_rows]
-                if gpu:
-                    yield c, np.asarray(mx.array(h) @ unembedding.T)
-                    continue
                 logits = np.empty((h.shape[0], V), dtype=np.float32)
                 for v0 in range(0, V, VOCAB_BLOCK):
                     block = self.model.f32_rows("unembedding.weight", slice(v0, min(V, v0 + VOCAB_BLOCK)))
@@ -331,77 +332,118 @@ class Runner:
         return x + out.reshape(C, T, H)
 
     # -- MLX GPU ------------------------------------------------------------------------------
+    # Layer by layer, as on the CPU, with the same arithmetic: every weight reaches float32 exactly
+    # on the device (BF16 bits widened, MXFP4 bytes decoded through the CPU decoder's own table)
+    # and every product is a float32 matmul, so a reference and an artifact holding the same values
+    # give the same logits bit for bit whatever their storage. What crosses to the GPU is what the
+    # files hold (bytes, not decoded floats); while the GPU runs a layer the host copies the next
+    # one's, and a thread asks the OS to read the layer after that.
 
-    def _attention_mlx(self, layer: int, x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    def _hidden_mlx(self, chunks: np.ndarray, progress: Callable[[float], None] | None) -> mx.array:
+        """Final normed hidden states ``[C, T, H]`` on the device."""
+        x = mx.array(self._embed(chunks))
+        cos, sin = (mx.array(t) for t in rope_tables(self.config, chunks.shape[1]))
+        per_layer = chunks.size / self.config.num_hidden_layers
+        layers = self.config.num_hidden_layers
+        ahead = _Prefetch(self.model, self.config)
+        try:
+            ahead.layer(0)
+            ahead.layer(1)
+            weights = self._layer_mlx(0)
+            for layer in range(layers):
+                ahead.layer(layer + 2)
+                x = self._moe_mlx(layer, self._attention_mlx(layer, x, cos, sin, weights), weights)
+                mx.async_eval(x)
+                weights = self._layer_mlx(layer + 1) if layer + 1 < layers else None  # beside the GPU's work
+                self._release(self._layer_names(layer))
+                if progress is not None:
+                    progress(per_layer)
+        finally:
+            ahead.close()
+        return mx.fast.rms_norm(x, self._device_f32("norm.scale"), RMS_NORM_EPS)
+
+    def _logit_blocks_mlx(self, chunks, rows, progress, block_rows) -> Iterator[tuple[int, np.ndarray]]:
+        hidden = self._hidden_mlx(self._check_ids(chunks), progress)
+        unembedding = self._device_f32("unembedding.weight")  # [V, H] float32 held once (2.3 GB for gpt-oss)
+        self.model.release("unembedding.weight")
+        pending = None
+        for c in range(hidden.shape[0]):
+            h_all = hidden[c] if rows is None else hidden[c, rows.start:rows.stop:rows.step]
+            for r0 in range(0, h_all.shape[0], block_rows):
+                logits = h_all[r0:r0 + block_rows] @ unembedding.T
+                mx.async_eval(logits)  # the next block computes while the caller scores this one
+                if pending is not None:
+                    yield pending[0], np.array(pending[1])
+                pending = (c, logits)
+        if pending is not None:
+            yield pending[0], np.array(pending[1])
+
+    def _device_f32(self, name: str) -> mx.array:
+        """A dense tensor as float32 on the device: BF16 bits moved and widened there (exact), else
+        the reader's float32."""
+        stored = getattr(self.model, "bf16_bits", None)
+        bits = stored(name) if stored is not None else None
+        if bits is None:
+            return mx.array(self._f32(name))
+        return mx.array(np.ascontiguousarray(bits)).view(mx.bfloat16).astype(mx.float32)
+
+    def _layer_mlx(self, layer: int) -> dict:
+        """One layer's weights on the device (dense ones float32, experts as ``_DeviceExperts``); the
+        mapped pages are released once copied."""
+        dense = [n for n in self._layer_names(layer) if not n.endswith(("mlp1_weight", "mlp2_weight"))]
+        weights = {n.split(".", 2)[2]: self._device_f32(n) for n in dense}
+        for which in ("mlp1", "mlp2"):
+            weights[which] = _DeviceExperts(self.model, layer, which, self.experts == "quantized")
+        self._release(self._layer_names(layer))
+        return weights
+
+    def _attention_mlx(self, layer: int, x: mx.array, cos: mx.array, sin: mx.array, w: dict) -> mx.array:
         c = self.config
-        p = f"block.{layer}.attn."
         C, T, _ = x.shape
         nq, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         group = nq // nkv
-        t = mx.fast.rms_norm(x, self._w(p + "norm.scale"), RMS_NORM_EPS)
-        qkv = t @ self._w(p + "qkv.weight").T + self._w(p + "qkv.bias")
+        t = mx.fast.rms_norm(x, w["attn.norm.scale"], RMS_NORM_EPS)
+        qkv = t @ w["attn.qkv.weight"].T + w["attn.qkv.bias"]
         q, k, v = self._qkv_split(qkv, C, T)
         q, k = _rope(q, cos, sin, mx), _rope(k, cos, sin, mx)
-        sinks = self._w(p + "sinks").reshape(nkv, group)
+        sinks = w["attn.sinks"].reshape(nkv, group)
         q = (q * (1.0 / math.sqrt(hd))).reshape(C, T, nkv, group, hd).transpose(0, 2, 3, 1, 4)  # [C, nkv, group, T, hd]
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [C, nkv, T, hd]
-        attn = mx.stack([attend(q[i], k[i], v[i], sinks, c.window(layer), mx) for i in range(C)])
+        attn = attend(q, k, v, sinks, c.window(layer), mx, block_elements=GPU_ATTENTION_BLOCK_ELEMENTS)
         attn = attn.reshape(C, T, nq * hd)
-        return x + attn @ self._w(p + "out.weight").T + self._w(p + "out.bias")
+        return x + attn @ w["attn.out.weight"].T + w["attn.out.bias"]
 
-    def _moe_mlx(self, layer: int, x: mx.array) -> mx.array:
-        p = f"block.{layer}.mlp."
+    def _moe_mlx(self, layer: int, x: mx.array, w: dict) -> mx.array:
+        c = self.config
         C, T, H = x.shape
-        t = mx.fast.rms_norm(x, self._w(p + "norm.scale"), RMS_NORM_EPS).reshape(C * T, H)
-        router = t @ self._w(p + "gate.weight").T + self._w(p + "gate.bias")
+        k = c.experts_per_token
+        t = mx.fast.rms_norm(x, w["mlp.norm.scale"], RMS_NORM_EPS).reshape(C * T, H)
+        router = t @ w["mlp.gate.weight"].T + w["mlp.gate.bias"]
         indices = self._choose_experts(layer, router, mx)
-        expert_weights = mx.softmax(mx.take_along_axis(router, indices, axis=-1), axis=-1, precise=True)
-        mx.eval(t, indices, expert_weights)
-        pair1 = self.model.mxfp4(layer, "mlp1") if self.experts == "quantized" else None
-        pair2 = self.model.mxfp4(layer, "mlp2") if pair1 is not None else None
-        if pair1 is not None and pair2 is not None:
-            y = self._experts_quantized(layer, t, indices, pair1, pair2)
-        else:
-            y = self._experts_dequantized(layer, t, indices)
-        out = (y * expert_weights[..., None]).sum(axis=1)
-        return x + out.reshape(C, T, H)
-
-    def _experts_quantized(self, layer, t, indices, pair1, pair2) -> mx.array:
-        """``[N, k, H]`` expert outputs with packed MXFP4 weights (OpenAI bytes viewed as uint32)."""
-        p = f"block.{layer}.mlp."
-        N, k = indices.shape
-        w1, s1 = _packed(pair1)
-        w2, s2 = _packed(pair2)
-        b1, b2 = self._w(p + "mlp1_bias"), self._w(p + "mlp2_bias")
-        # Sort (token, slot) pairs by expert so gather_qmm reads each expert's weights once.
+        gates = mx.softmax(mx.take_along_axis(router, indices, axis=-1), axis=-1, precise=True)
+        # (token, slot) pairs sorted by expert: each expert multiplies its rows in one matmul
         flat = indices.reshape(-1)
         order = mx.argsort(flat)
-        inverse = mx.argsort(order)
         sorted_experts = flat[order]
-        rows = t[order // k][:, None, None, :]  # [N*k, 1, 1, H]
-        qmm = dict(transpose=True, group_size=32, bits=4, mode="mxfp4", sorted_indices=True)
-        h = mx.gather_qmm(rows, w1, s1, None, rhs_indices=sorted_experts[:, None], **qmm)
-        h = h[:, 0, 0, :] + b1[sorted_experts]
-        a = swiglu(h, self.config.swiglu_limit, mx)[:, None, None, :]
-        y = mx.gather_qmm(a, w2, s2, None, rhs_indices=sorted_experts[:, None], **qmm)
-        y = y[:, 0, 0, :] + b2[sorted_experts]
-        return y[inverse].reshape(N, k, -1)
-
-    def _experts_dequantized(self, layer: int, t: mx.array, indices: mx.array) -> mx.array:
-        """``[N, k, H]`` expert outputs, each expert dequantized to float32 only while it runs."""
-        p = f"block.{layer}.mlp."
-        N, k = indices.shape
-        flat = np.array(indices).reshape(-1)
-        b1, b2 = self._w(p + "mlp1_bias"), self._w(p + "mlp2_bias")
-        weight1, weight2 = _ExpertWeights(self.model, layer, "mlp1"), _ExpertWeights(self.model, layer, "mlp2")
-        out = np.zeros((N * k, self.config.hidden_size), dtype=np.float32)
-        for e in np.unique(flat):
-            slots = np.nonzero(flat == e)[0]
-            x_e = t[mx.array(slots // k)]
-            h = x_e @ mx.array(weight1(e)).T + b1[int(e)]
-            y = swiglu(h, self.config.swiglu_limit, mx) @ mx.array(weight2(e)).T + b2[int(e)]
-            out[slots] = np.array(y)
-        return mx.array(out).reshape(N, k, -1)
+        mx.eval(sorted_experts)  # the host cuts the rows by expert: one wait per layer
+        starts = np.searchsorted(np.array(sorted_experts), np.arange(c.num_experts + 1))
+        rows = t[order // k]
+        b1, b2 = w["mlp.mlp1_bias"], w["mlp.mlp2_bias"]
+        outs = []
+        for g0, g1 in w["mlp1"].groups(w["mlp2"]):
+            if starts[g1] == starts[g0]:
+                continue  # no token chose these experts: never decoded
+            w1, w2 = w["mlp1"].f32(g0, g1), w["mlp2"].f32(g0, g1)
+            first = len(outs)
+            for e in range(g0, g1):
+                lo, hi = int(starts[e]), int(starts[e + 1])
+                if lo == hi:
+                    continue
+                h = rows[lo:hi] @ w1[e - g0].T + b1[e]
+                outs.append(swiglu(h, c.swiglu_limit, mx) @ w2[e - g0].T + b2[e])
+            mx.async_eval(outs[first:])  # this group's float32 weights are freed before the next is decoded
+        y = mx.concatenate(outs)[mx.argsort(order)].reshape(C * T, k, H)
+        return x + (y * gates[..., None]).sum(axis=1).reshape(C, T, H)
 
 
 def _rope(x, cos, sin, xp):
@@ -447,6 +489,84 @@ class _ExpertWeights:
         return np.ascontiguousarray(self.dense[expert], dtype=np.float32)
 
 
-def _packed(pair) -> tuple[mx.array, mx.array]:
-    """OpenAI ``blocks [E, O, G, 16]`` -> MLX mxfp4 weight ``[E, O, G*4]`` uint32 (a pure byte view)."""
-    return mx.array(as_mlx_words(pair.blocks)), mx.array(np.ascontiguousarray(pair.scales))
+class _DeviceExperts:
+    """One layer's ``mlp1`` or ``mlp2`` for every expert, handed out as float32 on the device a group
+    of experts at a time (``GPU_EXPERT_BYTES`` of decoded weights at most, whatever the model's size).
+
+    MXFP4 experts move as their bytes and are decoded on the device through ``mxfp4.scaled_pairs``,
+    the CPU decoder's own table, so the values are the same bit for bit; dense BF16 experts move as
+    their bits and are widened there; anything else (a base with an adapter applied, ``experts=
+    "dequantized"``) is decoded on the host one expert at a time."""
+
+    def __init__(self, model: CanonicalModel, layer: int, which: str, quantized: bool):
+        self.name = f"block.{layer}.mlp.{which}_weight"
+        pair = model.mxfp4(layer, which) if quantized else None
+        stored = getattr(model, "bf16_bits", None)
+        bits = stored(self.name) if pair is None and stored is not None else None
+        self.blocks = self.scales = self.bits = self.host = None
+        if pair is not None:
+            self.blocks, self.scales = mx.array(np.ascontiguousarray(pair.blocks)), mx.array(np.ascontiguousarray(pair.scales))
+            experts, rows, groups = pair.scales.shape
+            self.shape = (experts, rows, groups * mxfp4.BLOCK)
+        elif bits is not None:
+            self.bits, self.shape = bits, bits.shape
+        else:
+            spec = next(s for s in expected_tensors(model.config, "bf16") if s.name == self.name)
+            self.host, self.shape = _ExpertWeights(model, layer, which), spec.shape
+
+    def groups(self, other: "_DeviceExperts") -> Iterator[tuple[int, int]]:
+        """``(first, end)`` expert ranges whose decoded weights (this and ``other``) fit ``GPU_EXPERT_BYTES``."""
+        per_expert = 4 * (math.prod(self.shape[1:]) + math.prod(other.shape[1:]))
+        size = max(1, GPU_EXPERT_BYTES // per_expert)
+        for g0 in range(0, self.shape[0], size):
+            yield g0, min(self.shape[0], g0 + size)
+
+    def f32(self, first: int, end: int) -> mx.array:
+        """Experts ``first..end-1`` as float32 ``[n, O, I]`` on the device."""
+        if self.blocks is not None:
+            index = (self.scales[first:end].astype(mx.uint16)[..., None] << 8) | self.blocks[first:end].astype(mx.uint16)
+            return mx.take(_device_pairs(), index, axis=0).reshape(end - first, *self.shape[1:])
+        if self.bits is not None:
+            return mx.array(np.ascontiguousarray(self.bits[first:end])).view(mx.bfloat16).astype(mx.float32)
+        out = np.empty((end - first, *self.shape[1:]), dtype=np.float32)
+        for e in range(first, end):
+            out[e - first] = self.host(e)  # the decoder reuses one buffer: copy each expert out of it
+        return mx.array(out)
+
+
+_DEVICE_PAIRS: list[mx.array] = []
+
+
+def _device_pairs() -> mx.array:
+    """``mxfp4.scaled_pairs`` on the device (512 KiB: it stays in the GPU's cache)."""
+    if not _DEVICE_PAIRS:
+        _DEVICE_PAIRS.append(mx.array(mxfp4.scaled_pairs()))
+    return _DEVICE_PAIRS[0]
+
+
+class _Prefetch:
+    """Asks the reader, on a thread, to start reading a layer's tensors into the page cache
+    (``prefetch``, where the reader has one), so the disk works while the runner computes."""
+
+    def __init__(self, model: CanonicalModel, config: ModelConfig):
+        self.ask = getattr(model, "prefetch", None)
+        self.config = config
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if self.ask is not None else None
+
+    def layer(self, layer: int) -> None:
+        if self.pool is None or layer > self.config.num_hidden_layers:
+            return
+        names = ([n for n in logical_names(self.config) if n.startswith(f"block.{layer}.")]
+                 if layer < self.config.num_hidden_layers else ["unembedding.weight"])
+        self.pool.submit(self._read, names)
+
+    def _read(self, names: list[str]) -> None:
+        for name in names:
+            try:
+                self.ask(name)
+            except OSError:
+                return  # a hint only: the runner reads what it needs anyway
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
