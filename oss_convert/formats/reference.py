@@ -4,7 +4,8 @@ arrays) plus one JSON string of metadata, ``meta``.
 Keys (all arrays; see ``verify/reference.py`` for what they mean): ``tokens`` int32 [C, ctx],
 ``top_ids`` int32 [N, k], ``top_logprobs`` float64 [N, k], ``logsumexp`` float64 [N],
 ``target_logprob`` float64 [N], ``cut_rows`` int64 [m], ``cut_logsumexp`` float64 [m, N],
-``meta`` (``format``: ``oss-convert-reference/1``). Written compressed; read without pickles.
+``meta`` (``format``: ``oss-convert-reference/1``). Written stored, not compressed (log-probs in
+float64 hardly compress, and zlib took 4.4 s of a 20b reference's 22 on a GPU); read without pickles.
 It is not a model: the registry lists it so that ``--force`` knows a cache of ours.
 Imports: base modules, ``formats.base``.
 """
@@ -28,7 +29,7 @@ ARRAYS = ("tokens", "top_ids", "top_logprobs", "logsumexp", "target_logprob", "c
 
 
 def write(fh: BinaryIO, arrays: dict[str, np.ndarray], meta: dict) -> None:
-    np.savez_compressed(fh, **arrays, meta=np.array(json.dumps({"format": SCHEMA, **meta}, sort_keys=True)))
+    np.savez(fh, **arrays, meta=np.array(json.dumps({"format": SCHEMA, **meta}, sort_keys=True)))
 
 
 # A reference of the 20b at --ctx 16384 over a long text is tens of MB; a compressed member

@@ -179,18 +179,22 @@ def _top_k_values(runner, chunks: np.ndarray, rows: slice, k: int, cut_rows: tup
     cuts = tuple(c for c in cut_rows if c < V)
     parts: list[dict[str, np.ndarray]] = []
     at = 0
-    for _, block in runner.iter_logit_blocks(chunks, rows, progress):
+    for _, block, top in runner.iter_ranked_blocks(chunks, rows, progress, k):
         block_want = want[at:at + block.shape[0]]
-        parts += map_rows(lambda piece: _rank(block[piece], block_want[piece], k, cuts), block.shape[0])
+        parts += map_rows(lambda r: _rank(block[r], block_want[r], k, cuts, None if top is None else top[r]),
+                          block.shape[0])
         at += block.shape[0]
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
-def _rank(logits: np.ndarray, want: np.ndarray, k: int, cuts: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """The reference's arrays for a few positions' ``logits [S, V]`` (see ``_top_k_values``)."""
+def _rank(logits: np.ndarray, want: np.ndarray, k: int, cuts: tuple[int, ...],
+          top: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The reference's arrays for a few positions' ``logits [S, V]`` (see ``_top_k_values``);
+    ``top``: the ids of each row's k largest logits where the runner chose them (unordered)."""
     V = logits.shape[1]
     lse, cut_lse = logsumexp_cuts(logits, cuts)  # log-probs are logit - lse: the top-k by logit are the top-k by log-prob
-    top = np.argpartition(logits, V - k, axis=1)[:, V - k:] if k < V else np.tile(np.arange(V), (len(lse), 1))
+    if top is None:
+        top = np.argpartition(logits, V - k, axis=1)[:, V - k:] if k < V else np.tile(np.arange(V), (len(lse), 1))
     top_lp = np.take_along_axis(logits, top, axis=1).astype(np.float64) - lse[:, None]
     order = np.lexsort((top, -top_lp), axis=1)  # descending log-prob, ties to the lowest id
     return {"ids": np.take_along_axis(top, order, axis=1).astype(np.int32), "lp": np.take_along_axis(top_lp, order, axis=1),

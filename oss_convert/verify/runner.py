@@ -213,8 +213,17 @@ class Runner:
                           block_rows: int = LOGIT_BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
         """``(chunk, logits [<= block_rows, V])`` in order: chunk by chunk, a few positions at a time,
         so a long chunk's logits (4095 x 201088 float32 = 3.3 GB at ctx 8192) never exist at once."""
+        for c, logits, _ in self.iter_ranked_blocks(chunks, rows, progress, 0, block_rows):
+            yield c, logits
+
+    def iter_ranked_blocks(self, chunks: np.ndarray, rows: slice | None, progress: Callable[[float], None] | None,
+                           top_k: int, block_rows: int = LOGIT_BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """``iter_logit_blocks`` with the ids of each row's ``top_k`` largest logits ``[rows, top_k]``
+        (unordered) where the device selected them beside the matmul, else ``None`` (the CPU, whose
+        caller's threads select them; or ``top_k`` 0 or covering the vocabulary). On a GPU host,
+        selecting 1024 of 201088 a row in numpy took longer than the rest of scoring."""
         if self.device == "gpu":
-            yield from self._logit_blocks_mlx(chunks, rows, progress, block_rows)
+            yield from self._logit_blocks_mlx(chunks, rows, progress, block_rows, top_k)
             return
         hidden = self.hidden_states(chunks, progress)
         # The [V, H] unembedding is 2.3 GB as float32: it is converted in blocks of vocabulary rows as they are used.
@@ -228,7 +237,7 @@ class Runner:
                     block = self.model.f32_rows("unembedding.weight", slice(v0, min(V, v0 + VOCAB_BLOCK)))
                     np.matmul(h, block.T, out=logits[:, v0:v0 + block.shape[0]])
                 self.model.release("unembedding.weight")
-                yield c, logits
+                yield c, logits, None
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         """Logits ``[T, V]`` of one sequence, like ``Transformer(...)(tokens)``."""
@@ -362,30 +371,38 @@ class Runner:
             ahead.close()
         return mx.fast.rms_norm(x, self._device_f32("norm.scale"), RMS_NORM_EPS)
 
-    def _logit_blocks_mlx(self, chunks, rows, progress, block_rows) -> Iterator[tuple[int, np.ndarray]]:
+    def _logit_blocks_mlx(self, chunks, rows, progress, block_rows, top_k) -> Iterator[tuple]:
         hidden = self._hidden_mlx(self._check_ids(chunks), progress)
-        unembedding = self._device_f32("unembedding.weight")  # [V, H] float32 held once (2.3 GB for gpt-oss)
-        self.model.release("unembedding.weight")
+        unembedding = self._device_f32("unembedding.weight", piece_rows=VOCAB_BLOCK * 4)  # [V, H] float32, held once
         pending = None
         for c in range(hidden.shape[0]):
             h_all = hidden[c] if rows is None else hidden[c, rows.start:rows.stop:rows.step]
             for r0 in range(0, h_all.shape[0], block_rows):
                 logits = h_all[r0:r0 + block_rows] @ unembedding.T
-                mx.async_eval(logits)  # the next block computes while the caller scores this one
+                top = _top_ids(logits, top_k)
+                mx.async_eval(logits, *([] if top is None else [top]))  # computed while the caller scores the last block
                 if pending is not None:
-                    yield pending[0], np.array(pending[1])
-                pending = (c, logits)
+                    yield pending[0], np.array(pending[1]), None if pending[2] is None else np.array(pending[2])
+                pending = (c, logits, top)
         if pending is not None:
-            yield pending[0], np.array(pending[1])
+            yield pending[0], np.array(pending[1]), None if pending[2] is None else np.array(pending[2])
 
-    def _device_f32(self, name: str) -> mx.array:
+    def _device_f32(self, name: str, piece_rows: int | None = None) -> mx.array:
         """A dense tensor as float32 on the device: BF16 bits moved and widened there (exact), else
-        the reader's float32."""
+        the reader's float32. ``piece_rows``: move a large tensor that many rows at a time, its
+        mapped pages released after each piece, so the host holds one piece, not the tensor."""
         stored = getattr(self.model, "bf16_bits", None)
         bits = stored(name) if stored is not None else None
         if bits is None:
             return mx.array(self._f32(name))
-        return mx.array(np.ascontiguousarray(bits)).view(mx.bfloat16).astype(mx.float32)
+        step = piece_rows or bits.shape[0]
+        pieces = []
+        for r0 in range(0, bits.shape[0], step):
+            pieces.append(mx.array(np.ascontiguousarray(bits[r0:r0 + step])).view(mx.bfloat16).astype(mx.float32))
+            if piece_rows:
+                mx.eval(pieces[-1])
+                self.model.release(name)
+        return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces)
 
     def _layer_mlx(self, layer: int) -> dict:
         """One layer's weights on the device (dense ones float32, experts as ``_DeviceExperts``); the
@@ -444,6 +461,14 @@ class Runner:
             mx.async_eval(outs[first:])  # this group's float32 weights are freed before the next is decoded
         y = mx.concatenate(outs)[mx.argsort(order)].reshape(C * T, k, H)
         return x + (y * gates[..., None]).sum(axis=1).reshape(C, T, H)
+
+
+def _top_ids(logits: mx.array, k: int) -> mx.array | None:
+    """Ids of each row's ``k`` largest logits, unordered; ``None`` for 0 or all."""
+    V = logits.shape[-1]
+    if not 0 < k < V:
+        return None
+    return mx.argpartition(logits, V - k, axis=-1)[..., V - k:]
 
 
 def _rope(x, cos, sin, xp):
