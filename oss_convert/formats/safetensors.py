@@ -60,6 +60,9 @@ def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict:
     return out
 
 
+PREFETCH_PIECE = 8 << 20  # bytes read per call when prefetching
+
+
 class SafetensorsFile:
     """One ``.safetensors`` file, header parsed and checked, data memory-mapped read-only."""
 
@@ -184,12 +187,16 @@ class SafetensorsFile:
             self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def prefetch(self, name: str) -> None:
-        """Start reading the tensor's bytes into the page cache and return at once (the runner asks a
-        layer ahead, so the disk reads while the last layer computes). A no-op where the OS has no
-        ``posix_fadvise`` (macOS); the pages are the kernel's, not this process's: RSS is unchanged."""
+        """Read the tensor's bytes into the page cache, to be mapped later at memory speed (the
+        runner's thread does this ahead of it, so the disk reads while a layer computes). The
+        pages are the kernel's, not this process's: RSS is unchanged. ``os.pread`` leaves the GIL."""
         entry = self.entries[name]
-        if hasattr(os, "posix_fadvise") and entry.nbytes:
-            os.posix_fadvise(self._fh.fileno(), entry.start, entry.nbytes, os.POSIX_FADV_WILLNEED)
+        at, end = entry.start, entry.start + entry.nbytes
+        while at < end:
+            got = len(os.pread(self._fh.fileno(), min(PREFETCH_PIECE, end - at), at))
+            if got == 0:
+                return  # the file is shorter than its header says: the reader will say so
+            at += got
 
     def close(self) -> None:
         # Views handed out keep the mmap alive through their base; only drop our handle.

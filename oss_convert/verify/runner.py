@@ -33,7 +33,7 @@ wrong produces different logits.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from typing import Callable, Iterator
 
 import mlx.core as mx
@@ -81,6 +81,7 @@ VOCAB_BLOCK = 16384  # unembedding rows converted at a time on the CPU (180 MiB 
 ATTENTION_BLOCK_ELEMENTS = 1 << 24  # scores held at once: 64 MiB of float32 per query block
 GPU_ATTENTION_BLOCK_ELEMENTS = 1 << 26  # on a GPU, all chunks at once: 256 MiB of scores per query block
 GPU_EXPERT_BYTES = 1 << 30  # decoded float32 expert weights on the device at once
+PREFETCH_BYTES = 4 << 30  # how far (in layers of this size, 2 at least) the read-ahead runs before the runner
 
 
 def attend(q, k, v, sinks, window: int, xp, block_elements: int = ATTENTION_BLOCK_ELEMENTS):
@@ -176,9 +177,9 @@ class Runner:
         ahead = _Prefetch(self.model, self.config)
         try:
             for layer in range(self.config.num_hidden_layers):
-                ahead.layer(layer + 1)
                 x = self._moe_cpu(layer, self._attention_cpu(layer, x, cos, sin))
                 self._release(self._layer_names(layer))
+                ahead.done(layer)
                 if progress is not None:
                     progress(per_layer)
         finally:
@@ -356,15 +357,13 @@ class Runner:
         layers = self.config.num_hidden_layers
         ahead = _Prefetch(self.model, self.config)
         try:
-            ahead.layer(0)
-            ahead.layer(1)
             weights = self._layer_mlx(0)
             for layer in range(layers):
-                ahead.layer(layer + 2)
                 x = self._moe_mlx(layer, self._attention_mlx(layer, x, cos, sin, weights), weights)
                 mx.async_eval(x)
                 weights = self._layer_mlx(layer + 1) if layer + 1 < layers else None  # beside the GPU's work
                 self._release(self._layer_names(layer))
+                ahead.done(layer + 1 if layer + 1 < layers else layer)
                 if progress is not None:
                     progress(per_layer)
         finally:
@@ -570,28 +569,49 @@ def _device_pairs() -> mx.array:
 
 
 class _Prefetch:
-    """Asks the reader, on a thread, to start reading a layer's tensors into the page cache
-    (``prefetch``, where the reader has one), so the disk works while the runner computes."""
+    """Reads a model's layers into the page cache in order on a thread (the reader's ``prefetch``,
+    where it has one), up to ``PREFETCH_BYTES`` ahead of the layer the runner has finished with,
+    so the disk keeps reading while the runner computes and a machine with less memory than the
+    model does not evict a layer before its turn."""
 
     def __init__(self, model: CanonicalModel, config: ModelConfig):
         self.ask = getattr(model, "prefetch", None)
         self.config = config
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if self.ask is not None else None
+        per_layer = sum(s.nbytes for s in expected_tensors(config) if s.name.startswith("block.0."))
+        self.depth = max(2, PREFETCH_BYTES // max(per_layer, 1))
+        self.finished = -1
+        self.stopped = False
+        self.turn = threading.Condition()
+        self.thread = threading.Thread(target=self._read, name="prefetch", daemon=True)
+        if self.ask is not None:
+            self.thread.start()
 
-    def layer(self, layer: int) -> None:
-        if self.pool is None or layer > self.config.num_hidden_layers:
-            return
-        names = ([n for n in logical_names(self.config) if n.startswith(f"block.{layer}.")]
-                 if layer < self.config.num_hidden_layers else ["unembedding.weight"])
-        self.pool.submit(self._read, names)
+    def done(self, layer: int) -> None:
+        """The runner needs no more of ``layer``'s pages: read further ahead."""
+        with self.turn:
+            self.finished = layer
+            self.turn.notify()
 
-    def _read(self, names: list[str]) -> None:
-        for name in names:
-            try:
-                self.ask(name)
-            except OSError:
-                return  # a hint only: the runner reads what it needs anyway
+    def _read(self) -> None:
+        layers = self.config.num_hidden_layers
+        for layer in range(layers + 1):
+            with self.turn:
+                self.turn.wait_for(lambda: self.stopped or layer <= self.finished + self.depth)
+                if self.stopped:
+                    return
+            names = self._names(layer) if layer < layers else ["unembedding.weight"]
+            for name in names:
+                try:
+                    self.ask(name)
+                except (OSError, ValueError):
+                    return  # a hint only (a closed file, say): the runner reads what it needs anyway
+
+    def _names(self, layer: int) -> list[str]:
+        return [n for n in logical_names(self.config) if n.startswith(f"block.{layer}.")]
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+        with self.turn:
+            self.stopped = True
+            self.turn.notify()
+        if self.thread.is_alive():
+            self.thread.join(timeout=5)  # at most one piece's read away
