@@ -349,13 +349,16 @@ class Runner:
     # files hold (bytes, not decoded floats); while the GPU runs a layer the host copies the next
     # one's, and a thread asks the OS to read the layer after that.
 
-    def _hidden_mlx(self, chunks: np.ndarray, progress: Callable[[float], None] | None) -> mx.array:
-        """Final normed hidden states ``[C, T, H]`` on the device."""
+    def _hidden_mlx(self, chunks: np.ndarray, progress: Callable[[float], None] | None,
+                    ahead: "_Prefetch | None" = None) -> mx.array:
+        """Final normed hidden states ``[C, T, H]`` on the device (``ahead``: the caller's read-ahead,
+        which it closes; else one of its own)."""
         x = mx.array(self._embed(chunks))
         cos, sin = (mx.array(t) for t in rope_tables(self.config, chunks.shape[1]))
         per_layer = chunks.size / self.config.num_hidden_layers
         layers = self.config.num_hidden_layers
-        ahead = _Prefetch(self.model, self.config)
+        own = ahead is None
+        ahead = ahead or _Prefetch(self.model, self.config)
         try:
             weights = self._layer_mlx(0)
             for layer in range(layers):
@@ -367,12 +370,17 @@ class Runner:
                 if progress is not None:
                     progress(per_layer)
         finally:
-            ahead.close()
+            if own:
+                ahead.close()
         return mx.fast.rms_norm(x, self._device_f32("norm.scale"), RMS_NORM_EPS)
 
     def _logit_blocks_mlx(self, chunks, rows, progress, block_rows, top_k) -> Iterator[tuple]:
-        hidden = self._hidden_mlx(self._check_ids(chunks), progress)
-        unembedding = self._device_f32("unembedding.weight", piece_rows=VOCAB_BLOCK * 4)  # [V, H] float32, held once
+        ahead = _Prefetch(self.model, self.config)
+        try:
+            hidden = self._hidden_mlx(self._check_ids(chunks), progress, ahead)
+            unembedding = self._device_f32("unembedding.weight", piece_rows=VOCAB_BLOCK * 4)  # [V, H] float32, held once
+        finally:
+            ahead.close()  # its last read, the unembedding, is done
         pending = None
         for c in range(hidden.shape[0]):
             h_all = hidden[c] if rows is None else hidden[c, rows.start:rows.stop:rows.step]
@@ -399,8 +407,8 @@ class Runner:
         for r0 in range(0, bits.shape[0], step):
             pieces.append(mx.array(np.ascontiguousarray(bits[r0:r0 + step])).view(mx.bfloat16).astype(mx.float32))
             if piece_rows:
-                mx.eval(pieces[-1])
                 self.model.release(name)
+                _move_now(pieces[-1])
         return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces)
 
     def _layer_mlx(self, layer: int) -> dict:
@@ -446,7 +454,7 @@ class Runner:
         rows = t[order // k]
         b1, b2 = w["mlp.mlp1_bias"], w["mlp.mlp2_bias"]
         outs = []
-        for g0, g1 in w["mlp1"].groups(w["mlp2"]):
+        for g0, g1 in w["mlp1"].groups:
             if starts[g1] == starts[g0]:
                 continue  # no token chose these experts: never decoded
             w1, w2 = w["mlp1"].f32(g0, g1), w["mlp2"].f32(g0, g1)
@@ -513,23 +521,37 @@ class _ExpertWeights:
         return np.ascontiguousarray(self.dense[expert], dtype=np.float32)
 
 
+def expert_groups(config: ModelConfig) -> list[tuple[int, int]]:
+    """``(first, end)`` expert ranges whose decoded float32 ``mlp1`` and ``mlp2`` weights together fit
+    ``GPU_EXPERT_BYTES`` (10 experts of gpt-oss's 20b or 120b at a time)."""
+    per_expert = 4 * 3 * config.intermediate_size * config.hidden_size
+    size = max(1, GPU_EXPERT_BYTES // per_expert)
+    return [(g0, min(config.num_experts, g0 + size)) for g0 in range(0, config.num_experts, size)]
+
+
 class _DeviceExperts:
     """One layer's ``mlp1`` or ``mlp2`` for every expert, handed out as float32 on the device a group
-    of experts at a time (``GPU_EXPERT_BYTES`` of decoded weights at most, whatever the model's size).
+    of experts at a time (``expert_groups``: bounded whatever the model's size).
 
-    MXFP4 experts move as their bytes and are decoded on the device through ``mxfp4.scaled_pairs``,
-    the CPU decoder's own table, so the values are the same bit for bit; dense BF16 experts move as
-    their bits and are widened there; anything else (a base with an adapter applied, ``experts=
-    "dequantized"``) is decoded on the host one expert at a time."""
+    MXFP4 experts move as their bytes, a group at a time (each group's mapped pages released once
+    copied, so the host holds one group, not the layer), and are decoded on the device through
+    ``mxfp4.scaled_pairs``, the CPU decoder's own table: the values are the same bit for bit. Dense
+    BF16 experts move as their bits and are widened there; anything else (a base with an adapter
+    applied, ``experts="dequantized"``) is decoded on the host one expert at a time."""
 
     def __init__(self, model: CanonicalModel, layer: int, which: str, quantized: bool):
         self.name = f"block.{layer}.mlp.{which}_weight"
+        self.groups = expert_groups(model.config)
         pair = model.mxfp4(layer, which) if quantized else None
         stored = getattr(model, "bf16_bits", None)
         bits = stored(self.name) if pair is None and stored is not None else None
-        self.blocks = self.scales = self.bits = self.host = None
+        self.pieces, self.bits, self.host = {}, None, None
         if pair is not None:
-            self.blocks, self.scales = mx.array(np.ascontiguousarray(pair.blocks)), mx.array(np.ascontiguousarray(pair.scales))
+            for g0, g1 in self.groups:
+                piece = (mx.array(np.ascontiguousarray(pair.blocks[g0:g1])), mx.array(np.ascontiguousarray(pair.scales[g0:g1])))
+                model.release(self.name)
+                _move_now(*piece)
+                self.pieces[g0] = piece
             experts, rows, groups = pair.scales.shape
             self.shape = (experts, rows, groups * mxfp4.BLOCK)
         elif bits is not None:
@@ -538,17 +560,11 @@ class _DeviceExperts:
             spec = next(s for s in expected_tensors(model.config, "bf16") if s.name == self.name)
             self.host, self.shape = _ExpertWeights(model, layer, which), spec.shape
 
-    def groups(self, other: "_DeviceExperts") -> Iterator[tuple[int, int]]:
-        """``(first, end)`` expert ranges whose decoded weights (this and ``other``) fit ``GPU_EXPERT_BYTES``."""
-        per_expert = 4 * (math.prod(self.shape[1:]) + math.prod(other.shape[1:]))
-        size = max(1, GPU_EXPERT_BYTES // per_expert)
-        for g0 in range(0, self.shape[0], size):
-            yield g0, min(self.shape[0], g0 + size)
-
     def f32(self, first: int, end: int) -> mx.array:
-        """Experts ``first..end-1`` as float32 ``[n, O, I]`` on the device."""
-        if self.blocks is not None:
-            index = (self.scales[first:end].astype(mx.uint16)[..., None] << 8) | self.blocks[first:end].astype(mx.uint16)
+        """Experts ``first..end-1`` (one of ``groups``) as float32 ``[n, O, I]`` on the device."""
+        if self.pieces:
+            blocks, scales = self.pieces[first]
+            index = (scales.astype(mx.uint16)[..., None] << 8) | blocks.astype(mx.uint16)
             return mx.take(_device_pairs(), index, axis=0).reshape(end - first, *self.shape[1:])
         if self.bits is not None:
             return mx.array(np.ascontiguousarray(self.bits[first:end])).view(mx.bfloat16).astype(mx.float32)
@@ -556,6 +572,19 @@ class _DeviceExperts:
         for e in range(first, end):
             out[e - first] = self.host(e)  # the decoder reuses one buffer: copy each expert out of it
         return mx.array(out)
+
+
+_COPY_STREAM: list = []
+
+
+def _move_now(*arrays: mx.array) -> None:
+    """Have the device read freshly copied arrays now, on a stream of their own (so nothing waits
+    for the layer being computed): where MLX keeps arrays in memory the host and the GPU share
+    (CUDA's managed memory), a host copy stays in the host's RSS until the GPU touches it."""
+    if not _COPY_STREAM:
+        _COPY_STREAM.append(mx.new_stream(mx.default_device()))
+    with mx.stream(_COPY_STREAM[0]):
+        mx.async_eval([a.reshape(-1)[::4096].max() for a in arrays])
 
 
 _DEVICE_PAIRS: list[mx.array] = []
@@ -601,6 +630,8 @@ class _Prefetch:
                     return
             names = self._names(layer) if layer < layers else ["unembedding.weight"]
             for name in names:
+                if self.stopped:
+                    return
                 try:
                     self.ask(name)
                 except (OSError, ValueError):
