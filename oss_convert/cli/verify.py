@@ -33,16 +33,20 @@ def _input_options(f):
     f = click.option("--chunks", "max_chunks", type=int, default=None, help="Use at most this many chunks.")(f)
     f = click.option("--top-k", type=int, default=DEFAULT_TOP_K, show_default=True,
                      help="Reference log-probs kept per token (KL is exact when this covers the vocabulary).")(f)
+    f = click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+                     help="Run the model with numpy and BLAS (cpu) or with MLX (gpu: MLX's default device, "
+                          "Apple's GPU or CUDA); auto: gpu where MLX has one.")(f)
     f = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")(f)
     return f
 
 
-def _inputs(text_file, tokens_file, ctx, max_chunks, top_k):
+def _inputs(text_file, tokens_file, ctx, max_chunks, top_k, device="auto"):
     from ..verify.check import Inputs
 
     if text_file is not None and tokens_file is not None:
         raise click.UsageError("give --text or --tokens, not both")
-    return Inputs(text_file=text_file, tokens_file=tokens_file, ctx=ctx, max_chunks=max_chunks, top_k=top_k)
+    return Inputs(text_file=text_file, tokens_file=tokens_file, ctx=ctx, max_chunks=max_chunks, top_k=top_k,
+                  device=None if device == "auto" else device)
 
 
 @click.command("reference")
@@ -55,13 +59,14 @@ def _inputs(text_file, tokens_file, ctx, max_chunks, top_k):
 @click.option("--adapter", type=click.Path(path_type=Path, exists=True), default=None,
               help="Apply this LoRA adapter (PEFT or mlx-lm) to SOURCE exactly, in float32.")
 @_input_options
-def reference_cmd(source, output, force, cut_rows, adapter, text_file, tokens_file, ctx, max_chunks, top_k, quiet):
+def reference_cmd(source, output, force, cut_rows, adapter, text_file, tokens_file, ctx, max_chunks, top_k, device,
+                  quiet):
     """Compute the BF16 reference of SOURCE once and cache its top-k log-probs in an .npz."""
     from ..verify.check import make_reference
 
     if output.suffix != ".npz":
         raise InputError("the reference cache must end in .npz", file=output)
-    inputs = _inputs(text_file, tokens_file, ctx, max_chunks, top_k)
+    inputs = _inputs(text_file, tokens_file, ctx, max_chunks, top_k, device)
     if output.exists() and not force:  # before the model runs
         raise OutputExistsError(f"{output} exists; pass --force to replace it")
     refuse_unsafe_output([output], [*artifact_inputs(source), *artifact_inputs(adapter), text_file, tokens_file],
@@ -102,7 +107,7 @@ def reference_cmd(source, output, force, cut_rows, adapter, text_file, tokens_fi
                    "for an artifact merged with `convert --adapter`.")
 @_input_options
 def verify_cmd(artifact, reference, integrity, max_kld, min_top1, json_file, summary_file, force, no_tensors, plot_file,
-               strict_chat_template, adapter, text_file, tokens_file, ctx, max_chunks, top_k, quiet):
+               strict_chat_template, adapter, text_file, tokens_file, ctx, max_chunks, top_k, device, quiet):
     """Verify ARTIFACT (original/, MLX folder, Metal model.bin or GGUF, or a Hub quant named
     user/repo:Q4_K_M in the local Hugging Face cache) against a BF16 reference."""
     if integrity:
@@ -115,7 +120,7 @@ def verify_cmd(artifact, reference, integrity, max_kld, min_top1, json_file, sum
 
     artifact = str(resolve(artifact))  # a path, or a Hub quant (user/repo:Q4_K_M) from the local cache
 
-    inputs = _inputs(text_file, tokens_file, ctx, max_chunks, top_k)
+    inputs = _inputs(text_file, tokens_file, ctx, max_chunks, top_k, device)
     refuse_report_outputs([json_file, plot_file], [*artifact_inputs(artifact), *artifact_inputs(reference),
                                                    *artifact_inputs(adapter), text_file, tokens_file],
                           force=force, appended=[summary_file])  # before the model runs
@@ -199,14 +204,14 @@ def _write_or_echo(target: Path, text: str) -> None:
               help="Append the results as Markdown to this file (a CI job summary, e.g. $GITHUB_STEP_SUMMARY).")
 @_input_options
 def compare_cmd(artifacts, reference, max_kld, min_top1, json_file, csv_file, plot_file, force, summary_file,
-                text_file, tokens_file, ctx, max_chunks, top_k, quiet):
+                text_file, tokens_file, ctx, max_chunks, top_k, device, quiet):
     """Compare several ARTIFACTS (paths, or Hub quants as user/repo:Q4_K_M from the local cache)
     with one reference: size, bits per weight, perplexity ratio, KL, top-1, verdict, by size.
 
     Exit 0 when every artifact passes, 1 when one fails."""
     from ..verify.compare import compare
 
-    inputs = _inputs(text_file, tokens_file, ctx, max_chunks, top_k)
+    inputs = _inputs(text_file, tokens_file, ctx, max_chunks, top_k, device)
     refuse_report_outputs([json_file, csv_file, plot_file],
                           [*(q for a in artifacts for q in artifact_inputs(a)), *artifact_inputs(reference),
                            text_file, tokens_file], force=force, appended=[summary_file])

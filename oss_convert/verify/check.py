@@ -15,10 +15,10 @@ from ..progress import SILENT, Progress
 from ..tokens.files import chat_template as folder_template
 from . import ranks, template as chat_template
 from . import text as textmod
-from .metrics import TokenMetrics, compare_block, map_rows, summarize
+from .metrics import TokenMetrics, compare_block, distance, map_rows, summarize
 from .reference import DEFAULT_CTX, DEFAULT_TOP_K, METAL_VOCAB_ROWS, Reference, chunk_tokens, compute_reference, scored_rows
 from .report import DEFAULT_MAX_KLD, DEFAULT_MIN_TOP1, build_report
-from .runner import Runner
+from .runner import Runner, device_of, kernels_of
 from .tensors import compare_models
 
 
@@ -33,6 +33,7 @@ class Inputs:
     max_chunks: int | None = None
     top_k: int = DEFAULT_TOP_K
     meta: dict = field(default_factory=dict)
+    device: str | None = None  # the Runner's: "cpu" (numpy + BLAS), "gpu" (MLX); None: MLX's default device decides
 
 
 def prepare_tokens(inputs: Inputs, tokenizer_json: Path | None, window: int) -> tuple[np.ndarray, dict]:
@@ -108,16 +109,17 @@ def reference_of(model, src: str | Path, kind: str, inputs: Inputs, progress: Pr
             meta["chat_template"] = {"source": template[0], "text": template[1]}
         if isinstance(model, AdaptedModel):
             meta["adapter"] = adapter_identity(model.adapter)
-        ref = compute_reference(Runner(model, experts or reference_kernels(model)), chunks, top_k=inputs.top_k, cut_rows=cut_rows,
-                                progress=advance, meta=meta)
+        runner = Runner(model, experts or reference_kernels(model), device=inputs.device)
+        meta["kernels"] = runner.kernels
+        ref = compute_reference(runner, chunks, top_k=inputs.top_k, cut_rows=cut_rows, progress=advance, meta=meta)
     ref.meta["seconds"] = round(time.perf_counter() - t0, 3)
     return ref
 
 
 def score(artifact_model, ref: Reference, progress: Progress = SILENT,
-          experts: str = "quantized") -> tuple[dict, TokenMetrics]:
+          experts: str = "quantized", device: str | None = None) -> tuple[dict, TokenMetrics]:
     """Run the artifact on the reference's tokens; summary numbers and per-token metrics."""
-    runner = Runner(artifact_model, experts)
+    runner = Runner(artifact_model, experts, device=device)
     if int(ref.tokens.max()) >= runner.vocab_rows:
         raise InputError(f"the evaluation tokens use ids up to {int(ref.tokens.max())} but the artifact has "
                          f"only {runner.vocab_rows} vocabulary rows")
@@ -145,6 +147,30 @@ def score(artifact_model, ref: Reference, progress: Progress = SILENT,
     return summarize(metrics), metrics
 
 
+def kernel_block(artifact_model, ref: Reference, kernels: str) -> dict:
+    """Which arithmetic each side ran (``kernels``: the artifact's runner's), and where they differ
+    (a cache made on another device, say), how far apart the two are on identical weights: the
+    artifact's first chunk run by both, its KL and logit differences are the noise floor under
+    which the verify's figures say nothing. A reference's kernels on a GPU this machine lacks run
+    on MLX's device here, which the block says."""
+    recorded = ref.meta.get("kernels")
+    block = {"reference": recorded, "artifact": kernels, "same": recorded == kernels}
+    if block["same"]:
+        block["note"] = "the same arithmetic on the same decoded weights: a lossless artifact scores KL 0 exactly"
+        return block
+    if recorded is None:
+        block["note"] = "the reference cache does not say which kernels made it (an older oss-convert): noise floor not measured"
+        return block
+    theirs = kernels_of(device_of(recorded))
+    chunk, rows = ref.tokens[:1], scored_rows(ref.ctx)
+    here = next(Runner(artifact_model, device=device_of(kernels)).iter_logits(chunk, rows))
+    there = next(Runner(artifact_model, device=device_of(recorded)).iter_logits(chunk, rows))
+    block.update({f"noise_{k}": v for k, v in distance(there, here).items()})
+    block["note"] = (f"noise floor: the artifact's first chunk run by {theirs} and by {kernels}" +
+                     ("" if theirs == recorded else f" ({recorded} is not on this machine)"))
+    return block
+
+
 def verify(artifact: str | Path, reference: str | Path, inputs: Inputs, *, max_kld: float = DEFAULT_MAX_KLD,
            min_top1: float = DEFAULT_MIN_TOP1, check_tensors: bool = True, strict_chat_template: bool = False,
            progress: Progress = SILENT, adapter: str | Path | None = None) -> dict:
@@ -167,11 +193,12 @@ def verify(artifact: str | Path, reference: str | Path, inputs: Inputs, *, max_k
             ref = reference_of(ref_model, reference, reference_format.name, inputs, progress,
                                cut_rows=(METAL_VOCAB_ROWS, art.config.vocab_size))
         t_ref = time.perf_counter()
-        summary, metrics = score(art, ref, progress)
+        summary, metrics = score(art, ref, progress, device=inputs.device)
         t_art = time.perf_counter()
         leader = ranks.world().leader  # the checks that read whole files run once, where the report is written
         tensors = compare_models(ref_model, art) if ref_model is not None and check_tensors and leader else None
         ref_json = _reference_tokenizer(ref)
+        kernels = kernel_block(art, ref, Runner(art, device=inputs.device).kernels) if leader else None
         if leader:
             tokenizer = _check_tokenizer(art, textmod.find_tokenizer(artifact, art), ref_json, ref)
             template = chat_template.check(art, _reference_template(ref, ref_json), strict=strict_chat_template)
@@ -184,7 +211,7 @@ def verify(artifact: str | Path, reference: str | Path, inputs: Inputs, *, max_k
         return build_report(
             artifact=str(artifact), artifact_kind=artifact_format.name, artifact_config=art.config.to_dict(),
             reference=ref, reference_path=str(reference), summary=summary, tensors=tensors, tokenizer=tokenizer,
-            chat_template=template, kld_by_position=kld_by_position(metrics.kld, ref.ctx),
+            chat_template=template, kernels=kernels, kld_by_position=kld_by_position(metrics.kld, ref.ctx),
             thresholds={"max_kld": max_kld, "min_top1": min_top1}, timings=timings)
     finally:
         art.close()

@@ -85,7 +85,7 @@ def compare(reference: str | Path, names: list[str], inputs: Inputs, *, max_kld:
             ref = make_reference(reference, inputs, progress, cut_rows=tuple(cut))
         params = parameter_count(_config_of(ref))
         thresholds = {"max_kld": max_kld, "min_top1": min_top1}
-        rows = [_row(name, path, model, ref, params, thresholds, progress)
+        rows = [_row(name, path, model, ref, params, thresholds, progress, inputs.device)
                 for name, path, model in zip(names, paths, models)]
     finally:
         for model in models:
@@ -97,9 +97,10 @@ def compare(reference: str | Path, names: list[str], inputs: Inputs, *, max_kld:
             "first_scored_position": ref.ctx // 2 + 1, "rows": rows}
 
 
-def _row(name: str, path: Path, model, ref: Reference, params: int, thresholds: dict, progress: Progress) -> dict:
+def _row(name: str, path: Path, model, ref: Reference, params: int, thresholds: dict, progress: Progress,
+         device: str | None) -> dict:
     """One artifact scored on the reference's tokens; the verdict is verify's own KL and top-1 checks."""
-    summary, metrics = score(model, ref, progress)
+    summary, metrics = score(model, ref, progress, device=device)
     evidence = Evidence(summary, thresholds, config_diff=[], tensors=None, tokenizer={}, chat_template={})
     passed = check_kl(evidence).status == "pass" and check_top1(evidence).status == "pass"
     size = size_on_disk(path)

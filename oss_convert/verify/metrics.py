@@ -139,6 +139,21 @@ def compare_block(logits: np.ndarray, targets: np.ndarray, top_ids: np.ndarray, 
     )
 
 
+def distance(a: np.ndarray, b: np.ndarray) -> dict:
+    """How far two runs' logits ``[S, V]`` of the same positions are apart: KL(a || b) per position
+    (full vocabulary, float64), mean and max, and the largest |logit difference|."""
+    def piece(r: slice) -> tuple[np.ndarray, float]:
+        lp_a, _ = log_softmax(a[r])
+        lp_b, _ = log_softmax(b[r])
+        kld = (np.exp(lp_a) * (lp_a - lp_b)).sum(axis=1)
+        return kld, float(np.abs(a[r].astype(np.float64) - b[r]).max())
+
+    parts = map_rows(piece, a.shape[0])
+    kld = np.maximum(np.concatenate([k for k, _ in parts]), 0.0)
+    return {"kld_mean": float(kld.mean()), "kld_max": float(kld.max()),
+            "logit_max_abs_diff": max(d for _, d in parts)}
+
+
 def summarize(m: TokenMetrics) -> dict:
     """The numbers of the report (see ``report.py`` for units)."""
     n = len(m.kld)

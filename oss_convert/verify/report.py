@@ -120,6 +120,23 @@ class Timings:
 
 
 @dataclass
+class KernelsBlock:
+    """Which arithmetic each side ran ("numpy float32 on cpu", "mlx float32 on gpu (cuda)", ...;
+    the reference's as its cache records it, null for an older cache). ``same``: the same kernels,
+    so a lossless artifact scores KL 0 exactly. Otherwise ``noise_*``: the artifact's first chunk
+    run by both kernels here, KL(reference kernels || artifact kernels) and the largest |logit
+    difference|: the noise floor of the measurement (null when not measured)."""
+
+    reference: str | None
+    artifact: str
+    same: bool
+    note: str
+    noise_kld_mean: float | None = None
+    noise_kld_max: float | None = None
+    noise_logit_max_abs_diff: float | None = None
+
+
+@dataclass
 class Versions:
     oss_convert: str
     mlx: str
@@ -167,6 +184,7 @@ class Report:
     checks: list[dict]
     timings: Timings
     versions: Versions
+    kernels: KernelsBlock | None = None  # null on the ranks that do not write the report
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -323,7 +341,7 @@ def run_checks(ev: Evidence) -> list[Check]:
 
 def build_report(*, artifact: str, artifact_kind: str, artifact_config: dict, reference, reference_path: str,
                  summary: dict, tensors, tokenizer: dict, chat_template: dict, thresholds: dict,
-                 timings: dict, kld_by_position=None) -> dict:
+                 timings: dict, kld_by_position=None, kernels: dict | None = None) -> dict:
     import mlx.core as mx
 
     from .. import __version__
@@ -355,8 +373,24 @@ def build_report(*, artifact: str, artifact_kind: str, artifact_config: dict, re
         checks=[c.to_dict() for c in checks],
         timings=Timings(**timings),
         versions=Versions(__version__, mx.__version__),
+        kernels=KernelsBlock(**kernels) if kernels is not None else None,
     )
     return report.to_dict()
+
+
+def _kernel_lines(kernels: dict | None) -> list[str]:
+    """Which arithmetic each side ran, and the noise floor where they differ."""
+    if not kernels:
+        return []
+    if kernels["same"]:
+        return [f"kernels    both {kernels['artifact']}: {kernels['note']}"]
+    lines = [f"kernels    reference {kernels['reference'] or 'unknown'}, artifact {kernels['artifact']}"]
+    if kernels.get("noise_kld_mean") is not None:
+        lines.append(f"           noise floor: KL mean {kernels['noise_kld_mean']:.3e}, max {kernels['noise_kld_max']:.3e}, "
+                     f"max |logit diff| {kernels['noise_logit_max_abs_diff']:.3e} ({kernels['note'].split(': ', 1)[1]})")
+    else:
+        lines.append(f"           {kernels['note']}")
+    return lines
 
 
 def _chat_lines(template: dict) -> list[str]:
@@ -407,6 +441,7 @@ def format_table(report: dict) -> str:
         f"{inp['tokens_scored']} scored (second half of each chunk)",
         f"vocab      {report['vocab']['compared_rows']} rows compared "
         f"(artifact {report['vocab']['artifact_rows']}, reference {report['vocab']['reference_rows']})",
+        *_kernel_lines(report.get("kernels")),
         "",
         f"  {'metric':<26}{'value':>14}   limit",
         f"  {'perplexity artifact':<26}{m['ppl']:>14.4f}",

@@ -161,6 +161,12 @@ class Runner:
     def vocab_rows(self) -> int:
         return self.config.vocab_size
 
+    @property
+    def kernels(self) -> str:
+        """The arithmetic this runner does, for the report: ``numpy float32 on cpu`` or ``mlx float32
+        on gpu (cuda)`` (or ``metal``, or ``cpu`` where MLX's default device is the CPU)."""
+        return kernels_of(self.device)
+
     # -- whole pass ---------------------------------------------------------------------
 
     def hidden_states(self, chunks: np.ndarray, progress: Callable[[float], None] | None = None) -> np.ndarray:
@@ -468,6 +474,21 @@ class Runner:
             mx.async_eval(outs[first:])  # this group's float32 weights are freed before the next is decoded
         y = mx.concatenate(outs)[mx.argsort(order)].reshape(C * T, k, H)
         return x + (y * gates[..., None]).sum(axis=1).reshape(C, T, H)
+
+
+def kernels_of(device: str) -> str:
+    """``Runner.kernels`` for a runner on ``device`` ("cpu": numpy; "gpu": MLX's default device)."""
+    if device == "cpu":
+        return "numpy float32 on cpu"
+    if mx.default_device() == mx.cpu:
+        return "mlx float32 on cpu"
+    cuda = getattr(mx, "cuda", None)
+    return "mlx float32 on gpu (" + ("cuda" if cuda is not None and cuda.is_available() else "metal") + ")"
+
+
+def device_of(kernels: str) -> str:
+    """The ``Runner`` device that runs ``kernels`` (a ``kernels_of`` text) on this machine."""
+    return "cpu" if kernels.startswith("numpy") else "gpu"
 
 
 def _top_ids(logits: mx.array, k: int) -> mx.array | None:

@@ -1,0 +1,136 @@
+"""The runner's MLX path (a GPU's; MLX runs it on whatever its default device is, the CPU in CI):
+the same arithmetic for every storage of the same weights, the kernels named in the report with
+the noise floor measured where the two sides ran different ones, a planted defect failing, and
+host memory that does not grow with the model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from oss_convert import formats, synth
+from oss_convert.cli.main import cli
+from oss_convert.formats import mxfp4
+from oss_convert.formats.original import OriginalCheckpoint
+from oss_convert.verify.runner import Runner, expert_groups
+
+from test_verify_formats import _convert, _edit_bytes_like, _expert_blocks
+
+FAST = ["--ctx", "256", "--chunks", "2", "--quiet"]
+TOKENS = np.random.default_rng(3).integers(0, 1000, size=(2, 200))  # ids every vocabulary here has
+
+
+def _hidden(path, experts="quantized") -> np.ndarray:
+    model = formats.open_canonical(path)
+    try:
+        return Runner(model, experts, device="gpu").hidden_states(TOKENS)
+    finally:
+        model.close()
+
+
+def test_every_lossless_storage_gives_the_references_hidden_states_bit_for_bit(tiny_repo, tiny_gguf, tmp_path):
+    """MXFP4 bytes decoded on the device through the CPU decoder's table, BF16 widened there, the
+    same float32 products: the original/ checkpoint, its MLX and GGUF conversions, and the host-
+    decoded ("dequantized") path all give identical hidden states, so a lossless artifact scores
+    KL 0 exactly on a GPU as on the CPU."""
+    want = _hidden(tiny_repo)
+    assert np.isfinite(want).all() and np.abs(want).max() > 0.1
+    assert np.array_equal(_hidden(tiny_repo, "dequantized"), want)
+    assert np.array_equal(_hidden(_convert(tiny_repo, "mlx", tmp_path / "mlx")), want)
+    assert np.array_equal(_hidden(tiny_gguf), want)
+    with OriginalCheckpoint(tiny_repo) as ckpt:  # and near the numpy path's (other kernels)
+        cpu = Runner(ckpt, device="cpu").hidden_states(TOKENS)
+    assert 0 < np.abs(cpu - want).max() / np.abs(cpu).max() < 1e-5
+
+
+def test_metal_gives_the_references_hidden_states_bit_for_bit(metal_repo, metal_bin):
+    assert np.array_equal(_hidden(metal_bin), _hidden(metal_repo))
+
+
+def test_the_device_decoder_table_is_the_cpu_decoders_for_every_byte_and_scale():
+    table = mxfp4.scaled_pairs()
+    blocks = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    for scale in range(256):
+        want = mxfp4.decode(blocks, np.full(16, scale, np.uint8)).reshape(256, 2)
+        assert np.array_equal(table[scale << 8 | np.arange(256)].view(np.uint32), want.view(np.uint32)), scale
+
+
+def test_expert_groups_bound_the_decoded_weights_whatever_the_model():
+    for preset in ("20b", "120b"):
+        config = synth.PRESETS[preset]
+        groups = expert_groups(config)
+        assert groups[0][0] == 0 and groups[-1][1] == config.num_experts
+        assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+        per_expert = 4 * 3 * config.intermediate_size * config.hidden_size
+        assert max(g1 - g0 for g0, g1 in groups) * per_expert <= 1 << 30
+    assert len(expert_groups(synth.PRESETS["120b"])) == 13  # 10 experts of 99.5 MB at a time
+
+
+def _verify(artifact, reference, *extra):
+    result = CliRunner().invoke(cli, ["verify", str(artifact), "--reference", str(reference), "--json", "-", *FAST,
+                                      *extra], catch_exceptions=False)
+    assert result.exit_code in (0, 1), result.output
+    return result.exit_code, json.loads(result.stdout)
+
+
+def test_the_report_names_the_kernels_and_measures_the_noise_floor_where_they_differ(tiny_repo, tmp_path):
+    art = _convert(tiny_repo, "mlx", tmp_path / "mlx")
+    cache = tmp_path / "ref-mlx.npz"
+    made = CliRunner().invoke(cli, ["reference", str(tiny_repo), "-o", str(cache), "--device", "gpu", *FAST])
+    assert made.exit_code == 0, made.output
+
+    code, same = _verify(art, cache, "--device", "gpu")  # the cache's own kernels: nothing to measure
+    assert code == 0 and same["kernels"]["same"] is True and same["kernels"]["noise_kld_mean"] is None
+    assert same["kernels"]["reference"] == same["kernels"]["artifact"]
+    assert same["kernels"]["artifact"].startswith("mlx float32 on ")
+    assert same["metrics"]["kld_max"] == 0.0
+
+    code, other = _verify(art, cache, "--device", "cpu")  # numpy against an MLX-made cache
+    k = other["kernels"]
+    assert code == 0 and k["same"] is False
+    assert (k["reference"], k["artifact"]) == (same["kernels"]["artifact"], "numpy float32 on cpu")
+    # the two kernels on identical weights: last-bit differences, and the verify's own KL is of that size
+    assert 0 < k["noise_kld_mean"] < 1e-9 and 0 < k["noise_logit_max_abs_diff"] < 1e-3
+    assert 0 < other["metrics"]["kld_mean"] < 10 * k["noise_kld_mean"]
+    table = CliRunner().invoke(cli, ["verify", str(art), "--reference", str(cache), "--device", "cpu", *FAST]).output
+    assert "noise floor: KL mean" in table and "numpy float32 on cpu" in table
+
+
+def test_a_planted_defect_fails_on_the_mlx_path(tiny_repo, tmp_path):
+    art = _convert(tiny_repo, "mlx", tmp_path / "mlx")
+    shard = next(art.glob("*.safetensors"))
+    _edit_bytes_like(shard, _expert_blocks(tiny_repo, 1, 3), lambda b: (b >> 4) | (b << 4))
+    code, report = _verify(art, tiny_repo, "--device", "gpu", "--no-tensors")
+    assert code == 1 and report["kernels"]["same"] is True
+    assert report["metrics"]["kld_mean"] > 5e-4  # the logits alone catch it, no tensor check
+
+
+# The peak is the process's own VmHWM (ru_maxrss is carried across fork and exec on Linux).
+PEAK = ("import sys; from oss_convert.cli.main import main; sys.argv = ['oss-convert', *sys.argv[1:]]\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    assert exc.code in (0, None), exc.code\n"
+        "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')), file=sys.stderr)")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_the_mlx_path_needs_no_more_host_memory_for_a_deeper_model(tmp_path):
+    """One layer's bytes at a time on the device, the next copied while it computes: a model
+    six times deeper peaks within a few MiB (holding the extra layers would take ~100 MiB)."""
+    peaks = []
+    for layers in (2, 12):
+        config = synth.preset_with("tiny", num_hidden_layers=layers, hidden_size=512, intermediate_size=512,
+                                   num_experts=32)
+        repo = synth.generate(tmp_path / f"m{layers}", config, seed=3)
+        ids = tmp_path / "ids.npy"
+        np.save(ids, np.random.default_rng(1).integers(0, config.vocab_size, size=1024))
+        run = subprocess.run([sys.executable, "-c", PEAK, "reference", str(repo), "-o", str(tmp_path / f"r{layers}.npz"),
+                              "--device", "gpu", "--tokens", str(ids), "--ctx", "256", "-q"], capture_output=True,
+                             text=True)
+        assert run.returncode == 0, run.stderr
+        peaks.append(int(run.stderr.strip().splitlines()[-1]) / 1024)
+    assert peaks[1] < peaks[0] + 40, f"peak RSS grew from {peaks[0]:.0f} to {peaks[1]:.0f} MiB"
