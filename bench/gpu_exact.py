@@ -5,10 +5,11 @@ their own original/ checkpoint on MLX's default device (a GPU where mlx[cuda] or
 
 The checkpoint has 20b's per-layer shapes (hidden 2880, 32 experts, 64 heads) with the vocabulary
 cut to 1024 (the bundled o200k head: nothing to download). Prints, per artifact (MLX, GGUF, the
-mxfp4-q8 recipe): mean KL, max KL and top-1 against the reference computed with its experts
-through the artifact's kernels (what `reference` and `verify` do now) and, beside it, against
-the reference with its experts dequantized (what they did before), whose distance from the first
-is the two kernels' noise floor on identical weights. With `--cpu`, the mxfp4-q8 row is also
+mxfp4-q8 recipe): mean KL, max KL and top-1 against the reference with its experts passed as
+MXFP4 bytes (what `reference` does) and, beside it, decoded on the host (`experts="dequantized"`).
+Session 6 measured here the two kernels then used (`gather_qmm` and dequantize-then-matmul,
+1.6e-11 apart on identical weights); since session 7 both decode exactly and multiply in
+float32, so the two columns must agree to the bit. With `--cpu`, the mxfp4-q8 row is also
 computed on the CPU, for the GPU/CPU ratio of a lossy artifact's KL.
 """
 

@@ -1,7 +1,7 @@
 """Verify an artifact against a BF16 reference: one command, one verdict.
 
-- ``runner``: a gpt-oss forward pass in MLX over any ``CanonicalModel`` (layer-streamed,
-  MXFP4 experts through ``gather_qmm`` or dequantized one expert at a time).
+- ``runner``: a gpt-oss forward pass in float32 over any ``CanonicalModel`` (layer-streamed;
+  numpy and BLAS on the CPU, MLX operations on a GPU; every weight decoded exactly).
 - ``reference``: llama-perplexity style chunking and the ``.npz`` cache of top-k log-probs.
 - ``metrics``: per-token NLL / KL / top-1 / logit differences and their summary.
 - ``tensors``: exact per-tensor comparison (experts bit-identical, BF16 identical, F16/Q8_0 bounds).

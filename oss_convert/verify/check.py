@@ -88,11 +88,10 @@ def open_reference_model(src: str | Path, adapter: str | Path | None):
 
 
 def reference_kernels(model) -> str:
-    """The expert kernels the reference runs (``Runner``'s ``experts``): when its experts are MXFP4
-    (every ``original/`` checkpoint), the very kernels an MXFP4 artifact runs, so that the same
-    weights give the same logits bit for bit on every device (on a GPU the dequantized path and
-    ``gather_qmm`` differ in the last bits, and a near-tie in routing turns that into a different
-    expert); dense experts (a BF16 fine-tune) dequantized. On the CPU both decode exactly."""
+    """How the reference's experts reach the runner (``Runner``'s ``experts``): MXFP4 ones (every
+    ``original/`` checkpoint) as their bytes, decoded where the products run, like an MXFP4
+    artifact's; dense ones (a BF16 fine-tune) as their values. Either way the values are exact,
+    so the same weights give the same logits bit for bit on each device."""
     return "quantized" if model.mxfp4(0, "mlp1") is not None else "dequantized"
 
 

@@ -20,11 +20,18 @@ The device decides how the heavy parts run:
   per layer (exact float32, ``formats/mxfp4.decode``) and multiplied with all the tokens routed
   to it in one BLAS call, then released; every matmul is BLAS. MLX's CPU ``gather_qmm`` is
   ~20x slower than that.
-- on an MLX GPU (Apple, or CUDA through ``mlx[cuda]``): experts stay MXFP4 and go through
-  ``mx.gather_qmm(mode="mxfp4")`` (``experts="quantized"``, what a runtime does), or are
-  dequantized one expert at a time (``experts="dequantized"``, the BF16 reference path).
-  ``oss_convert/__init__.py`` sets ``MLX_ENABLE_TF32=0`` before MLX starts: MLX's CUDA backend
-  otherwise multiplies float32 in TF32 (a lossless artifact then shows mean KL 2.5e-3).
+- on an MLX GPU (Apple, or CUDA through ``mlx[cuda]``; ``device="gpu"``, MLX's default device):
+  the same arithmetic with MLX operations only. Weights cross as the files hold them (MXFP4
+  bytes, BF16 bits) and reach float32 exactly on the device (MXFP4 through the CPU decoder's own
+  table, ``mxfp4.scaled_pairs``), ten experts at a time; every product is a float32 matmul. So
+  the same weights give the same logits bit for bit whatever their storage (original/, MLX,
+  GGUF, Metal): a lossless artifact scores KL 0 exactly, as on the CPU. ``gather_qmm`` (what a
+  runtime runs) rounds otherwise than the dequantized reference, and in a mixture of experts a
+  last-bit difference flips a near-tied routing choice: a lossless 20b-shaped artifact showed
+  mean KL 2.3e-5 that way. While the GPU runs a layer the host copies the next one, and a thread
+  reads the layers into the page cache ahead of both (``_Prefetch``); each row's top-k is
+  chosen on the device. ``oss_convert/__init__.py`` sets ``MLX_ENABLE_TF32=0`` before MLX
+  starts: MLX's CUDA backend otherwise multiplies float32 in TF32 (mean KL 2.5e-3).
 
 The model's own config drives the run (window, heads, RoPE), so an artifact whose config is
 wrong produces different logits.
@@ -131,10 +138,10 @@ def swiglu(h, limit: float, xp):
 class Runner:
     """Runs a ``CanonicalModel`` on chunks of token ids, layer by layer.
 
-    ``experts="quantized"`` uses the artifact's MXFP4 experts as stored (on an MLX GPU through
-    ``gather_qmm``; on the CPU decoded exactly, one expert at a time, for BLAS); artifacts whose
-    experts are not MXFP4 fall back to their dense values. ``experts="dequantized"`` always
-    decodes one expert at a time to float32 (the reference path). ``device`` is ``"cpu"`` or
+    ``experts="quantized"`` uses the artifact's MXFP4 experts as stored (decoded exactly, on the
+    device for an MLX GPU, one expert at a time for BLAS on the CPU); artifacts whose experts
+    are not MXFP4 fall back to their dense values. ``experts="dequantized"`` decodes them on the
+    host one expert at a time: the same values, so the same logits, only slower. ``device`` is ``"cpu"`` or
     ``"gpu"``; by default MLX's default device decides.
 
     ``routing`` replaces the router's own top-k choice: called as ``routing(layer, logits, k)``
