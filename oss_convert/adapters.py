@@ -352,6 +352,11 @@ class AdaptedModel:
     def release(self, name: str) -> None:
         self.model.release(name)
 
+    def mxfp4_halves(self, layer: int, which: str):
+        """The base's split MXFP4 halves, only for expert weights the adapter leaves alone."""
+        base = getattr(self.model, "mxfp4_halves", None)
+        return None if base is None or self.adapter.touches(f"block.{layer}.mlp.{which}_weight") else base(layer, which)
+
     def bf16_bits(self, name: str) -> np.ndarray | None:
         """The base's stored bits, only for tensors the adapter leaves alone."""
         base = getattr(self.model, "bf16_bits", None)

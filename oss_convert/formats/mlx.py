@@ -27,7 +27,7 @@ import numpy as np
 from ..dtypes import bf16_to_f32
 from ..errors import InputError
 from ..reading import read_json
-from ..model import (VOCAB_TENSORS, ModelConfig, Mxfp4Pair, TensorSpec, VocabRows, expert_name, interleave,
+from ..model import (ModelConfig, Mxfp4Pair, TensorSpec, VocabRows, expert_name, interleave,
                      is_expert_weight)
 from ..tokens.files import TOKENIZER_FILES, FolderTokens
 from . import mxfp4
@@ -406,11 +406,24 @@ class MlxModel(ShardedReader, VocabRows, FolderTokens):
             words, scales = [interleave(*words, axis=1)], [interleave(*scales, axis=1)]
         return Mxfp4Pair(from_mlx_words(words[0]), np.ascontiguousarray(scales[0]))
 
-    def _bf16_bits(self, name: str) -> np.ndarray | None:
-        (source,) = self._sources(name) if name in VOCAB_TENSORS else (None,)
-        if source is None or self.quant.get(source) is not None or self.entries[source + ".weight"].dtype != "BF16":
+    def mxfp4_halves(self, layer: int, which: str) -> tuple[Mxfp4Pair, Mxfp4Pair] | None:
+        """mlx-lm keeps ``mlp1``'s gate and up apart: the two as OpenAI-layout pairs (the even and
+        the odd rows of ``mxfp4(layer, "mlp1")``), mapped views, for a caller that interleaves them
+        elsewhere (the GPU runner, on the device); ``None`` for a single module or other storage."""
+        modules = self._sources(f"block.{layer}.mlp.{which}_weight")
+        if len(modules) != 2 or not all(self.quant[m] is not None and self.quant[m].is_openai_mxfp4 for m in modules):
             return None
-        return self._array(source + ".weight")
+        gate, up = (Mxfp4Pair(from_mlx_words(self._array(m + ".weight")), self._array(m + ".scales")) for m in modules)
+        return gate, up
+
+    def _bf16_bits(self, name: str) -> np.ndarray | None:
+        """A tensor stored whole as one plain BF16 tensor (not split, not quantized): its bits."""
+        sources = self._sources(name)
+        if len(sources) != 1 or self.quant.get(sources[0]) is not None:
+            return None
+        tensor = sources[0] + ".weight" if sources[0] in self.quant else sources[0]
+        entry = self.entries.get(tensor)
+        return self._array(tensor) if entry is not None and entry.dtype == "BF16" else None
 
     def storage(self, name: str) -> str:
         sources = self._sources(name)

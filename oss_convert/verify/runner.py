@@ -46,7 +46,7 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
-from ..model import RMS_NORM_EPS, SWIGLU_ALPHA, CanonicalModel, ModelConfig, expected_tensors, logical_names
+from ..model import RMS_NORM_EPS, SWIGLU_ALPHA, CanonicalModel, ModelConfig, Mxfp4Pair, expected_tensors, logical_names
 from ..formats import mxfp4
 
 Routing = Callable[[int, np.ndarray, int], np.ndarray]  # (layer, router logits [N, E], k) -> expert ids [N, k]
@@ -570,18 +570,19 @@ class _DeviceExperts:
     def __init__(self, model: CanonicalModel, layer: int, which: str, quantized: bool):
         self.name = f"block.{layer}.mlp.{which}_weight"
         self.groups = expert_groups(model.config)
-        pair = model.mxfp4(layer, which) if quantized else None
+        split = getattr(model, "mxfp4_halves", None)
+        halves = split(layer, which) if quantized and split is not None else None
+        pair = model.mxfp4(layer, which) if quantized and halves is None else None
         stored = getattr(model, "bf16_bits", None)
-        bits = stored(self.name) if pair is None and stored is not None else None
+        bits = stored(self.name) if pair is None and halves is None and stored is not None else None
         self.pieces, self.bits, self.host = {}, None, None
-        if pair is not None:
+        if pair is not None or halves is not None:
             for g0, g1 in self.groups:
-                piece = (mx.array(np.ascontiguousarray(pair.blocks[g0:g1])), mx.array(np.ascontiguousarray(pair.scales[g0:g1])))
+                self.pieces[g0] = _bytes_on_device(pair, halves, g0, g1)
                 model.release(self.name)
-                _move_now(*piece)
-                self.pieces[g0] = piece
-            experts, rows, groups = pair.scales.shape
-            self.shape = (experts, rows, groups * mxfp4.BLOCK)
+                _move_now(*self.pieces[g0])
+            experts, rows, groups = (pair or halves[0]).scales.shape
+            self.shape = (experts, rows * (1 if halves is None else 2), groups * mxfp4.BLOCK)
         elif bits is not None:
             self.bits, self.shape = bits, bits.shape
         else:
@@ -600,6 +601,23 @@ class _DeviceExperts:
         for e in range(first, end):
             out[e - first] = self.host(e)  # the decoder reuses one buffer: copy each expert out of it
         return mx.array(out)
+
+
+def _bytes_on_device(pair: Mxfp4Pair | None, halves, first: int, end: int) -> tuple[mx.array, mx.array]:
+    """Experts ``first..end-1``'s MXFP4 blocks and scales on the device, in OpenAI's row order: a
+    pair copied as it is, or gate and up halves (mlx-lm's) copied apart and interleaved there
+    (even rows gate, odd rows up), which spares the host a strided pass over the layer."""
+    def copy(array: np.ndarray) -> mx.array:
+        return mx.array(np.ascontiguousarray(array[first:end]))
+
+    if pair is not None:
+        return copy(pair.blocks), copy(pair.scales)
+    gate, up = halves
+
+    def rows(a: mx.array, b: mx.array) -> mx.array:
+        return mx.stack([a, b], axis=2).reshape(a.shape[0], 2 * a.shape[1], *a.shape[2:])
+
+    return rows(copy(gate.blocks), copy(up.blocks)), rows(copy(gate.scales), copy(up.scales))
 
 
 _COPY_STREAM: list = []
