@@ -585,6 +585,7 @@ class _DeviceExperts:
             self.shape = (experts, rows * (1 if halves is None else 2), groups * mxfp4.BLOCK)
         elif bits is not None:
             self.bits, self.shape = bits, bits.shape
+            self.release = lambda: model.release(self.name)
         else:
             spec = next(s for s in expected_tensors(model.config, "bf16") if s.name == self.name)
             self.host, self.shape = _ExpertWeights(model, layer, which), spec.shape
@@ -596,7 +597,9 @@ class _DeviceExperts:
             index = (scales.astype(mx.uint16)[..., None] << 8) | blocks.astype(mx.uint16)
             return mx.take(_device_pairs(), index, axis=0).reshape(end - first, *self.shape[1:])
         if self.bits is not None:
-            return mx.array(np.ascontiguousarray(self.bits[first:end])).view(mx.bfloat16).astype(mx.float32)
+            widened = mx.array(np.ascontiguousarray(self.bits[first:end])).view(mx.bfloat16).astype(mx.float32)
+            self.release()  # this group's mapped pages: the host holds one group of a dense layer, not the layer
+            return widened
         out = np.empty((end - first, *self.shape[1:]), dtype=np.float32)
         for e in range(first, end):
             out[e - first] = self.host(e)  # the decoder reuses one buffer: copy each expert out of it

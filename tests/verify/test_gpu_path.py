@@ -48,6 +48,12 @@ def test_every_lossless_storage_gives_the_references_hidden_states_bit_for_bit(t
     assert 0 < np.abs(cpu - want).max() / np.abs(cpu).max() < 1e-5
 
 
+def test_dense_experts_widened_on_the_device_match_the_hosts(dense_repo):
+    """A BF16 fine-tune's experts move as bits, a group at a time, and are widened there: the
+    same values as the host's float32, so the same hidden states."""
+    assert np.array_equal(_hidden(dense_repo), _hidden(dense_repo, "dequantized"))
+
+
 def test_metal_gives_the_references_hidden_states_bit_for_bit(metal_repo, metal_bin):
     assert np.array_equal(_hidden(metal_bin), _hidden(metal_repo))
 
