@@ -15,7 +15,7 @@ from ..progress import SILENT, Progress
 from ..tokens.files import chat_template as folder_template
 from . import ranks, template as chat_template
 from . import text as textmod
-from .metrics import TokenMetrics, compare_block, distance, map_rows, summarize
+from .metrics import TokenMetrics, compare_block, distance, score_blocks, start_rows, summarize
 from .reference import DEFAULT_CTX, DEFAULT_TOP_K, METAL_VOCAB_ROWS, Reference, chunk_tokens, compute_reference, scored_rows
 from .report import DEFAULT_MAX_KLD, DEFAULT_MIN_TOP1, build_report
 from .runner import Runner, device_of, kernels_of
@@ -128,19 +128,24 @@ def score(artifact_model, ref: Reference, progress: Progress = SILENT,
     world = ranks.world()
     rows = scored_rows(ref.ctx)
     per_chunk = len(range(ref.ctx)[rows])
-    parts = []
     with world.checked():  # this rank's share of the chunks (all of them without mlx.launch)
         mine = world.share(ref.tokens.shape[0])
         at = mine.start * per_chunk
-        with progress.task("artifact", ref.tokens[mine].size, unit="tok") as advance:
-            # scored positions in chunk order, a block at a time: ``at`` walks the reference's flat arrays
-            for _, logits in runner.iter_logit_blocks(ref.tokens[mine], rows, advance):
-                def piece(r: slice, logits=logits, at=at) -> TokenMetrics:
-                    s = slice(at + r.start, at + r.stop)
-                    return compare_block(logits[r, :shared], targets[s], ref.top_ids[s], top_lp[s], lse[s], tgt_lp[s])
 
-                parts += map_rows(piece, logits.shape[0])
-                at += logits.shape[0]
+        def compare(item):
+            """Start scoring one block: ``at`` walks the reference's flat arrays in chunk order."""
+            nonlocal at
+            logits, first = item[1], at
+            at += logits.shape[0]
+
+            def piece(r: slice) -> TokenMetrics:
+                s = slice(first + r.start, first + r.stop)
+                return compare_block(logits[r, :shared], targets[s], ref.top_ids[s], top_lp[s], lse[s], tgt_lp[s])
+
+            return start_rows(piece, logits.shape[0])
+
+        with progress.task("artifact", ref.tokens[mine].size, unit="tok") as advance:
+            parts = score_blocks(runner.iter_logit_blocks(ref.tokens[mine], rows, advance), compare)
     local = TokenMetrics.concat(parts)
     metrics = TokenMetrics(**world.gather_rows(vars(local)))  # every rank's, in chunk order
     return summarize(metrics), metrics

@@ -26,7 +26,7 @@ from ..errors import InputError
 from ..formats import reference as cache
 from ..guard import refuse_stranger
 from . import ranks
-from .metrics import logsumexp_cuts, map_rows
+from .metrics import logsumexp_cuts, score_blocks, start_rows
 
 METAL_VOCAB_ROWS = 200014  # what the Metal model.bin keeps
 DEFAULT_TOP_K = 1024
@@ -177,13 +177,17 @@ def _top_k_values(runner, chunks: np.ndarray, rows: slice, k: int, cut_rows: tup
     V = runner.vocab_rows
     want = targets(chunks).reshape(-1)
     cuts = tuple(c for c in cut_rows if c < V)
-    parts: list[dict[str, np.ndarray]] = []
     at = 0
-    for _, block, top in runner.iter_ranked_blocks(chunks, rows, progress, k):
+
+    def rank(item) -> Callable[[], list]:
+        nonlocal at
+        _, block, top = item
         block_want = want[at:at + block.shape[0]]
-        parts += map_rows(lambda r: _rank(block[r], block_want[r], k, cuts, None if top is None else top[r]),
-                          block.shape[0])
         at += block.shape[0]
+        return start_rows(lambda r: _rank(block[r], block_want[r], k, cuts, None if top is None else top[r]),
+                          block.shape[0])
+
+    parts = score_blocks(runner.iter_ranked_blocks(chunks, rows, progress, k), rank)
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
