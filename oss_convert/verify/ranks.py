@@ -71,14 +71,10 @@ class World:
         import mlx.core as mx
 
         start = time.perf_counter()
-        # Inside a collective this thread is in MLX's C++ and Python's handlers never run: a peer
-        # that died leaves it waiting, and mlx.launch's SIGTERM must end it as the default would.
-        previous = signal.signal(signal.SIGTERM, signal.SIG_DFL) if _main_thread() else None
         try:
-            return self._gather(mx, data)
+            with _terminable():
+                return self._gather(mx, data)
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
             self.seconds += time.perf_counter() - start
 
     def _gather(self, mx, data: bytes) -> list[bytes]:
@@ -145,10 +141,20 @@ class World:
         self.check_in()
 
 
-def _main_thread() -> bool:
+@contextmanager
+def _terminable() -> Iterator[None]:
+    """SIGTERM's default action while this thread waits in MLX's C++ (a collective, or the
+    connection to the peers), where Python's handlers never run: a peer that died leaves it
+    waiting (the ring backend's connect waits 30 s), and mlx.launch's SIGTERM must end it then."""
     import threading
 
-    return threading.current_thread() is threading.main_thread()
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL) if main else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 _WORLD: World | None = None
@@ -168,6 +174,7 @@ def world() -> World:
         else:
             import mlx.core as mx
 
-            group = mx.distributed.init(backend=os.environ.get("OSS_CONVERT_MLX_BACKEND", "any"))
+            with _terminable():
+                group = mx.distributed.init(backend=os.environ.get("OSS_CONVERT_MLX_BACKEND", "any"))
             _WORLD = World(group if group.size() > 1 else None)
     return _WORLD
