@@ -46,7 +46,16 @@ def metrics_table(report: dict) -> list[str]:
         ["top-1 agreement", f"{num(m['top1_agreement'], '.2%')}", f">= {num(th['min_top1'], '.2%')}"],
         ["max abs logit difference", f"{num(m['logit_max_abs_diff'], '.3e')}", ""],
         ["tokens scored", f"{m['tokens_scored']}", ""],
+        *_noise_floor(report.get("kernels")),
     ], "lrr")
+
+
+def _noise_floor(kernels: dict | None) -> list[list[str]]:
+    """The noise floor row, where the two sides ran different kernels and it was measured."""
+    if not kernels or kernels.get("noise_kld_mean") is None:
+        return []
+    return [[f"noise floor: KL mean of {cell(kernels['reference'])} against {cell(kernels['artifact'])}",
+             f"{num(kernels['noise_kld_mean'], '.3e')}", ""]]
 
 
 def checks_table(report: dict) -> list[str]:

@@ -111,8 +111,11 @@ def test_the_report_names_the_kernels_and_measures_the_noise_floor_where_they_di
     # the two kernels on identical weights: last-bit differences, and the verify's own KL is of that size
     assert 0 < k["noise_kld_mean"] < 1e-9 and 0 < k["noise_logit_max_abs_diff"] < 1e-3
     assert 0 < other["metrics"]["kld_mean"] < 10 * k["noise_kld_mean"]
-    table = CliRunner().invoke(cli, ["verify", str(art), "--reference", str(cache), "--device", "cpu", *FAST]).output
+    summary = tmp_path / "summary.md"
+    table = CliRunner().invoke(cli, ["verify", str(art), "--reference", str(cache), "--device", "cpu",
+                                     "--summary", str(summary), *FAST]).output
     assert "noise floor: KL mean" in table and "numpy float32 on cpu" in table
+    assert "| noise floor: KL mean of mlx float32 on" in summary.read_text()  # a CI job summary says it too
 
 
 def test_a_planted_defect_fails_on_the_mlx_path(tiny_repo, tmp_path):
