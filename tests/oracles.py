@@ -110,13 +110,18 @@ class WatchRouting:
 
 
 def assert_wide_router_margins(repo: Path, tokens: np.ndarray) -> None:
-    """Fail the fixture (not a test far downstream) where ``tokens`` hold a routing near-tie."""
-    from oss_convert.formats.original import OriginalCheckpoint
+    """Fail the fixture (not a test far downstream) where ``tokens`` (one chunk, or ``[C, T]``)
+    hold a routing near-tie in the model at ``repo`` (any artifact ``verify`` reads)."""
+    from oss_convert import formats
     from oss_convert.verify.runner import Runner
 
     watch = WatchRouting()
-    with OriginalCheckpoint(repo) as ckpt:
-        Runner(ckpt, device="cpu", routing=watch).hidden_states(np.asarray(tokens)[None])
+    model = formats.open_canonical(repo)
+    try:
+        chunks = np.asarray(tokens)
+        Runner(model, device="cpu", routing=watch).hidden_states(chunks[None] if chunks.ndim == 1 else chunks)
+    finally:
+        model.close()
     narrowest = min((float(m.min()), layer) for layer, m in watch.margins.items())
     assert narrowest[0] > MIN_ROUTER_MARGIN, (
         f"{repo}: a top-k margin of {narrowest[0]:.2e} in layer {narrowest[1]} is a near-tie that two float32 "

@@ -14,6 +14,7 @@ The cache file's layout is ``formats/reference.py``'s.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -29,6 +30,8 @@ from . import ranks
 from .metrics import logsumexp_cuts, score_blocks, start_rows
 
 METAL_VOCAB_ROWS = 200014  # what the Metal model.bin keeps
+# What ``runner.kernels_of`` writes into a cache's meta; a verify compares it and prints it.
+KERNELS = re.compile(r"(numpy|mlx) float32 on (cpu|gpu \((cuda|metal)\))")
 DEFAULT_TOP_K = 1024
 DEFAULT_CTX = 512  # tokens per chunk: longer than the 128-token window, as llama-perplexity's default
 
@@ -120,6 +123,10 @@ class Reference:
             )
         except (IndexError, ValueError, TypeError) as exc:
             raise InputError(f"cannot read reference cache: {exc}", file=path) from exc
+        kernels = meta.get("kernels")
+        if kernels is not None and not (isinstance(kernels, str) and KERNELS.fullmatch(kernels)):
+            raise InputError("reference cache kernels must name the arithmetic that made it, as oss-convert writes it "
+                             '("numpy float32 on cpu", "mlx float32 on gpu (cuda)", ...)', file=path)
         template = meta.get("chat_template")
         if template is not None and not (isinstance(template, dict) and isinstance(template.get("source"), str)
                                          and isinstance(template.get("text"), str)):

@@ -17,12 +17,16 @@ from oss_convert import formats, synth
 from oss_convert.cli.main import cli
 from oss_convert.formats import mxfp4
 from oss_convert.formats.original import OriginalCheckpoint
+from oss_convert.verify.reference import Reference
 from oss_convert.verify.runner import Runner, expert_groups
+
+from helpers import run_sub
+from oracles import assert_wide_router_margins
 
 from test_verify_formats import _convert, _edit_bytes_like, _expert_blocks
 
 FAST = ["--ctx", "256", "--chunks", "2", "--quiet"]
-TOKENS = np.random.default_rng(3).integers(0, 1000, size=(2, 200))  # ids every vocabulary here has
+TOKENS = np.random.default_rng(4).integers(0, 1000, size=(2, 200))  # ids every vocabulary here has
 
 
 def _hidden(path, experts="quantized") -> np.ndarray:
@@ -43,6 +47,7 @@ def test_every_lossless_storage_gives_the_references_hidden_states_bit_for_bit(t
     assert np.array_equal(_hidden(tiny_repo, "dequantized"), want)
     assert np.array_equal(_hidden(_convert(tiny_repo, "mlx", tmp_path / "mlx")), want)
     assert np.array_equal(_hidden(tiny_gguf), want)
+    assert_wide_router_margins(tiny_repo, TOKENS)  # other kernels must not break a near-tie otherwise
     with OriginalCheckpoint(tiny_repo) as ckpt:  # and near the numpy path's (other kernels)
         cpu = Runner(ckpt, device="cpu").hidden_states(TOKENS)
     assert 0 < np.abs(cpu - want).max() / np.abs(cpu).max() < 1e-5
@@ -97,6 +102,7 @@ def test_the_report_names_the_kernels_and_measures_the_noise_floor_where_they_di
     cache = tmp_path / "ref-mlx.npz"
     made = CliRunner().invoke(cli, ["reference", str(tiny_repo), "-o", str(cache), "--device", "gpu", *FAST])
     assert made.exit_code == 0, made.output
+    assert_wide_router_margins(tiny_repo, Reference.load(cache).tokens)  # numpy and MLX route these alike
 
     code, same = _verify(art, cache, "--device", "gpu")  # the cache's own kernels: nothing to measure
     assert code == 0 and same["kernels"]["same"] is True and same["kernels"]["noise_kld_mean"] is None
@@ -158,12 +164,39 @@ def test_a_lossy_recipes_kl_on_the_mlx_path_is_its_kl_on_the_cpu(tmp_path):
     path, then both on numpy: the same KL within 2% (the issue's bound for a GPU; here MLX runs on
     its default device). The affine layers are dequantized on the CPU stream either way."""
     from oss_convert import converters
-    from oss_convert.verify.check import Inputs, verify
+    from oss_convert.verify.check import Inputs, make_reference, verify
 
     from test_trained import HELDOUT, TRAINED
 
     q8 = converters.convert(TRAINED, "mlx", tmp_path / "q8", recipe="mxfp4-q8").output
+    chunks = make_reference(TRAINED, Inputs(text_file=HELDOUT, ctx=512, max_chunks=4)).tokens
+    for model in (TRAINED, q8):  # no near-tie the two paths could break apart on another processor
+        assert_wide_router_margins(model, chunks)
     kl = {device: verify(q8, TRAINED, Inputs(text_file=HELDOUT, ctx=512, max_chunks=4, device=device),
                          check_tensors=False)["metrics"]["kld_mean"] for device in ("gpu", "cpu")}
     assert 5e-5 < kl["cpu"] < 5e-4  # a real 8-bit loss, not noise
     assert kl["gpu"] == pytest.approx(kl["cpu"], rel=0.02), kl
+
+
+def test_every_kernels_text_is_one_a_cache_may_hold(monkeypatch):
+    from oss_convert.verify import runner
+    from oss_convert.verify.reference import KERNELS
+
+    texts = {runner.kernels_of("cpu"), runner.kernels_of("gpu")}
+    monkeypatch.setattr(runner.mx, "default_device", lambda: "a gpu")  # and where MLX has a GPU
+    texts.add(runner.kernels_of("gpu"))
+    assert len(texts) == 3 and all(KERNELS.fullmatch(t) for t in texts), texts
+
+
+@pytest.mark.parametrize("kernels", [5, ["numpy float32 on cpu"], "numpy float32 on cpu\x1b[2J", "x" * 10_000],
+                         ids=["a number", "a list", "an escape", "10,000 bytes"])
+def test_a_cache_whose_kernels_are_not_ours_is_refused(tiny_repo, tmp_path, kernels):
+    cache = tmp_path / "ref.npz"
+    assert CliRunner().invoke(cli, ["reference", str(tiny_repo), "-o", str(cache), *FAST]).exit_code == 0
+    ref = Reference.load(cache)
+    ref.meta["kernels"] = kernels
+    ref.save(cache, force=True)
+    result = run_sub("verify", str(tiny_repo), "--reference", str(cache), *FAST)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"error: file {cache}: reference cache kernels") and "\x1b" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and len(result.stderr) < 300
