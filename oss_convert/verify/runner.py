@@ -191,7 +191,7 @@ class Runner:
         try:
             for layer in range(self.config.num_hidden_layers):
                 x = self._moe_cpu(layer, self._attention_cpu(layer, x, cos, sin))
-                self._release(self._layer_names(layer))
+                self._release(layer_names(self.config, layer))
                 ahead.done(layer)
                 if progress is not None:
                     progress(per_layer)
@@ -206,9 +206,6 @@ class Runner:
         if chunks.size and (chunks.min() < 0 or chunks.max() >= self.config.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
         return chunks
-
-    def _layer_names(self, layer: int) -> list[str]:
-        return [n for n in logical_names(self.config) if n.startswith(f"block.{layer}.")]
 
     def iter_logits(self, chunks: np.ndarray, rows: slice | None = None,
                     progress: Callable[[float], None] | None = None) -> Iterator[np.ndarray]:
@@ -378,7 +375,7 @@ class Runner:
                 x = self._moe_mlx(layer, self._attention_mlx(layer, x, cos, sin, weights), weights)
                 mx.async_eval(x)
                 weights = self._layer_mlx(layer + 1) if layer + 1 < layers else None  # beside the GPU's work
-                self._release(self._layer_names(layer))
+                self._release(layer_names(self.config, layer))
                 ahead.done(layer + 1 if layer + 1 < layers else layer)
                 if progress is not None:
                     progress(per_layer)
@@ -402,10 +399,10 @@ class Runner:
                 top = _top_ids(logits, top_k)
                 mx.async_eval(logits, *([] if top is None else [top]))  # computed while the caller scores the last block
                 if pending is not None:
-                    yield pending[0], np.array(pending[1]), None if pending[2] is None else np.array(pending[2])
+                    yield _on_host(*pending)
                 pending = (c, logits, top)
         if pending is not None:
-            yield pending[0], np.array(pending[1]), None if pending[2] is None else np.array(pending[2])
+            yield _on_host(*pending)
 
     def _device_f32(self, name: str, piece_rows: int | None = None) -> mx.array:
         """A dense tensor as float32 on the device: BF16 bits moved and widened there (exact), else
@@ -427,11 +424,11 @@ class Runner:
     def _layer_mlx(self, layer: int) -> dict:
         """One layer's weights on the device (dense ones float32, experts as ``_DeviceExperts``); the
         mapped pages are released once copied."""
-        dense = [n for n in self._layer_names(layer) if not n.endswith(("mlp1_weight", "mlp2_weight"))]
+        dense = [n for n in layer_names(self.config, layer) if not n.endswith(("mlp1_weight", "mlp2_weight"))]
         weights = {n.split(".", 2)[2]: self._device_f32(n) for n in dense}
         for which in ("mlp1", "mlp2"):
             weights[which] = _DeviceExperts(self.model, layer, which, self.experts == "quantized")
-        self._release(self._layer_names(layer))
+        self._release(layer_names(self.config, layer))
         return weights
 
     def _attention_mlx(self, layer: int, x: mx.array, cos: mx.array, sin: mx.array, w: dict) -> mx.array:
@@ -483,6 +480,11 @@ class Runner:
         return x + (y * gates[..., None]).sum(axis=1).reshape(C, T, H)
 
 
+def layer_names(config: ModelConfig, layer: int) -> list[str]:
+    """The canonical names of one layer's tensors."""
+    return [n for n in logical_names(config) if n.startswith(f"block.{layer}.")]
+
+
 def kernels_of(device: str) -> str:
     """``Runner.kernels`` for a runner on ``device`` ("cpu": numpy; "gpu": MLX's default device)."""
     if device == "cpu":
@@ -496,6 +498,10 @@ def kernels_of(device: str) -> str:
 def device_of(kernels: str) -> str:
     """The ``Runner`` device that runs ``kernels`` (a ``kernels_of`` text) on this machine."""
     return "cpu" if kernels.startswith("numpy") else "gpu"
+
+
+def _on_host(chunk: int, logits: mx.array, top: mx.array | None) -> tuple:
+    return chunk, np.array(logits), None if top is None else np.array(top)
 
 
 def _top_ids(logits: mx.array, k: int) -> mx.array | None:
@@ -677,7 +683,7 @@ class _Prefetch:
                 self.turn.wait_for(lambda: self.stopped or layer <= self.finished + self.depth)
                 if self.stopped:
                     return
-            names = self._names(layer) if layer < layers else ["unembedding.weight"]
+            names = layer_names(self.config, layer) if layer < layers else ["unembedding.weight"]
             for name in names:
                 if self.stopped:
                     return
@@ -685,9 +691,6 @@ class _Prefetch:
                     self.ask(name)
                 except (OSError, ValueError):
                     return  # a hint only (a closed file, say): the runner reads what it needs anyway
-
-    def _names(self, layer: int) -> list[str]:
-        return [n for n in logical_names(self.config) if n.startswith(f"block.{layer}.")]
 
     def close(self) -> None:
         with self.turn:
