@@ -1,31 +1,35 @@
-"""Is the runner exact on this device? Lossless artifacts of 20b-shaped layers verified against
-their own original/ checkpoint on MLX's default device (a GPU where mlx[cuda] or Metal is there).
+"""Is the runner exact on this device? Lossless artifacts of a 20b-shaped checkpoint verified
+against it on MLX's default device (a GPU where mlx[cuda] or Metal is there), the 8-bit recipe's
+KL beside the CPU's, and a planted defect on both.
 
-    python bench/gpu_exact.py --work DIR [--layers 4] [--chunks 4] [--cpu]
+    python bench/gpu_exact.py --work DIR [--layers 4] [--chunks 4] [--cpu-chunks 2]
 
-The checkpoint has 20b's per-layer shapes (hidden 2880, 32 experts, 64 heads) with the vocabulary
-cut to 1024 (the bundled o200k head: nothing to download). Prints, per artifact (MLX, GGUF, the
-mxfp4-q8 recipe): mean KL, max KL and top-1 against the reference with its experts passed as
-MXFP4 bytes (what `reference` does) and, beside it, decoded on the host (`experts="dequantized"`).
-Session 6 measured here the two kernels then used (`gather_qmm` and dequantize-then-matmul,
-1.6e-11 apart on identical weights); since session 7 both decode exactly and multiply in
-float32, so the two columns must agree to the bit. With `--cpu`, the mxfp4-q8 row is also
-computed on the CPU, for the GPU/CPU ratio of a lossy artifact's KL.
+The checkpoint has 20b's shapes (hidden 2880, 32 experts, 64 heads, the full 201088-token
+vocabulary, so the Metal converter takes it: the o200k text tokens come from bpe-openai) with
+``--layers`` layers. Prints, per artifact (MLX, GGUF, Metal, the mxfp4-q8 recipe, the MLX
+artifact with one expert's bytes swapped): the verdict, mean and max KL, top-1, against the
+reference made on this device, and the same for the recipe and the defect against a reference
+made on the CPU (numpy, on ``--cpu-chunks`` of the chunks), with the GPU/CPU ratio of the
+recipe's mean KL on those chunks.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
+
+import numpy as np
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--preset", default="20b", help="synth preset of the shapes (metal: a small full-vocabulary model)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--chunks", type=int, default=4)
-    parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--cpu-chunks", type=int, default=2)
     parser.add_argument("--trained", type=Path, default=None,
                         help="Only this trained checkpoint (e.g. examples/gpt-oss-tiny): the mxfp4-q8 recipe's KL on "
                              "this device and on the CPU, on its heldout.txt")
@@ -36,39 +40,69 @@ def main() -> None:
     import mlx.core as mx
 
     from oss_convert import converters, synth
+    from oss_convert.formats.original import OriginalCheckpoint
     from oss_convert.verify.check import Inputs, make_reference, verify
 
     work = args.work
     start = time.perf_counter()
-    config = synth.preset_with("20b", vocab_size=1024, num_hidden_layers=args.layers)
+    config = synth.preset_with(args.preset, num_hidden_layers=args.layers)
     repo = synth.generate(work / "repo", config, seed=1, tokenizer=True, force=True)
     artifacts = {"mlx": converters.convert(repo, "mlx", work / "mlx", force=True).output,
                  "gguf": converters.convert(repo, "gguf", work / "m.gguf", force=True).output,
+                 "metal": converters.convert(repo, "metal", work / "model.bin", force=True).output,
                  "mlx mxfp4-q8": converters.convert(repo, "mlx", work / "q8", force=True, recipe="mxfp4-q8").output}
-    inputs = Inputs(ctx=512, max_chunks=args.chunks)
-    print(f"device {mx.default_device()}; 20b shapes, {args.layers} layers, {args.chunks} x 512 tokens; "
-          f"setup {time.perf_counter() - start:.0f} s")
-    caches = {}
-    for experts in ("quantized", "dequantized"):
+    broken = work / "broken"
+    shutil.rmtree(broken, ignore_errors=True)
+    shutil.copytree(artifacts["mlx"], broken)
+    with OriginalCheckpoint(repo) as ckpt:
+        original = np.ascontiguousarray(ckpt.mxfp4(1, "mlp2").blocks[3]).tobytes()
+    planted = _swap_nibbles(broken, original)
+    artifacts["mlx, layer 1 expert 3 mlp2 nibbles swapped"] = broken
+    print(f"device {mx.default_device()}; {args.preset} shapes, {args.layers} layers, {args.chunks} x 512 tokens; "
+          f"setup {time.perf_counter() - start:.0f} s; defect planted in {planted}")
+    inputs = Inputs(ctx=512, max_chunks=args.chunks, device="gpu")
+    t0 = time.perf_counter()
+    cache = make_reference(repo, inputs).save(work / "ref.npz", force=True)
+    print(f"reference on {mx.default_device()}: {time.perf_counter() - t0:.1f} s")
+    print("| artifact | device | kernels (reference / artifact) | verdict | KL mean | KL max | top-1 | s |")
+    print("|---|---|---|---|---:|---:|---:|---:|")
+    means = {}
+
+    def row(name, artifact, ref, on, device):
         t0 = time.perf_counter()
-        caches[experts] = make_reference(repo, inputs, experts=experts).save(work / f"ref-{experts}.npz", force=True)
-        print(f"reference, experts {experts}: {time.perf_counter() - t0:.1f} s")
-    print("| artifact | reference experts | device | KL mean | KL max | top-1 | seconds |")
-    print("|---|---|---|---:|---:|---:|---:|")
+        report = verify(artifact, ref, Inputs(ctx=512, max_chunks=on, device=device), check_tensors=False)
+        m, k = report["metrics"], report["kernels"]
+        means[(name, device)] = m["kld_mean"]
+        print(f"| {name} | {device} | {k['reference']} / {k['artifact']} | {report['verdict']} | {m['kld_mean']:.4e} | "
+              f"{m['kld_max']:.3e} | {m['top1_agreement']:.4%} | {time.perf_counter() - t0:.1f} |", flush=True)
+
     for name, artifact in artifacts.items():
-        for experts, cache in caches.items():
-            t0 = time.perf_counter()
-            m = verify(artifact, cache, inputs, check_tensors=False)["metrics"]
-            print(f"| {name} | {experts} | {mx.default_device()} | {m['kld_mean']:.3e} | {m['kld_max']:.3e} | "
-                  f"{m['top1_agreement']:.4%} | {time.perf_counter() - t0:.1f} |", flush=True)
-    if args.cpu:
-        mx.set_default_device(mx.cpu)
-        cpu_cache = make_reference(repo, inputs).save(work / "ref-cpu.npz", force=True)
-        for name in ("mlx", "mlx mxfp4-q8"):
-            t0 = time.perf_counter()
-            m = verify(artifacts[name], cpu_cache, inputs, check_tensors=False)["metrics"]
-            print(f"| {name} | quantized | cpu | {m['kld_mean']:.3e} | {m['kld_max']:.3e} | "
-                  f"{m['top1_agreement']:.4%} | {time.perf_counter() - t0:.1f} |", flush=True)
+        row(name, artifact, cache, args.chunks, "gpu")
+    # the same chunks on the CPU: a reference of its own, the recipe and the defect against it
+    cpu = Inputs(ctx=512, max_chunks=args.cpu_chunks, device="cpu")
+    cpu_cache = make_reference(repo, cpu).save(work / "ref-cpu.npz", force=True)
+    gpu_cache = make_reference(repo, Inputs(ctx=512, max_chunks=args.cpu_chunks, device="gpu")).save(
+        work / "ref-gpu-few.npz", force=True)
+    for name in ("mlx mxfp4-q8", "mlx, layer 1 expert 3 mlp2 nibbles swapped"):
+        row(f"{name} ({args.cpu_chunks} chunks)", artifacts[name], gpu_cache, args.cpu_chunks, "gpu")
+        row(f"{name} ({args.cpu_chunks} chunks)", artifacts[name], cpu_cache, args.cpu_chunks, "cpu")
+    q8 = f"mlx mxfp4-q8 ({args.cpu_chunks} chunks)"
+    print(f"mxfp4-q8 mean KL, GPU / CPU on the same {args.cpu_chunks} chunks: {means[(q8, 'gpu')] / means[(q8, 'cpu')]:.5f}")
+
+
+def _swap_nibbles(folder: Path, original: bytes) -> str:
+    """Find an expert's MXFP4 blocks verbatim in one of ``folder``'s files and swap each byte's
+    two nibbles there (the values of that expert's weights, permuted in pairs)."""
+    import mmap
+
+    for file in sorted(folder.glob("*.safetensors")):
+        with open(file, "r+b") as fh, mmap.mmap(fh.fileno(), 0) as mm:
+            at = mm.find(original)
+            if at >= 0:
+                b = np.frombuffer(original, np.uint8)
+                mm[at:at + len(original)] = ((b >> 4) | (b << 4)).astype(np.uint8).tobytes()
+                return file.name
+    raise SystemExit("the expert's bytes are not in the MLX artifact verbatim")
 
 
 def trained(repo: Path, work: Path) -> None:

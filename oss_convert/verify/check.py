@@ -15,7 +15,7 @@ from ..progress import SILENT, Progress
 from ..tokens.files import chat_template as folder_template
 from . import ranks, template as chat_template
 from . import text as textmod
-from .metrics import TokenMetrics, compare_block, distance, score_blocks, start_rows, summarize
+from .metrics import Rows, TokenMetrics, Wanted, collect, compare_rows, distance, summarize
 from .reference import DEFAULT_CTX, DEFAULT_TOP_K, METAL_VOCAB_ROWS, Reference, chunk_tokens, compute_reference, scored_rows
 from .report import DEFAULT_MAX_KLD, DEFAULT_MIN_TOP1, build_report
 from .runner import Runner, device_of, kernels_of
@@ -130,22 +130,18 @@ def score(artifact_model, ref: Reference, progress: Progress = SILENT,
     per_chunk = len(range(ref.ctx)[rows])
     with world.checked():  # this rank's share of the chunks (all of them without mlx.launch)
         mine = world.share(ref.tokens.shape[0])
-        at = mine.start * per_chunk
+        s = slice(mine.start * per_chunk, mine.stop * per_chunk)  # this share's rows of the reference's flat arrays
+        want = Wanted(targets=targets[s], pick=ref.top_ids[s], vocab=shared)
+        at = s.start
 
-        def compare(item):
-            """Start scoring one block: ``at`` walks the reference's flat arrays in chunk order."""
+        def compare(piece: Rows) -> TokenMetrics:
+            """One piece's metrics: ``at`` walks the reference's flat arrays in chunk order."""
             nonlocal at
-            logits, first = item[1], at
-            at += logits.shape[0]
-
-            def piece(r: slice) -> TokenMetrics:
-                s = slice(first + r.start, first + r.stop)
-                return compare_block(logits[r, :shared], targets[s], ref.top_ids[s], top_lp[s], lse[s], tgt_lp[s])
-
-            return start_rows(piece, logits.shape[0])
+            r, at = slice(at, at + len(piece.lse)), at + len(piece.lse)
+            return compare_rows(piece, shared, top_lp[r], lse[r], tgt_lp[r])
 
         with progress.task("artifact", ref.tokens[mine].size, unit="tok") as advance:
-            parts = score_blocks(runner.iter_logit_blocks(ref.tokens[mine], rows, advance), compare)
+            parts = [compare(piece) for piece in collect(runner.iter_rows(ref.tokens[mine], rows, advance, want))]
     local = TokenMetrics.concat(parts)
     metrics = TokenMetrics(**world.gather_rows(vars(local)))  # every rank's, in chunk order
     return summarize(metrics), metrics

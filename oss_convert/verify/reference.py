@@ -27,7 +27,7 @@ from ..errors import InputError
 from ..formats import reference as cache
 from ..guard import refuse_stranger
 from . import ranks
-from .metrics import logsumexp_cuts, score_blocks, start_rows
+from .metrics import Rows, Wanted, collect
 
 METAL_VOCAB_ROWS = 200014  # what the Metal model.bin keeps
 # What ``runner.kernels_of`` writes into a cache's meta; a verify compares it and prints it.
@@ -182,32 +182,17 @@ def _top_k_values(runner, chunks: np.ndarray, rows: slice, k: int, cut_rows: tup
     """The reference's per-position arrays for ``chunks``: top-k ids and log-probs, logsumexp,
     the target's log-prob, and the logsumexp over each cut's first rows (``cut<N>``)."""
     V = runner.vocab_rows
-    want = targets(chunks).reshape(-1)
-    cuts = tuple(c for c in cut_rows if c < V)
-    at = 0
-
-    def rank(item) -> Callable[[], list]:
-        nonlocal at
-        _, block, top = item
-        block_want = want[at:at + block.shape[0]]
-        at += block.shape[0]
-        return start_rows(lambda r: _rank(block[r], block_want[r], k, cuts, None if top is None else top[r]),
-                          block.shape[0])
-
-    parts = score_blocks(runner.iter_ranked_blocks(chunks, rows, progress, k), rank)
-    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    want = Wanted(targets=targets(chunks).reshape(-1), pick=k, vocab=V, cuts=tuple(c for c in cut_rows if c < V))
+    values = [_rank(piece) for piece in collect(runner.iter_rows(chunks, rows, progress, want))]
+    return {name: np.concatenate([v[name] for v in values]) for name in values[0]}
 
 
-def _rank(logits: np.ndarray, want: np.ndarray, k: int, cuts: tuple[int, ...],
-          top: np.ndarray | None) -> dict[str, np.ndarray]:
-    """The reference's arrays for a few positions' ``logits [S, V]`` (see ``_top_k_values``);
-    ``top``: the ids of each row's k largest logits where the runner chose them (unordered)."""
-    V = logits.shape[1]
-    lse, cut_lse = logsumexp_cuts(logits, cuts)  # log-probs are logit - lse: the top-k by logit are the top-k by log-prob
-    if top is None:
-        top = np.argpartition(logits, V - k, axis=1)[:, V - k:] if k < V else np.tile(np.arange(V), (len(lse), 1))
-    top_lp = np.take_along_axis(logits, top, axis=1).astype(np.float64) - lse[:, None]
+def _rank(rows: Rows) -> dict[str, np.ndarray]:
+    """The reference's arrays for a few positions (see ``_top_k_values``) from their ``Rows``: the
+    top-k by logit are the top-k by log-prob (logit - lse), sorted here."""
+    top, lse = rows.ids, rows.lse
+    top_lp = rows.picked.astype(np.float64) - lse[:, None]
     order = np.lexsort((top, -top_lp), axis=1)  # descending log-prob, ties to the lowest id
     return {"ids": np.take_along_axis(top, order, axis=1).astype(np.int32), "lp": np.take_along_axis(top_lp, order, axis=1),
-            "lse": lse, "tgt": logits[np.arange(len(lse)), want].astype(np.float64) - lse,
-            **{f"cut{cut}": v for cut, v in cut_lse.items()}}
+            "lse": lse, "tgt": rows.target.astype(np.float64) - lse,
+            **{f"cut{cut}": v for cut, v in rows.cut_lse.items()}}

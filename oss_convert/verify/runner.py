@@ -29,8 +29,9 @@ The device decides how the heavy parts run:
   runtime runs) rounds otherwise than the dequantized reference, and in a mixture of experts a
   last-bit difference flips a near-tied routing choice: a lossless 20b-shaped artifact showed
   mean KL 2.3e-5 that way. While the GPU runs a layer the host copies the next one, and a thread
-  reads the layers into the page cache ahead of both (``_Prefetch``); each row's top-k is
-  chosen on the device. ``oss_convert/__init__.py`` sets ``MLX_ENABLE_TF32=0`` before MLX
+  reads the layers into the page cache ahead of both (``_Prefetch``); each row of logits is
+  reduced on the device to what scoring needs (``metrics.Rows``: the picked ids' logits, the
+  tail's sums, the target, the argmax), so the logits never cross to the host. ``oss_convert/__init__.py`` sets ``MLX_ENABLE_TF32=0`` before MLX
   starts: MLX's CUDA backend otherwise multiplies float32 in TF32 (mean KL 2.5e-3).
 
 The model's own config drives the run (window, heads, RoPE), so an artifact whose config is
@@ -48,6 +49,7 @@ import numpy as np
 
 from ..model import RMS_NORM_EPS, SWIGLU_ALPHA, CanonicalModel, ModelConfig, Mxfp4Pair, expected_tensors, logical_names
 from ..formats import mxfp4
+from .metrics import Rows, Wanted, rows_of, start_rows
 
 Routing = Callable[[int, np.ndarray, int], np.ndarray]  # (layer, router logits [N, E], k) -> expert ids [N, k]
 
@@ -224,17 +226,15 @@ class Runner:
                           block_rows: int = LOGIT_BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
         """``(chunk, logits [<= block_rows, V])`` in order: chunk by chunk, a few positions at a time,
         so a long chunk's logits (4095 x 201088 float32 = 3.3 GB at ctx 8192) never exist at once."""
-        for c, logits, _ in self.iter_ranked_blocks(chunks, rows, progress, 0, block_rows):
-            yield c, logits
-
-    def iter_ranked_blocks(self, chunks: np.ndarray, rows: slice | None, progress: Callable[[float], None] | None,
-                           top_k: int, block_rows: int = LOGIT_BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """``iter_logit_blocks`` with the ids of each row's ``top_k`` largest logits ``[rows, top_k]``
-        (unordered) where the device selected them beside the matmul, else ``None`` (the CPU, whose
-        caller's threads select them; or ``top_k`` 0 or covering the vocabulary). On a GPU host,
-        selecting 1024 of 201088 a row in numpy took longer than the rest of scoring."""
         if self.device == "gpu":
-            yield from self._logit_blocks_mlx(chunks, rows, progress, block_rows, top_k)
+            pending = None
+            for c, logits in self._device_logits(chunks, rows, progress, block_rows):
+                mx.async_eval(logits)  # computed while the caller takes the last block
+                if pending is not None:
+                    yield pending[0], np.array(pending[1])
+                pending = (c, logits)
+            if pending is not None:
+                yield pending[0], np.array(pending[1])
             return
         hidden = self.hidden_states(chunks, progress)
         # The [V, H] unembedding is 2.3 GB as float32: it is converted in blocks of vocabulary rows as they are used.
@@ -248,7 +248,21 @@ class Runner:
                     block = self.model.f32_rows("unembedding.weight", slice(v0, min(V, v0 + VOCAB_BLOCK)))
                     np.matmul(h, block.T, out=logits[:, v0:v0 + block.shape[0]])
                 self.model.release("unembedding.weight")
-                yield c, logits, None
+                yield c, logits
+
+    def iter_rows(self, chunks: np.ndarray, rows: slice | None, progress: Callable[[float], None] | None,
+                  want: Wanted, block_rows: int = LOGIT_BLOCK_ROWS) -> Iterator[Callable[[], list[Rows]]]:
+        """What scoring needs of each scored row (``want``), a block of rows at a time, in order: each
+        item, once started, is called for its ``Rows`` pieces. On a GPU the device reduces every
+        row (``_rows_mlx``) and only those cross to the host; on the CPU the host's threads reduce
+        each block of logits (``metrics.start_rows``) while the next block is computed."""
+        if self.device == "gpu":
+            yield from self._row_blocks_mlx(chunks, rows, progress, block_rows, want)
+            return
+        at = 0
+        for _, logits in self.iter_logit_blocks(chunks, rows, progress, block_rows):
+            first, at = at, at + logits.shape[0]
+            yield start_rows(lambda r, x=logits, a=first: rows_of(x[r], want, a + r.start), logits.shape[0])
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         """Logits ``[T, V]`` of one sequence, like ``Transformer(...)(tokens)``."""
@@ -268,9 +282,12 @@ class Runner:
         return mx.array(self._f32(name))
 
     def _embed(self, chunks: np.ndarray) -> np.ndarray:
-        x = self.model.f32_rows("embedding.weight", chunks)  # only the rows of the tokens used
+        # only the rows of the tokens used, read in file order: in token order a cold page cache
+        # serves 8192 random rows as as many scattered faults
+        ids, where = np.unique(chunks, return_inverse=True)
+        table = self.model.f32_rows("embedding.weight", ids)
         self._release(["embedding.weight"])
-        return x
+        return table[where.reshape(chunks.shape)]
 
     def _qkv_split(self, qkv, C: int, T: int):
         c = self.config
@@ -384,25 +401,29 @@ class Runner:
                 ahead.close()
         return mx.fast.rms_norm(x, self._device_f32("norm.scale"), RMS_NORM_EPS)
 
-    def _logit_blocks_mlx(self, chunks, rows, progress, block_rows, top_k) -> Iterator[tuple]:
+    def _device_logits(self, chunks, rows, progress, block_rows) -> Iterator[tuple[int, mx.array]]:
+        """``(chunk, logits)`` of each block as the device's arrays, not yet computed."""
         ahead = _Prefetch(self.model, self.config)
         try:
             hidden = self._hidden_mlx(self._check_ids(chunks), progress, ahead)
             unembedding = self._device_f32("unembedding.weight", piece_rows=VOCAB_BLOCK * 4)  # [V, H] float32, held once
         finally:
             ahead.close()  # its last read, the unembedding, is done
-        pending = None
         for c in range(hidden.shape[0]):
             h_all = hidden[c] if rows is None else hidden[c, rows.start:rows.stop:rows.step]
             for r0 in range(0, h_all.shape[0], block_rows):
-                logits = h_all[r0:r0 + block_rows] @ unembedding.T
-                top = _top_ids(logits, top_k)
-                mx.async_eval(logits, *([] if top is None else [top]))  # computed while the caller scores the last block
-                if pending is not None:
-                    yield _on_host(*pending)
-                pending = (c, logits, top)
+                yield c, h_all[r0:r0 + block_rows] @ unembedding.T
+
+    def _row_blocks_mlx(self, chunks, rows, progress, block_rows, want: Wanted) -> Iterator[Callable[[], list[Rows]]]:
+        at, pending = 0, None
+        for _, logits in self._device_logits(chunks, rows, progress, block_rows):
+            reduced = _rows_mlx(logits, want, at)
+            mx.async_eval(*reduced.values())  # reduced while the host combines the last block's pieces
+            if pending is not None:
+                yield _rows_on_host(*pending, want)
+            pending, at = (reduced, at), at + logits.shape[0]
         if pending is not None:
-            yield _on_host(*pending)
+            yield _rows_on_host(*pending, want)
 
     def _device_f32(self, name: str, piece_rows: int | None = None) -> mx.array:
         """A dense tensor as float32 on the device: BF16 bits moved and widened there (exact), else
@@ -500,8 +521,80 @@ def device_of(kernels: str) -> str:
     return "cpu" if kernels.startswith("numpy") else "gpu"
 
 
-def _on_host(chunk: int, logits: mx.array, top: mx.array | None) -> tuple:
-    return chunk, np.array(logits), None if top is None else np.array(top)
+TAIL_PIECE = 64  # logit columns one float32 sum covers on the device; the sums are combined in float64
+
+
+def _segments(want: Wanted) -> list[tuple[int, int]]:
+    """The column ranges a row's logsumexps are built from: cut at every cut below the scored columns."""
+    bounds = sorted({0, want.vocab, *(c for c in want.cuts if c < want.vocab)})
+    return list(zip(bounds, bounds[1:]))
+
+
+def _rows_mlx(logits: mx.array, want: Wanted, at: int) -> dict[str, mx.array]:
+    """A block of logits ``[S, V]`` reduced on the device to what ``metrics.Rows`` needs.
+
+    The logsumexp is split where float32 cannot be trusted with it: the logits at the picked ids
+    (the reference's top k, most of the mass) cross as they are and are summed on the host in
+    float64; the device sums only the rest, the tail, as ``exp(x - segment max)`` with the picked
+    columns zeroed, ``TAIL_PIECE`` columns at a time. A float32 sum over the whole row is off by
+    ~1e-6, which is more than the whole tail mass of a confident model: the tail bucket of the KL
+    would read noise."""
+    x = logits[:, :want.vocab]
+    S, V = x.shape
+    out = {}
+    if isinstance(want.pick, np.ndarray):
+        ids = mx.array(np.ascontiguousarray(want.pick[at:at + S], dtype=np.int32))
+    else:
+        ids = _top_ids(x, want.pick)
+        ids = mx.broadcast_to(mx.arange(V, dtype=mx.int32), (S, V)) if ids is None else ids.astype(mx.int32)
+        out["ids"] = ids
+    inside = mx.where(ids < V, ids, V)  # ids beyond the shared rows zero a padding column
+    maxes, tails = [], []
+    for a, b in _segments(want):
+        m = x[:, a:b].max(axis=1, keepdims=True)
+        e = mx.concatenate([mx.exp(x[:, a:b] - m), mx.zeros((S, 1), dtype=mx.float32)], axis=1)
+        local = mx.where((inside >= a) & (inside < b), inside - a, b - a)
+        e = mx.put_along_axis(e, local, mx.zeros(local.shape, dtype=mx.float32), axis=1)[:, :b - a]
+        pad = -(b - a) % TAIL_PIECE
+        if pad:
+            e = mx.concatenate([e, mx.zeros((S, pad), dtype=mx.float32)], axis=1)
+        maxes.append(m)
+        tails.append(e.reshape(S, -1, TAIL_PIECE).sum(axis=-1))
+    top = x.max(axis=1, keepdims=True)
+    targets = mx.array(np.ascontiguousarray(want.targets[at:at + S], dtype=np.int32))
+    out.update(maxes=mx.concatenate(maxes, axis=1), tails=mx.concatenate(tails, axis=1),
+               picked=mx.take_along_axis(x, mx.where(ids < V, ids, 0), axis=1),
+               target=mx.take_along_axis(x, targets[:, None], axis=1)[:, 0],
+               argmax=mx.min(mx.where(x == top, mx.arange(V, dtype=mx.int32), V), axis=1))  # ties: lowest id, as numpy's
+    return out
+
+
+def _rows_on_host(reduced: dict[str, mx.array], at: int, want: Wanted) -> Callable[[], list[Rows]]:
+    """``Rows`` of a block ``_rows_mlx`` reduced (rows ``at..``): each logsumexp from the picked
+    logits and the tail's pieces, in float64."""
+    host = {name: np.array(a) for name, a in reduced.items()}
+    picked = host["picked"]
+    S = picked.shape[0]
+    ids = host["ids"] if "ids" in host else want.pick[at:at + S]
+    segments = _segments(want)
+    per_segment = [-(-(b - a) // TAIL_PIECE) for a, b in segments]
+    piece_segment = np.repeat(np.arange(len(segments)), per_segment)
+    with np.errstate(divide="ignore"):  # an all-picked piece sums to 0: log 0 = -inf adds nothing
+        tail_logs = host["maxes"][:, piece_segment].astype(np.float64) + np.log(host["tails"].astype(np.float64))
+
+    def lse_below(end: int) -> np.ndarray:
+        top = np.sort(np.where(ids < end, picked.astype(np.float64), -np.inf), axis=1)  # one order: equal inputs, equal sums
+        return _logsumexp_terms(np.concatenate([top, tail_logs[:, piece_segment < sum(1 for _, b in segments if b <= end)]], axis=1))
+
+    rows = Rows(lse=lse_below(want.vocab), cut_lse={b: lse_below(b) for _, b in segments[:-1]},
+                ids=ids, picked=picked, target=host["target"], argmax=host["argmax"])
+    return lambda: [rows]
+
+
+def _logsumexp_terms(terms: np.ndarray) -> np.ndarray:
+    """``log(sum(exp(terms)))`` of each row of float64 terms (``-inf`` terms add nothing)."""
+    top = terms.max(axis=1)
+    return top + np.log(np.exp(terms - top[:, None]).sum(axis=1))
 
 
 def _top_ids(logits: mx.array, k: int) -> mx.array | None:

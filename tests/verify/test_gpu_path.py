@@ -200,3 +200,45 @@ def test_a_cache_whose_kernels_are_not_ours_is_refused(tiny_repo, tmp_path, kern
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(f"error: file {cache}: reference cache kernels") and "\x1b" not in result.stderr
     assert len(result.stderr.splitlines()) == 1 and len(result.stderr) < 300
+
+
+def _device_rows(logits, want):
+    from oss_convert.verify.runner import _rows_mlx, _rows_on_host
+    import mlx.core as mx
+    return _rows_on_host(_rows_mlx(mx.array(logits), want, 0), 0, want)()[0]
+
+
+@pytest.mark.parametrize("scale", [0.3, 3.0, 12.0])  # near uniform (the tail is the mass) to confident (it is 1e-30)
+def test_rows_reduced_on_the_device_score_as_the_hosts_float64(scale):
+    """What crosses from the GPU (metrics.Rows) scores as the full logits do on the host: the ids,
+    target and argmax exactly, each logsumexp to float64's noise where the picked ids hold the
+    mass, and the KL of an artifact against a reference the same per token."""
+    from oss_convert.verify.metrics import Wanted, compare_rows, rows_of
+
+    rng = np.random.default_rng(7)
+    S, V, k = 24, 201088, 1024
+    ref = (rng.standard_normal((S, V)) * scale).astype(np.float32)
+    ref[0, [5, 90_000]] = ref[0].max() + 1  # a tie for the argmax: the lowest id wins, as numpy's
+    ref[1, 200_500] = ref[1].max() + 40  # the max beyond the cut: the cut's logsumexp is its own
+    want = Wanted(targets=rng.integers(0, V, S), pick=k, vocab=V, cuts=(200014,))
+    host, device = rows_of(ref, want, 0), _device_rows(ref, want)
+    assert (np.sort(host.ids, 1) == np.sort(device.ids, 1)).all()
+    assert (host.target == device.target).all() and (host.argmax == device.argmax).all() and device.argmax[0] == 5
+    tail = 1 - np.exp(np.sort(host.picked, 1).astype(np.float64) - host.lse[:, None]).sum(1)
+    # float32's error (a few parts in 1e7) only on the tail's share of the mass
+    assert (np.abs(host.lse - device.lse) <= 3e-7 * tail + 1e-12).all()
+    assert np.abs(host.cut_lse[200014] - device.cut_lse[200014]).max() <= 3e-7
+    assert device.cut_lse[200014][1] < device.lse[1] - 25  # the head's own max, 25 nats and more below
+
+    order = np.argsort(-host.picked, axis=1, kind="stable")  # a reference as reference.py keeps it
+    top_ids = np.take_along_axis(host.ids, order, 1)
+    top_lp = np.take_along_axis(host.picked, order, 1).astype(np.float64) - host.lse[:, None]
+    art = ref + (rng.standard_normal((S, V)) * 1e-3).astype(np.float32)
+    top_ids[:, -3:] = [200100, 200900, 201000]  # ids beyond an artifact's 200014 rows are masked
+    cut = Wanted(targets=want.targets % 200014, pick=top_ids, vocab=200014)
+    shift = (host.lse - host.cut_lse[200014])[:, None]
+    on_host = compare_rows(rows_of(art, cut, 0), 200014, top_lp + shift, host.cut_lse[200014], top_lp[:, 0])
+    on_device = compare_rows(_device_rows(art, cut), 200014, top_lp + shift, host.cut_lse[200014], top_lp[:, 0])
+    assert np.allclose(on_device.kld, on_host.kld, rtol=1e-4, atol=1e-12) and on_host.kld.mean() > 1e-9
+    assert (on_device.same_top == on_host.same_top).all()
+    assert np.allclose(on_device.nll, on_host.nll, rtol=0, atol=1e-7)
