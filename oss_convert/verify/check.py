@@ -15,7 +15,7 @@ from ..progress import SILENT, Progress
 from ..tokens.files import chat_template as folder_template
 from . import ranks, template as chat_template
 from . import text as textmod
-from .metrics import Rows, TokenMetrics, Wanted, collect, compare_rows, distance, summarize
+from .metrics import Rows, TokenMetrics, Wanted, collect, compare_rows, distance, summarize, then
 from .reference import DEFAULT_CTX, DEFAULT_TOP_K, METAL_VOCAB_ROWS, Reference, chunk_tokens, compute_reference, scored_rows
 from .report import DEFAULT_MAX_KLD, DEFAULT_MIN_TOP1, build_report
 from .runner import Runner, device_of, kernels_of
@@ -131,7 +131,10 @@ def score(artifact_model, ref: Reference, progress: Progress = SILENT,
     with world.checked():  # this rank's share of the chunks (all of them without mlx.launch)
         mine = world.share(ref.tokens.shape[0])
         s = slice(mine.start * per_chunk, mine.stop * per_chunk)  # this share's rows of the reference's flat arrays
-        want = Wanted(targets=targets[s], pick=ref.top_ids[s], vocab=shared)
+        # the reference's own cuts: a GPU then sums the same pieces of each row as it did, so the
+        # same logits give the same logsumexp to the bit (a lossless artifact scores KL 0)
+        cuts = tuple(c for c in ref.cut_logsumexp if c < shared)
+        want = Wanted(targets=targets[s], pick=ref.top_ids[s], vocab=shared, cuts=cuts)
         at = s.start
 
         def compare(piece: Rows) -> TokenMetrics:
@@ -141,7 +144,7 @@ def score(artifact_model, ref: Reference, progress: Progress = SILENT,
             return compare_rows(piece, shared, top_lp[r], lse[r], tgt_lp[r])
 
         with progress.task("artifact", ref.tokens[mine].size, unit="tok") as advance:
-            parts = [compare(piece) for piece in collect(runner.iter_rows(ref.tokens[mine], rows, advance, want))]
+            parts = collect(then(runner.iter_rows(ref.tokens[mine], rows, advance, want), compare))
     local = TokenMetrics.concat(parts)
     metrics = TokenMetrics(**world.gather_rows(vars(local)))  # every rank's, in chunk order
     return summarize(metrics), metrics

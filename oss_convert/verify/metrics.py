@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -125,6 +125,13 @@ def collect(started: Iterable[Callable[[], list]]) -> list:
     if waiting is not None:
         results += waiting()
     return results
+
+
+def then(started: Iterable[Callable[[], list]], each: Callable) -> Iterator[Callable[[], list]]:
+    """``started`` with ``each`` applied to every result as it is collected: in ``collect`` that
+    runs while the runner makes the next block, not after the last."""
+    for item in started:
+        yield lambda item=item: [each(result) for result in item()]
 
 
 @dataclass(frozen=True)

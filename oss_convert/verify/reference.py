@@ -27,7 +27,7 @@ from ..errors import InputError
 from ..formats import reference as cache
 from ..guard import refuse_stranger
 from . import ranks
-from .metrics import Rows, Wanted, collect
+from .metrics import Rows, Wanted, collect, then
 
 METAL_VOCAB_ROWS = 200014  # what the Metal model.bin keeps
 # What ``runner.kernels_of`` writes into a cache's meta; a verify compares it and prints it.
@@ -183,7 +183,7 @@ def _top_k_values(runner, chunks: np.ndarray, rows: slice, k: int, cut_rows: tup
     the target's log-prob, and the logsumexp over each cut's first rows (``cut<N>``)."""
     V = runner.vocab_rows
     want = Wanted(targets=targets(chunks).reshape(-1), pick=k, vocab=V, cuts=tuple(c for c in cut_rows if c < V))
-    values = [_rank(piece) for piece in collect(runner.iter_rows(chunks, rows, progress, want))]
+    values = collect(then(runner.iter_rows(chunks, rows, progress, want), _rank))
     return {name: np.concatenate([v[name] for v in values]) for name in values[0]}
 
 

@@ -242,3 +242,19 @@ def test_rows_reduced_on_the_device_score_as_the_hosts_float64(scale):
     assert np.allclose(on_device.kld, on_host.kld, rtol=1e-4, atol=1e-12) and on_host.kld.mean() > 1e-9
     assert (on_device.same_top == on_host.same_top).all()
     assert np.allclose(on_device.nll, on_host.nll, rtol=0, atol=1e-7)
+
+
+def test_lossless_artifacts_of_a_full_vocabulary_score_kl_0_over_both_sides_of_the_metal_cut(metal_repo, metal_bin,
+                                                                                             tmp_path):
+    """The reference keeps the logsumexp below 200014 rows as well: the device sums each row in
+    pieces that end there. An artifact with every row (MLX) must be summed in the same pieces, one
+    with the Metal rows over those rows, or the same logits give logsumexps an ulp apart (a 20b
+    MLX artifact on an H200 read KL 3.8e-17 that way)."""
+    cache = tmp_path / "ref.npz"
+    made = CliRunner().invoke(cli, ["reference", str(metal_repo), "-o", str(cache), "--device", "gpu", *FAST])
+    assert made.exit_code == 0, made.output
+    assert 200014 in Reference.load(cache).cut_logsumexp
+    for artifact in (_convert(metal_repo, "mlx", tmp_path / "mlx"), metal_bin):
+        code, report = _verify(artifact, cache, "--device", "gpu", "--no-tensors")
+        assert code == 0 and report["kernels"]["same"] is True
+        assert report["metrics"]["kld_max"] == 0.0 and report["metrics"]["top1_agreement"] == 1.0
