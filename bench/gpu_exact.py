@@ -78,6 +78,8 @@ def main() -> None:
 
     for name, artifact in artifacts.items():
         row(name, artifact, cache, args.chunks, "gpu")
+    if not args.cpu_chunks:
+        return
     # the same chunks on the CPU: a reference of its own, the recipe and the defect against it
     cpu = Inputs(ctx=512, max_chunks=args.cpu_chunks, device="cpu")
     cpu_cache = make_reference(repo, cpu).save(work / "ref-cpu.npz", force=True)
