@@ -90,8 +90,6 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=16)
     parser.add_argument("--cpu-chunks", type=int, default=2, help="chunks for the CPU path's reference (0: skip)")
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--copy-threads", type=int, nargs="*", default=[],
-                        help="also time reference and verify with the runner's COPY_THREADS set to each of these")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     repo, art = args.work / f"{args.preset}-{args.layers}l", args.work / f"{args.preset}-{args.layers}l-mlx"
@@ -127,11 +125,6 @@ def main() -> None:
     read_art, _ = job("cat mlx artifact safetensors", cat(art))
     _, report = job("verify mlx vs the cache, gpu", verify, read_art, tokens)
     metrics = json.loads(report)["metrics"]
-    for threads in args.copy_threads:
-        with_threads = [sys.executable, "-c", f"import sys; from oss_convert.verify import runner; runner.COPY_THREADS = {threads}; "
-                                              "from oss_convert.cli.main import main; sys.argv[0] = 'oss-convert'; main()"]
-        job(f"reference, gpu, {threads} copy threads", [*with_threads, *reference[len(CLI):]], read_ref, tokens)
-        job(f"verify, gpu, {threads} copy threads", [*with_threads, *verify[len(CLI):]], read_art, tokens)
     if args.cpu_chunks:
         job(f"reference, cpu path ({args.cpu_chunks} chunks)",
             [*ON_CPU, "reference", str(repo), "-o", str(args.work / "ref-cpu.npz"), "--force", "-q", "--chunks",

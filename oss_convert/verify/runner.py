@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 import mlx.core as mx
@@ -445,7 +444,7 @@ class Runner:
         step = piece_rows or bits.shape[0]
         pieces = []
         for r0 in range(0, bits.shape[0], step):
-            pieces.append(_to_device(bits[r0:r0 + step]).view(mx.bfloat16).astype(mx.float32))
+            pieces.append(mx.array(np.ascontiguousarray(bits[r0:r0 + step])).view(mx.bfloat16).astype(mx.float32))
             if piece_rows:
                 self.model.release(name)
                 _move_now(pieces[-1])
@@ -705,7 +704,7 @@ class _DeviceExperts:
             index = (scales.astype(mx.uint16)[..., None] << 8) | blocks.astype(mx.uint16)
             return mx.take(_device_pairs(), index, axis=0).reshape(end - first, *self.shape[1:])
         if self.bits is not None:
-            widened = _to_device(self.bits[first:end]).view(mx.bfloat16).astype(mx.float32)
+            widened = mx.array(np.ascontiguousarray(self.bits[first:end])).view(mx.bfloat16).astype(mx.float32)
             self.release()  # this group's mapped pages: the host holds one group of a dense layer, not the layer
             return widened
         out = np.empty((end - first, *self.shape[1:]), dtype=np.float32)
@@ -719,7 +718,7 @@ def _bytes_on_device(pair: Mxfp4Pair | None, halves, first: int, end: int) -> tu
     pair copied as it is, or gate and up halves (mlx-lm's) copied apart and interleaved there
     (even rows gate, odd rows up), which spares the host a strided pass over the layer."""
     def copy(array: np.ndarray) -> mx.array:
-        return _to_device(array[first:end])
+        return mx.array(np.ascontiguousarray(array[first:end]))
 
     if pair is not None:
         return copy(pair.blocks), copy(pair.scales)
@@ -729,27 +728,6 @@ def _bytes_on_device(pair: Mxfp4Pair | None, halves, first: int, end: int) -> tu
         return mx.stack([a, b], axis=2).reshape(a.shape[0], 2 * a.shape[1], *a.shape[2:])
 
     return rows(copy(gate.blocks), copy(up.blocks)), rows(copy(gate.scales), copy(up.scales))
-
-
-COPY_THREADS = 1  # host threads copying one tensor's bytes to the device, a piece each (bench/copy_rate.py)
-_COPY_POOL: list[ThreadPoolExecutor] = []
-
-
-def _to_device(array: np.ndarray) -> mx.array:
-    """``mx.array`` of a (mapped) host array, copied by ``COPY_THREADS`` threads a piece of rows
-    each and joined on the device: one thread faulting the mapped pages in and copying them held
-    a 20b run's main thread at 95% while the disk idled at 40%."""
-    rows = array.shape[0] if array.ndim else 0
-    if COPY_THREADS < 2 or rows < 2 or array.nbytes < COPY_PIECE_BYTES:
-        return mx.array(np.ascontiguousarray(array))
-    if not _COPY_POOL:
-        _COPY_POOL.append(ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="copy"))
-    step = -(-rows // min(COPY_THREADS, rows))
-    parts = list(_COPY_POOL[0].map(lambda r0: mx.array(np.ascontiguousarray(array[r0:r0 + step])), range(0, rows, step)))
-    return parts[0] if len(parts) == 1 else mx.concatenate(parts)
-
-
-COPY_PIECE_BYTES = 16 << 20  # below this a tensor is copied by one thread
 
 
 _COPY_STREAM: list = []
