@@ -78,12 +78,13 @@ class _MergeTally:
         self.base_energy = 0.0
         self.reencoded: set[int] = set()
 
-    def add(self, e: int, energies: tuple[float, float], merged: np.ndarray, blocks, scales) -> None:
-        """``energies``: the sums of squares of expert ``e``'s delta and of its base weight."""
+    def add(self, e: int, energies: tuple[float, float], error: quantize.ErrorTally) -> None:
+        """``energies``: the sums of squares of expert ``e``'s delta and of its base weight;
+        ``error``: its re-encoding's."""
         if e in self.reencoded:  # a target may ask for an expert twice: count it once
             return
         self.reencoded.add(e)
-        self.error.add(merged, blocks, scales)
+        self.error.merge(error)
         self.delta_energy += energies[0]
         self.base_energy += energies[1]
 
@@ -129,8 +130,9 @@ class _ExpertMerge:
             energies = quantize.sum_of_squares(delta), quantize.sum_of_squares(weight)
             merged = np.add(weight, delta, out=weight)  # in place: one float32 expert fewer held
             del delta
-            blocks, scales = quantize.encode(merged, self.recipe)
-            self.tally.add(e, energies, merged, blocks, scales)
+            error = quantize.ErrorTally()
+            blocks, scales = quantize.encode(merged, self.recipe, error)
+            self.tally.add(e, energies, error)
         os.pwrite(self._spill.fileno(), np.ascontiguousarray(blocks).tobytes() + np.ascontiguousarray(scales).tobytes(),
                   e * self._expert_bytes)
         self._spilled.add(e)

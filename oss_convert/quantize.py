@@ -39,10 +39,12 @@ REPORT_FILE = "quantization.json"  # written beside an output whose experts were
 _SEARCH_OFFSETS = (0, 1, -1)
 
 
-def encode(values: np.ndarray, recipe: str = "ocp") -> tuple[np.ndarray, np.ndarray]:
-    """Quantize ``[*P, N]`` float values to MXFP4 ``(blocks, scales)`` with the given recipe."""
+def encode(values: np.ndarray, recipe: str = "ocp", tally: "ErrorTally | None" = None) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize ``[*P, N]`` float values to MXFP4 ``(blocks, scales)`` with the given recipe;
+    ``tally``: add the squared error and the values' energy to it (summed where the blocks are
+    encoded, cache-hot: a second pass decoding the result took a third of a merge)."""
     if recipe in RECIPES:
-        return _encode_chunked(values, _search_rows if recipe == "search" else _ocp_rows)
+        return _encode_chunked(values, _search_rows if recipe == "search" else _ocp_rows, tally)
     raise ValueError(f"unknown recipe {recipe!r}; choose one of {RECIPES}")
 
 
@@ -58,24 +60,30 @@ def search_encode(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _encode_chunked(values, _search_rows)
 
 
-def _encode_chunked(values: np.ndarray, encode_rows) -> tuple[np.ndarray, np.ndarray]:
-    """``encode_rows`` (-> codes, shared exponents) over chunks of rows, so the temporaries stay
-    in cache, on every core for a large tensor (numpy releases the GIL)."""
+def _encode_chunked(values: np.ndarray, encode_rows, tally: "ErrorTally | None" = None) -> tuple[np.ndarray, np.ndarray]:
+    """``encode_rows`` (-> codes, shared exponents, squared error per block in the OCP-scaled
+    domain, and those exponents) over chunks of rows, so the temporaries stay in cache, on every
+    core for a large tensor (numpy releases the GIL)."""
     x = mxfp4.as_blocks(values)
     flat = x.reshape(-1, *x.shape[-2:])
     codes = np.empty(flat.shape, dtype=np.uint8)
     shared = np.empty(flat.shape[:-1], dtype=np.int32)
-
-    def rows(start: int) -> None:
-        part = slice(start, start + _SEARCH_ROWS)
-        codes[part], shared[part] = encode_rows(flat[part])
-
     starts = range(0, flat.shape[0], _SEARCH_ROWS)
+    sums = np.zeros((len(starts), 2))  # per chunk: squared error, energy
+
+    def rows(i: int) -> None:
+        part = slice(starts[i], starts[i] + _SEARCH_ROWS)
+        codes[part], shared[part], error, scaled = encode_rows(flat[part], tally is not None)
+        if tally is not None:
+            sums[i] = np.ldexp(error, 2 * scaled).sum(), np.square(flat[part], dtype=np.float64).sum()
+
     if flat.size >= _PARALLEL_VALUES:  # numpy releases the GIL: the row chunks run on every core
-        list(_pool().map(rows, starts))
+        list(_pool().map(rows, range(len(starts))))
     else:
-        for start in starts:
-            rows(start)
+        for i in range(len(starts)):
+            rows(i)
+    if tally is not None:
+        tally.add_sums(float(sums[:, 0].sum()), float(sums[:, 1].sum()), flat.size)
     blocks = mxfp4.pack_codes(codes).reshape(*x.shape[:-1], mxfp4.BLOCK // 2)
     return blocks, (shared + SCALE_BIAS).astype(np.uint8).reshape(x.shape[:-1])
 
@@ -91,19 +99,21 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL[0]
 
 
-def _ocp_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _ocp_rows(x: np.ndarray, with_error: bool):
     shared = mxfp4.ocp_exponents(x)
-    return mxfp4.codes_under(x, shared), shared
+    codes = mxfp4.codes_under(x, shared)
+    return codes, shared, _sq_error(x, codes, shared) if with_error else None, shared
 
 
-def _search_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _search_rows(x: np.ndarray, with_error: bool = False):
     ocp = mxfp4.ocp_exponents(x)
-    best_codes = mxfp4.codes_under(x, ocp)
+    parts = mxfp4.float_parts(x)  # the bits every candidate's codes are read from
+    best_codes = mxfp4.codes_under(x, ocp, parts)
     best_error = _sq_error(x, best_codes, ocp)
     best_shared = ocp
     for offset in _SEARCH_OFFSETS[1:]:
         shared = ocp + offset
-        codes = mxfp4.codes_under(x, shared)
+        codes = mxfp4.codes_under(x, shared, parts)
         error = _sq_error(x, codes, shared) * 4.0 ** offset
         allowed = (shared >= -SCALE_BIAS) & (shared <= SCALE_NAN - 1 - SCALE_BIAS)
         better = allowed & (error < best_error)  # strict: the OCP scale keeps every tie
@@ -111,7 +121,7 @@ def _search_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             best_error = np.where(better, error, best_error)
             best_shared = np.where(better, shared, best_shared)
             best_codes = np.where(better[..., None], codes, best_codes)
-    return best_codes, best_shared
+    return best_codes, best_shared, best_error, ocp
 
 
 def _sq_error(x: np.ndarray, codes: np.ndarray, shared: np.ndarray) -> np.ndarray:
@@ -130,13 +140,15 @@ TALLY_VALUES = 1 << 18  # values tallied at once (2 MiB in float64)
 
 
 def sum_of_squares(values: np.ndarray) -> float:
-    """Sum of squares in float64, a cache-sized piece at a time (no float64 copy of the whole)."""
+    """Sum of squares in float64, a cache-sized piece at a time (no float64 copy of the whole),
+    the pieces on every core for a large array."""
     flat = np.asarray(values).reshape(-1)
-    total = 0.0
-    for start in range(0, flat.size, TALLY_VALUES):
-        piece = flat[start:start + TALLY_VALUES].astype(np.float64)
-        total += float(piece @ piece)
-    return total
+
+    def piece(start: int) -> float:
+        return float(np.square(flat[start:start + TALLY_VALUES], dtype=np.float64).sum())
+
+    starts = range(0, flat.size, TALLY_VALUES)
+    return float(sum(_pool().map(piece, starts) if flat.size >= _PARALLEL_VALUES else map(piece, starts)))
 
 
 @dataclass
@@ -158,6 +170,11 @@ class ErrorTally:
             self.sq_error += float(diff @ diff)
             self.energy += float(x @ x)
         self.count += rows.size
+
+    def add_sums(self, sq_error: float, energy: float, count: int) -> None:
+        self.sq_error += sq_error
+        self.energy += energy
+        self.count += count
 
     def merge(self, other: "ErrorTally") -> None:
         self.sq_error += other.sq_error
@@ -201,8 +218,7 @@ class ExpertEncoder:
         unrounded = getattr(self.src, "expert_f32", None)
         for e in range(dense.shape[0]):
             values = unrounded(name, e) if unrounded else bf16_to_f32(np.ascontiguousarray(dense[e]))
-            blocks, expert_scales = encode(values, self.recipe)
-            tally.add(values, blocks, expert_scales)
+            blocks, expert_scales = encode(values, self.recipe, tally)
             scales.append(expert_scales)
             yield blocks
             self.src.release(name)

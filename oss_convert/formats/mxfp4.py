@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -212,22 +213,40 @@ _CODES = _code_table()
 _TABLE_MIN_SHARED = -124
 
 
-def codes_under(x: np.ndarray, shared: np.ndarray) -> np.ndarray:
+def codes_under(x: np.ndarray, shared: np.ndarray, parts: "FloatParts | None" = None) -> np.ndarray:
     """``fp4_codes(np.ldexp(x, -shared))`` for float32 blocks ``x [..., G, 32]`` and exponents
-    ``shared [..., G]``, from the bits: the scaled exponent indexes ``_CODES`` (no float pass)."""
+    ``shared [..., G]``, from the bits: the scaled exponent indexes ``_CODES`` (no float pass).
+    ``parts``: ``float_parts(x)``, for a caller that tries several exponents on the same blocks."""
     if shared.size and shared.min() < _TABLE_MIN_SHARED:
         return fp4_codes(np.ldexp(x, -shared[..., None]))
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    magnitude = bits & np.uint32(0x7FFFFFFF)
-    exponent = (magnitude >> np.uint32(23)).astype(np.int32)
-    exponent -= shared[..., None]
+    parts = parts or float_parts(x)
+    exponent = parts.exponent - shared[..., None]
     np.clip(exponent, 0, 255, out=exponent)
     index = (exponent << 4).astype(np.uint32)
-    index |= (magnitude >> np.uint32(19)) & np.uint32(0xE)
-    index |= (magnitude & np.uint32(0xFFFFF)) != 0
+    index |= parts.mantissa
     codes = np.take(_CODES, index, mode="clip")
-    codes |= ((bits >> np.uint32(31)) << np.uint32(3)).astype(np.uint8)
+    codes |= parts.sign
     return codes
+
+
+@dataclass(frozen=True)
+class FloatParts:
+    """What ``codes_under`` reads of each float32 value, whatever the shared exponent: its biased
+    exponent, the mantissa bits that decide the FP4 rounding (``_CODES``' low 4 index bits), and
+    its sign as the code's bit 3."""
+
+    exponent: np.ndarray  # int32
+    mantissa: np.ndarray  # uint32: top 3 mantissa bits << 1 | any lower bit set
+    sign: np.ndarray  # uint8: 0 or 8
+
+
+def float_parts(x: np.ndarray) -> FloatParts:
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    magnitude = bits & np.uint32(0x7FFFFFFF)
+    mantissa = (magnitude >> np.uint32(19)) & np.uint32(0xE)
+    mantissa |= (magnitude & np.uint32(0xFFFFF)) != 0
+    return FloatParts(exponent=(magnitude >> np.uint32(23)).astype(np.int32), mantissa=mantissa,
+                      sign=((bits >> np.uint32(31)) << np.uint32(3)).astype(np.uint8))
 
 
 def encode_with_exponents(x: np.ndarray, shared: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -153,6 +153,9 @@ class Reference:
                 raise InputError(f"reference cache {name} holds NaN or infinite values", file=path)
         if self.top_logprobs.size and self.top_logprobs.max() > 1e-6:
             raise InputError("reference cache top_logprobs holds values above 0: not log-probabilities", file=path)
+        if self.top_ids.size and (np.diff(np.sort(self.top_ids, axis=1), axis=1) == 0).any():
+            # a repeated id would count its mass twice (a GPU verify sums the rest of each row apart)
+            raise InputError("reference cache top_ids repeat an id within a position's top-k", file=path)
 
 
 def compute_reference(runner, chunks: np.ndarray, *, top_k: int = DEFAULT_TOP_K,

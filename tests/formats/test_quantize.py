@@ -148,3 +148,17 @@ def test_search_is_its_definition_on_every_block():
     assert np.array_equal(scales, (shared + 127).astype(np.uint8))
     assert np.array_equal(blocks, mxfp4.pack_codes(mxfp4.fp4_codes(np.ldexp(x, -shared[..., None]))))
     assert (choice != 0).any()  # the search moved some scales: the comparison means something
+
+
+@pytest.mark.parametrize("recipe", quantize.RECIPES)
+def test_the_error_tallied_while_encoding_is_the_decoded_error(recipe):
+    """``encode(..., tally)`` sums each block's error where it chose the block's scale; it must be
+    what decoding the result says (``ErrorTally.add``), subnormal-scaled blocks included."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((2, 300, 256)) * rng.choice([1e-40, 1e-3, 1.0, 40.0], (2, 300, 1))).astype(np.float32)
+    fast, slow = quantize.ErrorTally(), quantize.ErrorTally()
+    blocks, scales = quantize.encode(x, recipe, fast)
+    slow.add(x, blocks, scales)
+    assert fast.count == slow.count == x.size
+    assert fast.sq_error == pytest.approx(slow.sq_error, rel=1e-12) and fast.sq_error > 0
+    assert fast.energy == pytest.approx(slow.energy, rel=1e-12)

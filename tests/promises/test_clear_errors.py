@@ -498,8 +498,8 @@ def _edited_reference(source: Path, dest: Path, **changes) -> Path:
 
 def test_a_bad_reference_cache_is_a_bad_input_not_a_failed_verify(monkeypatch, capsys, tiny_gguf, reference_npz,
                                                                   tmp_path):
-    """A reference cache is a stranger's file too: ids outside its vocabulary, NaN log-probs, a cut
-    or inflating archive stop with exit 2 naming it, where they would have failed the artifact
+    """A reference cache is a stranger's file too: ids outside its vocabulary, NaN log-probs, an id
+    twice in one top-k (its mass counted twice), a cut or inflating archive stop with exit 2 naming it, where they would have failed the artifact
     (exit 1) or raised."""
     def bad_id(ids):
         ids[0, 0] = 10**6
@@ -509,11 +509,16 @@ def test_a_bad_reference_cache_is_a_bad_input_not_a_failed_verify(monkeypatch, c
         values[3] = np.nan
         return values
 
+    def repeated(ids):
+        ids[2, 1] = ids[2, 0]
+        return ids
+
     data = reference_npz.read_bytes()
     (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
     cases = {
         _edited_reference(reference_npz, tmp_path / "ids.npz", top_ids=bad_id): "not ids of its",
         _edited_reference(reference_npz, tmp_path / "nan.npz", logsumexp=nan): "NaN",
+        _edited_reference(reference_npz, tmp_path / "repeated.npz", top_ids=repeated): "repeat an id",
         tmp_path / "cut.npz": "not a complete .npz",
     }
     for path, message in cases.items():
