@@ -31,8 +31,9 @@ The device decides how the heavy parts run:
   mean KL 2.3e-5 that way. While the GPU runs a layer the host copies the next one, and a thread
   reads the layers into the page cache ahead of both (``_Prefetch``); each row of logits is
   reduced on the device to what scoring needs (``metrics.Rows``: the picked ids' logits, the
-  tail's sums, the target, the argmax), so the logits never cross to the host. ``oss_convert/__init__.py`` sets ``MLX_ENABLE_TF32=0`` before MLX
-  starts: MLX's CUDA backend otherwise multiplies float32 in TF32 (mean KL 2.5e-3).
+  tail's sums, the target, the argmax), so the logits never cross to the host.
+  ``oss_convert/__init__.py`` sets ``MLX_ENABLE_TF32=0`` before MLX starts: MLX's CUDA backend
+  otherwise multiplies float32 in TF32 (mean KL 2.5e-3).
 
 The model's own config drives the run (window, heads, RoPE), so an artifact whose config is
 wrong produces different logits.
