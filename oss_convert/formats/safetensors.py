@@ -160,6 +160,18 @@ class SafetensorsFile:
             self._mmap, dtype=DTYPES[entry.dtype], count=math.prod(entry.shape), offset=entry.start
         ).reshape(entry.shape)
 
+    def stored_name(self, array: np.ndarray) -> str | None:
+        """The tensor whose bytes ``array`` is, as ``array`` handed it out (same first byte, same
+        size, contiguous), else ``None``: lets a caller that can read the file itself (MLX's
+        ``mx.load``) take the same bytes, and never takes bytes an array was computed from."""
+        if self._mmap is None or not array.flags.c_contiguous:
+            return None
+        at = array.__array_interface__["data"][0] - np.frombuffer(self._mmap, np.uint8, count=1).ctypes.data
+        for name, entry in self.entries.items():
+            if entry.start == at and entry.nbytes == array.nbytes and entry.nbytes > 0:
+                return name
+        return None
+
     def releaser(self, *names: str) -> Callable[[], None]:
         """A call that releases ``names`` (for a holder of views into them, e.g. a LoRA pair)."""
         def release() -> None:
@@ -307,6 +319,14 @@ class ShardedReader:
         """Start reading a canonical tensor's bytes into the page cache (``SafetensorsFile.prefetch``)."""
         for stored in self._stored(name):
             self._file(self.entries[stored]).prefetch(stored)
+
+    def stored_source(self, array: np.ndarray) -> tuple[Path, str] | None:
+        """``(file, tensor)`` whose bytes ``array`` is verbatim (``SafetensorsFile.stored_name``)."""
+        for f in self.files:
+            name = f.stored_name(array)
+            if name is not None:
+                return f.path, name
+        return None
 
     def _file(self, entry: TensorEntry) -> SafetensorsFile:
         for f in self.files:

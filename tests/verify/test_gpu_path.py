@@ -67,6 +67,29 @@ def test_dense_experts_widened_on_the_device_match_the_hosts(dense_repo):
             assert np.abs(want).max() > 0 and np.array_equal(got, want)
 
 
+def test_an_original_checkpoints_experts_are_read_by_mlx_itself_and_only_verbatim_bytes_are(tiny_repo):
+    """MXFP4 pairs stored as the file holds them reach the device through ``mx.load`` of that file
+    (MLX's own reader: faster than copying mapped pages on CUDA); an array that is not a whole
+    tensor's bytes as mapped (a copy, a part) has no source, so computed bytes are never swapped
+    for the stored ones."""
+    from oss_convert.verify.runner import _DeviceExperts, _loaded_by_mlx
+
+    with OriginalCheckpoint(tiny_repo) as ckpt:
+        pair = ckpt.mxfp4(1, "mlp1")
+        path, name = ckpt.stored_source(pair.blocks)
+        assert name == "block.1.mlp.mlp1_weight.blocks" and path.suffix == ".safetensors"
+        assert ckpt.stored_source(pair.scales)[1] == "block.1.mlp.mlp1_weight.scales"
+        for part in (pair.blocks.copy(), pair.blocks[1:], pair.blocks[:-1], np.ascontiguousarray(pair.blocks[:, ::2])):
+            assert ckpt.stored_source(part) is None
+        blocks, scales = _loaded_by_mlx(ckpt, pair)
+        assert np.array_equal(np.array(blocks), pair.blocks) and np.array_equal(np.array(scales), pair.scales)
+        assert _loaded_by_mlx(ckpt, type(pair)(pair.blocks.copy(), pair.scales)) is None
+        for which in ("mlp1", "mlp2"):
+            experts = _DeviceExperts(ckpt, 1, which, quantized=True)
+            got = np.concatenate([np.array(experts.f32(g0, g1)) for g0, g1 in experts.groups])
+            assert np.array_equal(got, ckpt.f32(f"block.1.mlp.{which}_weight"))
+
+
 def test_metal_gives_the_references_hidden_states_bit_for_bit(metal_repo, metal_bin):
     assert np.array_equal(_hidden(metal_bin), _hidden(metal_repo))
 
