@@ -726,13 +726,18 @@ def _loaded_by_mlx(model: CanonicalModel, pair: Mxfp4Pair) -> tuple[mx.array, mx
     sources = (find(pair.blocks), find(pair.scales)) if find is not None else (None,)
     if None in sources:
         return None
-    loaded = []
-    with mx.stream(_copy_stream()):
-        for (path, name), host in zip(sources, (pair.blocks, pair.scales)):
-            array = mx.load(str(path))[name]
-            if array.shape != host.shape or array.dtype != mx.uint8:  # MLX read its header otherwise
-                return None
-            loaded.append(array)
+    files, loaded = {}, []
+    try:
+        with mx.stream(_copy_stream()):
+            for (path, name), host in zip(sources, (pair.blocks, pair.scales)):
+                if path not in files:  # MLX parses the whole header on each load: once a file
+                    files[path] = mx.load(str(path))
+                array = files[path][name]
+                if array.shape != host.shape or array.dtype != mx.uint8:  # MLX read its header otherwise
+                    return None
+                loaded.append(array)
+    except (RuntimeError, ValueError):
+        return None  # a header our reader accepted that MLX's refuses (its limits differ): copy instead
     return loaded[0], loaded[1]
 
 

@@ -90,6 +90,24 @@ def test_an_original_checkpoints_experts_are_read_by_mlx_itself_and_only_verbati
             assert np.array_equal(got, ckpt.f32(f"block.1.mlp.{which}_weight"))
 
 
+def test_experts_mlx_cannot_load_are_copied_instead(tiny_repo, monkeypatch):
+    """MLX's safetensors parser has limits of its own (a header under 100,000,000 bytes, ours
+    100 MiB): a file our reader accepted and MLX refuses is copied as before, not a crash."""
+    import mlx.core as mx
+
+    from oss_convert.verify.runner import _DeviceExperts, _loaded_by_mlx
+
+    def refuse(path, *args, **kwargs):
+        raise RuntimeError(f"[load_safetensors] Invalid json header length {path}")
+
+    with OriginalCheckpoint(tiny_repo) as ckpt:
+        monkeypatch.setattr(mx, "load", refuse)
+        assert _loaded_by_mlx(ckpt, ckpt.mxfp4(1, "mlp1")) is None
+        experts = _DeviceExperts(ckpt, 1, "mlp1", quantized=True)
+        got = np.concatenate([np.array(experts.f32(g0, g1)) for g0, g1 in experts.groups])
+        assert np.array_equal(got, ckpt.f32("block.1.mlp.mlp1_weight"))
+
+
 def test_metal_gives_the_references_hidden_states_bit_for_bit(metal_repo, metal_bin):
     assert np.array_equal(_hidden(metal_bin), _hidden(metal_repo))
 
