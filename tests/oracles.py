@@ -20,7 +20,7 @@ import pytest
 
 @lru_cache(maxsize=4)
 def _torch_model(original_dir: str, dtype: str):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     model_mod = pytest.importorskip("gpt_oss.torch.model")
     model = model_mod.Transformer.from_checkpoint(original_dir, device="cpu")
     return model.float() if dtype == "float32" else model

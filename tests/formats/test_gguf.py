@@ -427,7 +427,7 @@ def test_llama_cpp_runs_every_outtype(tiny_repo, tokens_300, reference, tmp_path
 
 @pytest.mark.oracle
 def test_llama_cpp_loads_splits_and_tokenizes_like_tokenizer_json(tiny_repo, tiny_gguf, tmp_path, tokens_300):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     tokenizers = pytest.importorskip("tokenizers")
     first = convert(tiny_repo, tmp_path / "split.gguf", split_max_size="1M")
     assert re.fullmatch(r"split-00001-of-000(0[2-9]|[1-9]\d)\.gguf", first.name), first.name
