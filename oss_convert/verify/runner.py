@@ -685,9 +685,9 @@ class _DeviceExperts:
         bits = stored(self.name) if pair is None and halves is None and stored is not None else None
         self.pieces, self.bits, self.host = {}, None, None
         if pair is not None or halves is not None:
-            loaded = _loaded_by_mlx(model, pair) if pair is not None else None
+            loaded = _loaded_by_mlx(model, pair) if pair is not None else _halves_loaded_by_mlx(model, halves)
             for g0, g1 in self.groups:
-                self.pieces[g0] = ((loaded[0][g0:g1], loaded[1][g0:g1]) if loaded is not None
+                self.pieces[g0] = (_loaded_group(loaded, halves, g0, g1) if loaded is not None
                                    else _bytes_on_device(pair, halves, g0, g1))
                 model.release(self.name)
                 _move_now(*self.pieces[g0])
@@ -716,7 +716,8 @@ class _DeviceExperts:
         return mx.array(out)
 
 
-def _loaded_by_mlx(model: CanonicalModel, pair: Mxfp4Pair) -> tuple[mx.array, mx.array] | None:
+def _loaded_by_mlx(model: CanonicalModel, pair: Mxfp4Pair,
+                   files: dict | None = None) -> tuple[mx.array, mx.array] | None:
     """The pair as ``mx.load`` reads it from its safetensors file, where the reader's arrays are
     that file's bytes verbatim (``stored_source``: never bytes computed from them, so an adapter's
     merged experts are not replaced by their base), else ``None``. On CUDA MLX reads a file on a
@@ -726,19 +727,44 @@ def _loaded_by_mlx(model: CanonicalModel, pair: Mxfp4Pair) -> tuple[mx.array, mx
     sources = (find(pair.blocks), find(pair.scales)) if find is not None else (None,)
     if None in sources:
         return None
-    files, loaded = {}, []
+    files, loaded = {} if files is None else files, []  # a caller's, for pairs that share files
     try:
         with mx.stream(_copy_stream()):
             for (path, name), host in zip(sources, (pair.blocks, pair.scales)):
                 if path not in files:  # MLX parses the whole header on each load: once a file
                     files[path] = mx.load(str(path))
                 array = files[path][name]
-                if array.shape != host.shape or array.dtype != mx.uint8:  # MLX read its header otherwise
+                if array.nbytes != host.nbytes:  # MLX read its header otherwise
                     return None
-                loaded.append(array)
+                # The same bytes under the file's dtype (an MLX artifact's uint32 words): the
+                # reader's view of them is uint8 in OpenAI's shape, and so is this one.
+                loaded.append(array.view(mx.uint8).reshape(host.shape))
     except (RuntimeError, ValueError):
         return None  # a header our reader accepted that MLX's refuses (its limits differ): copy instead
     return loaded[0], loaded[1]
+
+
+def _halves_loaded_by_mlx(model: CanonicalModel, halves) -> list[tuple[mx.array, mx.array]] | None:
+    """mlx-lm's gate and up halves, each as ``_loaded_by_mlx`` reads it, or ``None`` unless both are."""
+    if halves is None:
+        return None
+    files: dict = {}
+    loaded = [_loaded_by_mlx(model, half, files) for half in halves]
+    return None if None in loaded else loaded
+
+
+def _loaded_group(loaded, halves, first: int, end: int) -> tuple[mx.array, mx.array]:
+    """Experts ``first..end-1`` of what MLX loaded: a pair's slices, or two halves' interleaved."""
+    if halves is None:
+        return loaded[0][first:end], loaded[1][first:end]
+    (gate_blocks, gate_scales), (up_blocks, up_scales) = loaded
+    return (_interleaved_rows(gate_blocks[first:end], up_blocks[first:end]),
+            _interleaved_rows(gate_scales[first:end], up_scales[first:end]))
+
+
+def _interleaved_rows(gate: mx.array, up: mx.array) -> mx.array:
+    """OpenAI's ``mlp1`` rows from mlx-lm's halves: even rows gate, odd rows up."""
+    return mx.stack([gate, up], axis=2).reshape(gate.shape[0], 2 * gate.shape[1], *gate.shape[2:])
 
 
 def _bytes_on_device(pair: Mxfp4Pair | None, halves, first: int, end: int) -> tuple[mx.array, mx.array]:
@@ -751,11 +777,8 @@ def _bytes_on_device(pair: Mxfp4Pair | None, halves, first: int, end: int) -> tu
     if pair is not None:
         return copy(pair.blocks), copy(pair.scales)
     gate, up = halves
-
-    def rows(a: mx.array, b: mx.array) -> mx.array:
-        return mx.stack([a, b], axis=2).reshape(a.shape[0], 2 * a.shape[1], *a.shape[2:])
-
-    return rows(copy(gate.blocks), copy(up.blocks)), rows(copy(gate.scales), copy(up.scales))
+    return (_interleaved_rows(copy(gate.blocks), copy(up.blocks)),
+            _interleaved_rows(copy(gate.scales), copy(up.scales)))
 
 
 _COPY_STREAM: list = []

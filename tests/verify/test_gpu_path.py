@@ -90,6 +90,37 @@ def test_an_original_checkpoints_experts_are_read_by_mlx_itself_and_only_verbati
             assert np.array_equal(got, ckpt.f32(f"block.1.mlp.{which}_weight"))
 
 
+def test_an_mlx_artifacts_experts_are_read_by_mlx_itself_as_openai_bytes(tiny_repo, tmp_path, monkeypatch):
+    """An MLX artifact's experts are uint32 words, ``mlp1`` stored as gate and up apart: MLX loads
+    the files' words, views them as OpenAI's bytes and interleaves the halves on the device; the
+    decoded experts are the reader's bit for bit, and nothing is copied from the host."""
+    import oss_convert.verify.runner as runner
+
+    model = formats.open_canonical(_convert(tiny_repo, "mlx", tmp_path / "mlx"))
+    try:
+        gate, up = model.mxfp4_halves(1, "mlp1")
+        pair = model.mxfp4(1, "mlp2")
+        for half in (gate, up, pair):
+            name = model.stored_source(half.blocks)[1]
+            assert name.endswith(".weight") and model.stored_source(half.scales)[1].endswith(".scales")
+            blocks, scales = runner._loaded_by_mlx(model, half)
+            assert blocks.dtype == scales.dtype == runner.mx.uint8
+            assert np.array_equal(np.array(blocks), half.blocks) and np.array_equal(np.array(scales), half.scales)
+        assert model.stored_source(model.mxfp4(1, "mlp1").blocks) is None  # interleaved on the host: computed
+
+        def no_copy(*args):
+            raise AssertionError("copied from the host")
+
+        monkeypatch.setattr(runner, "_bytes_on_device", no_copy)
+        for which in ("mlp1", "mlp2"):
+            experts = runner._DeviceExperts(model, 1, which, quantized=True)
+            got = np.concatenate([np.array(experts.f32(g0, g1)) for g0, g1 in experts.groups])
+            want = model.f32(f"block.1.mlp.{which}_weight")
+            assert np.abs(want).max() > 0 and np.array_equal(got, want)
+    finally:
+        model.close()
+
+
 def test_experts_mlx_cannot_load_are_copied_instead(tiny_repo, monkeypatch):
     """MLX's safetensors parser has limits of its own (a header under 100,000,000 bytes, ours
     100 MiB): a file our reader accepted and MLX refuses is copied as before, not a crash."""
