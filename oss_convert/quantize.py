@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,76 +45,181 @@ def encode(values: np.ndarray, recipe: str = "ocp", tally: "ErrorTally | None" =
     ``tally``: add the squared error and the values' energy to it (summed where the blocks are
     encoded, cache-hot: a second pass decoding the result took a third of a merge)."""
     if recipe in RECIPES:
-        return _encode_chunked(values, _search_rows if recipe == "search" else _ocp_rows, tally)
+        return _encode_chunked(values, recipe == "search", tally)
     raise ValueError(f"unknown recipe {recipe!r}; choose one of {RECIPES}")
 
 
 def search_encode(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per block, the scale among OCP, OCP+1 and OCP-1 with the least squared error.
-
-    Errors are compared in the OCP-scaled domain: changing the exponent by ``k`` multiplies
-    the values by ``2**-k`` exactly and the squared error by ``4**k`` exactly, so the
-    comparison is the same as on the original values, and exact blocks (error 0) stay OCP.
-    Each candidate's codes are kept (``mxfp4.codes_under``, from the float bits) rather than
-    recomputed for the winner.
-    """
-    return _encode_chunked(values, _search_rows)
+    """Per block, the scale among OCP, OCP+1 and OCP-1 with the least squared error (the module
+    docstring; ``_move_scales`` says how it is decided exactly, without trying every candidate)."""
+    return _encode_chunked(values, True)
 
 
-def _encode_chunked(values: np.ndarray, encode_rows, tally: "ErrorTally | None" = None) -> tuple[np.ndarray, np.ndarray]:
-    """``encode_rows`` (-> codes, shared exponents, squared error per block in the OCP-scaled
-    domain, and those exponents) over chunks of rows, so the temporaries stay in cache, on every
-    core for a large tensor (numpy releases the GIL)."""
-    x = mxfp4.as_blocks(values)
-    flat = x.reshape(-1, *x.shape[-2:])
-    codes = np.empty(flat.shape, dtype=np.uint8)
-    shared = np.empty(flat.shape[:-1], dtype=np.int32)
-    starts = range(0, flat.shape[0], _SEARCH_ROWS)
+def _encode_chunked(values: np.ndarray, search: bool, tally: "ErrorTally | None" = None) -> tuple[np.ndarray, np.ndarray]:
+    values = np.asarray(values, dtype=np.float32)
+    if values.shape[-1] % mxfp4.BLOCK:
+        raise ValueError(f"last dimension {values.shape[-1]} is not a multiple of {mxfp4.BLOCK}")
+    matrix = values.reshape(-1, values.shape[-1])
+    blocks, scales = encode_made(matrix.shape, lambda rows, out: matrix[rows], search, tally)
+    groups = values.shape[:-1] + (values.shape[-1] // mxfp4.BLOCK,)
+    return blocks.reshape(*groups, mxfp4.BLOCK // 2), scales.reshape(groups)
+
+
+def encode_made(shape: tuple[int, int], make: Callable[[slice, np.ndarray], np.ndarray], search: bool,
+                tally: "ErrorTally | None" = None) -> tuple[np.ndarray, np.ndarray]:
+    """MXFP4 ``(blocks [rows, G, 16], scales [rows, G])`` of a ``[rows, cols]`` float32 matrix that
+    ``make(rows, out)`` produces a chunk of rows at a time (into ``out``, a scratch array of the
+    chunk's shape it may use, or returned as a view), so a merge decodes, adds its delta and
+    encodes each chunk while it is in cache. The chunks run on every core (numpy releases the
+    GIL); their rows are fixed by the shape alone, so the bytes never depend on the core count."""
+    rows, cols = shape
+    if cols % mxfp4.BLOCK:
+        raise ValueError(f"last dimension {cols} is not a multiple of {mxfp4.BLOCK}")
+    groups = cols // mxfp4.BLOCK
+    blocks = np.empty((rows, groups, mxfp4.BLOCK // 2), dtype=np.uint8)
+    scales = np.empty((rows, groups), dtype=np.uint8)
+    step = max(1, CHUNK_VALUES // cols)
+    starts = range(0, rows, step)
     sums = np.zeros((len(starts), 2))  # per chunk: squared error, energy
+    scratch = threading.local()
 
-    def rows(i: int) -> None:
-        part = slice(starts[i], starts[i] + _SEARCH_ROWS)
-        codes[part], shared[part], error, scaled = encode_rows(flat[part], tally is not None)
+    def chunk(i: int) -> None:
+        part = slice(starts[i], min(starts[i] + step, rows))
+        out = getattr(scratch, "out", None)
+        if out is None or out.shape[0] < step or out.shape[1] != cols:
+            out = scratch.out = np.empty((step, cols), dtype=np.float32)
+        values = np.ascontiguousarray(make(part, out[:part.stop - part.start]), dtype=np.float32)
+        x = values.reshape(-1, groups, mxfp4.BLOCK)
+        codes, shared, error = _encode_rows(x, search, tally is not None)
+        blocks[part] = mxfp4.pack_codes(codes)
+        scales[part] = shared + SCALE_BIAS
         if tally is not None:
-            sums[i] = np.ldexp(error, 2 * scaled).sum(), np.square(flat[part], dtype=np.float64).sum()
+            sums[i] = error, np.square(values, dtype=np.float64).sum()
 
-    if flat.size >= _PARALLEL_VALUES:  # numpy releases the GIL: the row chunks run on every core
-        list(_pool().map(rows, range(len(starts))))
+    if rows * cols >= _PARALLEL_VALUES:  # numpy releases the GIL: the row chunks run on every core
+        list(_pool().map(chunk, range(len(starts))))
     else:
         for i in range(len(starts)):
-            rows(i)
+            chunk(i)
     if tally is not None:
-        tally.add_sums(float(sums[:, 0].sum()), float(sums[:, 1].sum()), flat.size)
-    blocks = mxfp4.pack_codes(codes).reshape(*x.shape[:-1], mxfp4.BLOCK // 2)
-    return blocks, (shared + SCALE_BIAS).astype(np.uint8).reshape(x.shape[:-1])
+        tally.add_sums(float(sums[:, 0].sum()), float(sums[:, 1].sum()), rows * cols)
+    return blocks, scales
 
 
-_SEARCH_ROWS = 64  # rows of [G, 32] blocks per pass: 64 x 2880 values, 720 KiB
+CHUNK_VALUES = 1 << 17  # values per chunk (512 KiB of float32): its keys, indices and codes stay in cache
 _PARALLEL_VALUES = 1 << 20
 _POOL: list[ThreadPoolExecutor] = []
 
 
 def _pool() -> ThreadPoolExecutor:
     if not _POOL:
-        _POOL.append(ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="mxfp4-search"))
+        _POOL.append(ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1)), thread_name_prefix="mxfp4-encode"))
     return _POOL[0]
 
 
-def _ocp_rows(x: np.ndarray, with_error: bool):
-    shared = mxfp4.ocp_exponents(x)
-    codes = mxfp4.codes_under(x, shared)
-    return codes, shared, _sq_error(x, codes, shared) if with_error else None, shared
+def _encode_rows(x: np.ndarray, search: bool, with_error: bool):
+    """Codes, shared exponents and (``with_error``) the blocks' summed squared error, for float32
+    blocks ``x [R, G, 32]``: the OCP exponent, moved by the search where that lowers the error,
+    the codes read off the bit table. Blocks of tiny or huge values, which the table does not
+    serve, take ``_definition_rows``."""
+    keys = mxfp4.bit_keys(x)
+    if (keys.top >= 0xFF0).any():  # exponent field 255
+        raise ValueError("cannot encode NaN or infinity to MXFP4")
+    ocp = keys.ocp_exponents
+    served = (ocp >= _TABLE_OCP[0]) & (ocp <= _TABLE_OCP[1])
+    index = mxfp4.table_index(keys.keys, ocp)
+    shared = ocp.copy()
+    if search:
+        _move_scales(x, keys.top, served, ocp, index, shared)
+    codes = mxfp4.table_codes(index)
+    others = np.nonzero(~served)
+    if not others[0].size:
+        return codes, shared, _table_error(x, index, shared) if with_error else None
+    codes[others], shared[others], others_error = _definition_rows(x[others], search)
+    if not with_error:
+        return codes, shared, None
+    error = _table_error(x[served], index[served], shared[served])  # the rare others' summed apart
+    return codes, shared, error + float(np.ldexp(others_error, 2 * shared[others]).sum())
 
 
-def _search_rows(x: np.ndarray, with_error: bool = False):
+# The OCP exponents whose blocks the table serves under it and both neighbours (``BitKeys.served``:
+# the largest value scales to 4..8, so only the exponent's own range limits it).
+_TABLE_OCP = (mxfp4.TABLE_SHARED[0] + 1, mxfp4.TABLE_SHARED[1] - 1)
+
+
+# The search's two candidates as lookups on the OCP table index: (offset, index step, G_k - G_0,
+# G_k**2 - G_0**2), with G the magnitude a value rounds to in the OCP-scaled domain (``_move_scales``).
+def _candidate_tables(offset: int) -> tuple[np.ndarray, np.ndarray]:
+    index = np.arange(8192)
+    field = (index >> 4) & 0xFF
+    base = np.abs(mxfp4.table_values(index)).astype(np.float64)
+    moved = np.clip(index - 16 * offset, 0, 8191)
+    value = np.abs(mxfp4.table_values(moved)).astype(np.float64) * 2.0 ** offset
+    value = np.where((field - offset >= 0) & (field - offset <= 255), value, 0.0)  # off the table: tiny
+    return value - base, value ** 2 - base ** 2
+
+
+_CANDIDATES = {offset: _candidate_tables(offset) for offset in (1, -1)}
+
+
+def _move_scales(x: np.ndarray, top: np.ndarray, served: np.ndarray, ocp: np.ndarray, index: np.ndarray,
+                 shared: np.ndarray) -> None:
+    """The search, deciding each block exactly from two facts about the grids, in place on
+    ``index`` and ``shared``.
+
+    In the OCP-scaled domain (``y = x / 2**ocp``, largest ``|y|`` in ``[4, 8)``) the candidates
+    round ``|y|`` to G0 (0, .5, 1, 1.5, 2, 3, 4, 6), G+ (0, 1, 2, 3, 4, 6, 8, 12: one step
+    coarser) or G- (0, .25, .5, .75, 1, 1.5, 2, 3: one step finer). Candidate k beats OCP iff
+    ``D = sum((|y| - Gk)**2 - (|y| - G0)**2) = sum(Gk**2 - G0**2) - 2 * sum((Gk - G0) |y|) < 0``,
+    and ``Gk - G0``, ``Gk**2 - G0**2`` depend only on a value's key: two lookups and one product
+    per value, summed in float64, where every term is exact (a 24-bit value times a 3-bit step,
+    nonzero only for ``|y|`` in ``(0.125, 8)``), so D is exact and ties keep OCP, as before.
+
+    - G+ rounds every ``|y| < 7`` no closer than G0 (below 6 its points are G0's; from 6 to 7 both
+      give 6), so it can win only where the largest ``|y|`` reaches 7: mantissa >= 1.75.
+    - G- gains at most 0.0625 on each of the other 31 values (only below 1 does it differ from G0,
+      by at most 0.25) and loses ``2|y| - 7`` or more on the largest (from 4 up it clips at 3),
+      so it can win only where the largest ``|y|`` is below 4.47: mantissa < 1.125.
+
+    So each block has at most one candidate to weigh, and two blocks in three have none.
+    """
+    mantissa = (top >> 1) & 7  # top 3 mantissa bits of the block's largest magnitude
+    for offset, candidate in ((1, served & (mantissa >= 6)), (-1, served & (mantissa == 0))):
+        which = np.nonzero(candidate)
+        if not which[0].size:
+            continue
+        steps, gains = _CANDIDATES[offset]
+        keys = index[which]
+        scaled_sum = (np.take(steps, keys) * np.abs(x[which])).sum(axis=-1)  # sum (Gk - G0) |x|, exact
+        change = np.take(gains, keys).sum(axis=-1) - np.ldexp(scaled_sum, 1 - ocp[which])
+        better = tuple(w[change < 0] for w in which)
+        shared[better] += offset
+        index[better] -= 16 * offset
+
+
+def _table_error(x: np.ndarray, index: np.ndarray, shared: np.ndarray) -> float:
+    """The squared rounding error of served blocks, summed in float64: ``sum((x - value * 2**s)**2)``
+    with each difference exact (the value is the nearest point of a grid through 0, so within a
+    factor of two of ``x``, or a saturated 6 whose difference fits too)."""
+    scale = np.ldexp(np.float32(1), np.clip(shared, -126, 127))  # served blocks: shared in -124..125
+    diff = mxfp4.table_values(index)
+    diff *= scale[..., None]
+    np.subtract(x, diff, out=diff)
+    return float(np.square(diff, dtype=np.float64).sum())
+
+
+def _definition_rows(x: np.ndarray, search: bool):
+    """The recipe as written, for the rare blocks the table does not serve (tiny or huge scales):
+    each candidate's codes by float rounding (``mxfp4.codes_under``), its error compared in the
+    OCP-scaled domain (changing the exponent by ``k`` multiplies the squared error by ``4**k``
+    exactly), the OCP exponent kept on ties. Returns the error in the chosen exponent's domain."""
     ocp = mxfp4.ocp_exponents(x)
-    parts = mxfp4.float_parts(x)  # the bits every candidate's codes are read from
-    best_codes = mxfp4.codes_under(x, ocp, parts)
+    best_codes = mxfp4.codes_under(x, ocp)
     best_error = _sq_error(x, best_codes, ocp)
     best_shared = ocp
-    for offset in _SEARCH_OFFSETS[1:]:
+    for offset in _SEARCH_OFFSETS[1:] if search else ():
         shared = ocp + offset
-        codes = mxfp4.codes_under(x, shared, parts)
+        codes = mxfp4.codes_under(x, shared)
         error = _sq_error(x, codes, shared) * 4.0 ** offset
         allowed = (shared >= -SCALE_BIAS) & (shared <= SCALE_NAN - 1 - SCALE_BIAS)
         better = allowed & (error < best_error)  # strict: the OCP scale keeps every tie
@@ -121,7 +227,7 @@ def _search_rows(x: np.ndarray, with_error: bool = False):
             best_error = np.where(better, error, best_error)
             best_shared = np.where(better, shared, best_shared)
             best_codes = np.where(better[..., None], codes, best_codes)
-    return best_codes, best_shared, best_error, ocp
+    return best_codes, best_shared, np.ldexp(best_error, 2 * (ocp - best_shared))
 
 
 def _sq_error(x: np.ndarray, codes: np.ndarray, shared: np.ndarray) -> np.ndarray:

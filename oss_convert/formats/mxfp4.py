@@ -193,6 +193,10 @@ def fp4_codes(y: np.ndarray) -> np.ndarray:
 
 def pack_codes(codes: np.ndarray) -> np.ndarray:
     """``[..., 32]`` codes -> ``[..., 16]`` bytes, element 2j in the low nibble."""
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    if np.little_endian:  # each pair as one uint16 (even code low): even | odd << 4 in two passes, not strided
+        pairs = codes.view(np.uint16)
+        return (pairs | (pairs >> np.uint16(4))).astype(np.uint8)
     return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
 
 
@@ -208,45 +212,94 @@ def _code_table() -> np.ndarray:
 
 
 _CODES = _code_table()
-# Below this shared exponent a subnormal float32 (exponent field 0) could round to a nonzero
-# code, which the bit table would misread: such blocks take the definition's path.
-_TABLE_MIN_SHARED = -124
 
 
-def codes_under(x: np.ndarray, shared: np.ndarray, parts: "FloatParts | None" = None) -> np.ndarray:
-    """``fp4_codes(np.ldexp(x, -shared))`` for float32 blocks ``x [..., G, 32]`` and exponents
-    ``shared [..., G]``, from the bits: the scaled exponent indexes ``_CODES`` (no float pass).
-    ``parts``: ``float_parts(x)``, for a caller that tries several exponents on the same blocks."""
-    if shared.size and shared.min() < _TABLE_MIN_SHARED:
-        return fp4_codes(np.ldexp(x, -shared[..., None]))
-    parts = parts or float_parts(x)
-    exponent = parts.exponent - shared[..., None]
-    np.clip(exponent, 0, 255, out=exponent)
-    index = (exponent << 4).astype(np.uint32)
-    index |= parts.mantissa
-    codes = np.take(_CODES, index, mode="clip")
-    codes |= parts.sign
-    return codes
+# --------------------------------------------------------------------------------------
+# The bit-keyed encoder: a value's code is one lookup of its bits, whatever the shared exponent
+#
+# A float32's bits shifted right by 19 are ``sign << 12 | exponent << 4 | top 4 mantissa bits``;
+# OR-ing "any of the 19 bits below set" into the last of those makes it ``sign << 12 | exponent
+# << 4 | top 3 mantissa bits << 1 | any lower bit set``: the value's *key*, all ``_CODES`` needs.
+# Dividing by ``2**shared`` subtracts ``shared`` from the exponent field, so ``key + (_KEY_BIAS -
+# shared) << 4`` indexes ``_SIGNED_CODES`` (8192 entries: the sign's code bit included) at the
+# scaled value, biased by ``_KEY_BIAS`` so that no served exponent borrows from the sign bit.
+_KEY_BIAS = 125
+# A shared exponent the table serves for a block: a subnormal value (exponent field 0) must scale
+# below 0.25 (code 0, as the table reads it), and the scaled exponents must stay in 0..255 once
+# biased. Scaled exponents above 130 (values from 16 up, saturated) would leave that range.
+TABLE_SHARED = (-124, 125)
+_TABLE_MAX_SCALED = 130
+
+
+def _signed_code_table() -> np.ndarray:
+    index = np.arange(8192)
+    sign, field, rounding = index >> 12, (index >> 4) & 0xFF, index & 0xF
+    scaled = field - _KEY_BIAS  # the scaled value's biased exponent; below 0 it is far below any code
+    codes = np.where(scaled >= 0, _CODES[np.clip(scaled, 0, 255) << 4 | rounding], 0)
+    return (codes | sign << 3).astype(np.uint8)
+
+
+_SIGNED_CODES = _signed_code_table()
+# Each table entry's value on the FP4 grid (in the scaled domain), signed: what the code decodes to.
+_SIGNED_VALUES = FP4_VALUES[_SIGNED_CODES]
 
 
 @dataclass(frozen=True)
-class FloatParts:
-    """What ``codes_under`` reads of each float32 value, whatever the shared exponent: its biased
-    exponent, the mantissa bits that decide the FP4 rounding (``_CODES``' low 4 index bits), and
-    its sign as the code's bit 3."""
+class BitKeys:
+    """What the table encoder reads of float32 blocks ``x [..., 32]``: each value's key (see
+    above), and per block the largest magnitude's ``exponent << 4 | top 4 mantissa bits``."""
 
-    exponent: np.ndarray  # int32
-    mantissa: np.ndarray  # uint32: top 3 mantissa bits << 1 | any lower bit set
-    sign: np.ndarray  # uint8: 0 or 8
+    keys: np.ndarray  # uint32 [..., 32]
+    top: np.ndarray  # uint32 [...]
+
+    @property
+    def ocp_exponents(self) -> np.ndarray:
+        """``ocp_exponents`` of the blocks, from the bits: ``floor(log2 amax) - 2`` is the largest
+        exponent field less 129 (a zero or subnormal maximum gets -127, as the clip there gives)."""
+        return np.maximum((self.top >> 4).astype(np.int32) - (SCALE_BIAS + _EMAX_E2M1), -SCALE_BIAS)
+
+    def served(self, shared: np.ndarray) -> np.ndarray:
+        """Blocks whose codes under ``shared`` the table gives (else ``codes_under`` scales them)."""
+        return (shared >= TABLE_SHARED[0]) & (shared <= TABLE_SHARED[1]) & \
+            ((self.top >> 4).astype(np.int32) - shared <= _TABLE_MAX_SCALED)
 
 
-def float_parts(x: np.ndarray) -> FloatParts:
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    magnitude = bits & np.uint32(0x7FFFFFFF)
-    mantissa = (magnitude >> np.uint32(19)) & np.uint32(0xE)
-    mantissa |= (magnitude & np.uint32(0xFFFFF)) != 0
-    return FloatParts(exponent=(magnitude >> np.uint32(23)).astype(np.int32), mantissa=mantissa,
-                      sign=((bits >> np.uint32(31)) << np.uint32(3)).astype(np.uint8))
+def bit_keys(x: np.ndarray) -> BitKeys:
+    """The keys of float32 blocks ``x [..., 32]`` (C-contiguous), three integer passes."""
+    bits = x.view(np.uint32)
+    keys = bits >> np.uint32(19)
+    top = np.bitwise_and(keys, np.uint32(0xFFF)).max(axis=-1)
+    keys |= (bits & np.uint32(0x7FFFF)) != 0
+    return BitKeys(keys, top)
+
+
+def table_index(keys: np.ndarray, shared: np.ndarray) -> np.ndarray:
+    """``_SIGNED_CODES`` index (intp, what ``np.take`` reads without a copy) of each key under its
+    block's shared exponent; only meaningful where ``BitKeys.served(shared)``."""
+    return keys + ((_KEY_BIAS - shared.astype(np.intp)) << 4)[..., None]
+
+
+def table_codes(index: np.ndarray) -> np.ndarray:
+    """The codes at ``table_index`` (mode="clip": numpy skips its bounds checks, ~3x faster)."""
+    return np.take(_SIGNED_CODES, index, mode="clip")
+
+
+def table_values(index: np.ndarray) -> np.ndarray:
+    """What those codes decode to in the scaled domain, float32, signed."""
+    return np.take(_SIGNED_VALUES, index, mode="clip")
+
+
+def codes_under(x: np.ndarray, shared: np.ndarray, keys: BitKeys | None = None) -> np.ndarray:
+    """``fp4_codes(np.ldexp(x, -shared))`` for float32 blocks ``x [..., G, 32]`` and exponents
+    ``shared [..., G]``: one table lookup per value where the table serves the block, the
+    definition elsewhere (tiny or huge scales). ``keys``: ``bit_keys(x)`` when already read."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    keys = keys or bit_keys(x)
+    codes = table_codes(table_index(keys.keys, shared))
+    others = ~keys.served(shared)
+    if others.any():
+        codes[others] = fp4_codes(np.ldexp(x[others], -shared[others][..., None]))
+    return codes
 
 
 def encode_with_exponents(x: np.ndarray, shared: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -195,3 +195,18 @@ def test_codes_from_the_bits_equal_the_float_rounding_for_every_exponent():
     tiny = np.float32(1e-40) * rng.standard_normal((4, 32)).astype(np.float32)  # subnormal blocks, shared -127
     assert np.array_equal(mxfp4.codes_under(tiny, np.full(4, -127, np.int32)),
                           mxfp4.fp4_codes(np.ldexp(tiny, 127)))
+
+
+def test_codes_under_any_exponent_read_from_the_table_or_scaled_where_it_cannot():
+    """``codes_under`` with exponents far from a block's own (given scales, as ``encode_with_scales``
+    takes them: values that saturate, or that vanish) mixes blocks the key table serves with blocks
+    it scales by the definition; every code must be the definition's."""
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((600, 32)) * np.float32(2.0) ** rng.integers(-140, 120, (600, 1))).astype(np.float32)
+    ocp, keys, served = mxfp4.ocp_exponents(x), mxfp4.bit_keys(x), []
+    for offset in (-9, -3, -1, 0, 1, 2, 7):
+        shared = np.clip(ocp + offset + rng.integers(-2, 3, ocp.shape), -127, 127).astype(np.int32)
+        want = mxfp4.fp4_codes(np.ldexp(x, -shared[:, None]))
+        assert np.array_equal(mxfp4.codes_under(x, shared), want), offset
+        served.append(keys.served(shared).mean())
+    assert min(served) == 0 and 0.5 < max(served) < 1  # both paths taken, and mixed within a call

@@ -162,3 +162,65 @@ def test_the_error_tallied_while_encoding_is_the_decoded_error(recipe):
     assert fast.count == slow.count == x.size
     assert fast.sq_error == pytest.approx(slow.sq_error, rel=1e-12) and fast.sq_error > 0
     assert fast.energy == pytest.approx(slow.energy, rel=1e-12)
+
+
+def _search_by_definition(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The recipe written out on every block: each candidate's float64 error, OCP kept on ties."""
+    x = mxfp4.as_blocks(values)
+    ocp = mxfp4.ocp_exponents(x)
+
+    def error(shared):
+        y = np.ldexp(x.astype(np.float64), -shared[..., None])
+        return np.square(y - mxfp4.fp4_round(y), dtype=np.float64).sum(-1) * 4.0 ** (shared - ocp)
+
+    errors = np.stack([error(ocp), error(ocp + 1), error(ocp - 1)])
+    choice = np.where(errors[1] < errors[0], 1, 0)
+    choice = np.where(errors[2] < np.minimum(errors[0], errors[1]), -1, choice)
+    shared = ocp + choice
+    return mxfp4.pack_codes(mxfp4.fp4_codes(np.ldexp(x, -shared[..., None]))), (shared + 127).astype(np.uint8)
+
+
+def _edge_blocks(rng: np.random.Generator) -> np.ndarray:
+    """Blocks at the search's decision edges: largest value near 7 and 8 (where the coarser scale
+    can win), near 4 and 4.47 (the finer), the rest on and between the grids' points and ties,
+    over a range of scales; BF16-rounded rows add exact ties."""
+    n = 4096
+    grid = np.array([0, .125, .25, .375, .5, .625, .75, .875, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, 7], np.float32)
+    rest = rng.choice(grid, (n, 31)) * rng.choice([-1, 1], (n, 31))
+    rest = np.where(rng.random((n, 31)) < 0.5, rest, rng.uniform(-4, 4, (n, 31))).astype(np.float32)
+    small = rng.random(n) < 0.5  # the rest below 1, where only the finer grid is finer
+    ties = np.array([.25, .75, .25, .75, .125, .5, .625], np.float32)  # mostly the OCP grid's ties below 1
+    rest[small] = rng.choice(ties, (int(small.sum()), 31)) + rng.uniform(-.01, .01, (int(small.sum()), 31)) * \
+        (rng.random((int(small.sum()), 31)) < 0.3)
+    top = rng.choice(np.array([4, 4.1, 4.4, 4.46875, 4.5, 5, 6, 6.5, 7, 7.25, 7.5, 7.9375, 7.999], np.float32), n)
+    top = np.nextafter(top, rng.choice([np.float32(0), np.float32(8)], n)) if rng.random() < 0.5 else top
+    blocks = np.concatenate([top[:, None] * rng.choice([-1, 1], (n, 1)), rest], axis=1).astype(np.float32)
+    blocks = blocks[:, rng.permutation(32)] * np.float32(2.0) ** rng.integers(-30, 10, (n, 1))
+    bf16 = _bf16(blocks[: n // 4])
+    return np.concatenate([blocks, bf16]).astype(np.float32).reshape(-1, 320)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_exact_search_is_the_definition_at_its_decision_edges(seed):
+    """``_move_scales`` weighs a candidate only where it can win and decides by an exact sum; on
+    blocks built at the edges of both rules (and their ties) it must choose what trying every
+    candidate on every block chooses."""
+    values = _edge_blocks(np.random.default_rng(seed))
+    blocks, scales = quantize.encode(values, "search")
+    want_blocks, want_scales = _search_by_definition(values)
+    assert np.array_equal(scales, want_scales)
+    assert np.array_equal(blocks, want_blocks)
+    moved = scales.astype(int) - mxfp4.encode(values)[1].astype(int)
+    assert (moved == 1).mean() > 0.01 and (moved == -1).mean() > 0.01  # both candidates won somewhere
+
+
+def test_the_search_is_the_definition_on_merged_weights():
+    """What a merge encodes: decoded MXFP4 (every block on the grid, tight) plus a small delta,
+    where the largest value of a block at 4 slips just below it or just above."""
+    rng = np.random.default_rng(7)
+    blocks = mxfp4.tighten(np.frombuffer(rng.bytes(256 * 90 * 16), np.uint8).reshape(256, 90, 16).copy(), rng)
+    weight = mxfp4.decode(blocks, rng.integers(118, 124, (256, 90)).astype(np.uint8))
+    for size in (1e-7, 1e-5, 1e-3):
+        merged = (weight + rng.standard_normal(weight.shape).astype(np.float32) * np.float32(size)).astype(np.float32)
+        got, want = quantize.encode(merged, "search"), _search_by_definition(merged)
+        assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0]), size
