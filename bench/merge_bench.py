@@ -7,9 +7,11 @@ The adapter is a PEFT one as mlx-lm's default and most PEFT recipes make it: ran
 attention (q/k/v/o) and on both expert weights (every expert) of the last ``--touched-layers``
 layers, written with random factors (a trained adapter's B is not zero), so every touched
 expert is decoded, merged and re-encoded to MXFP4 (``--recipe search``) and the others copied.
-Each job runs under ``/usr/bin/time -v`` (wall time, peak RSS) and ends with ``sync``. Prints a
-markdown table with each time as a ratio to ``cp -r`` measured in the same run, the experts
-re-encoded per second, and the peak RSS; paste it into bench/RESULTS.md.
+Each job runs under ``/usr/bin/time -v`` (wall time, the largest process's peak RSS) while the
+proportional set size of its whole process tree (worker processes included) is sampled, and
+ends with ``sync``. Prints a markdown table with each time as a ratio to ``cp -r`` measured in
+the same run, the experts re-encoded per second and both memory peaks; ``--threads-too`` adds
+the merge with its re-encoding on threads only. Paste it into bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import argparse
 import json
 import os
 import platform
+import re
+import subprocess
+import time
 import shutil
 import sys
 from pathlib import Path
@@ -28,6 +33,45 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convert_bench import ensure_space, size_of, timed  # noqa: E402
 
 RANK = 16
+# The same merge with its re-encoding on threads instead of worker processes (encode_workers).
+THREADS_ONLY = ("import sys; from oss_convert import converters; "
+                "converters.convert(sys.argv[1], sys.argv[2], sys.argv[3], adapter=sys.argv[4], force=True, "
+                "merge_workers=False)")
+
+
+def tree_pss_mib(root: int) -> float:
+    """Proportional set size of ``root`` and all its descendants (shared pages counted once in
+    all), from /proc: what the whole job holds, worker processes included."""
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            total += int(re.search(r"^Pss:\s+(\d+)", rollup, re.M).group(1))
+        except (OSError, AttributeError):
+            continue  # ended meanwhile
+    return total / 1024
+
+
+def timed_tree(cmd: list[str]) -> tuple[float, float, float]:
+    """(wall seconds including the final sync, peak RSS MiB of its largest process, peak PSS MiB
+    of the whole process tree, sampled every 0.2 s)."""
+    subprocess.run(["sync"], check=True)
+    start = time.perf_counter()
+    proc = subprocess.Popen(["/usr/bin/time", "-v", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = 0.0
+    while proc.poll() is None:
+        peak = max(peak, tree_pss_mib(proc.pid))
+        time.sleep(0.2)
+    _, err = proc.communicate()
+    subprocess.run(["sync"], check=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{err[-3000:]}")
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", err).group(1))
+    return wall, rss_kb / 1024, peak
 
 
 def write_adapter(config: dict, layers: list[int], out: Path, seed: int = 0) -> int:
@@ -66,12 +110,15 @@ def main() -> None:
     parser.add_argument("--touched-layers", type=int, default=16)
     parser.add_argument("--target", default="mlx")
     parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--threads-too", action="store_true",
+                        help="also time the merge on threads only (no worker processes), for comparison")
     args = parser.parse_args()
-    exe = shutil.which("oss-convert") or sys.exit("oss-convert is not installed")
+    exe = shutil.which("oss-convert")
+    cli = [exe] if exe else [sys.executable, "-m", "oss_convert.cli.main"]  # a checkout on PYTHONPATH
     repo = args.work / f"gpt-oss-{args.preset}{f'-L{args.layers}' if args.layers else ''}"
     if not (repo / "original" / "config.json").exists():
         layers = ["--layers", str(args.layers)] if args.layers else []
-        wall, rss = timed([exe, "synth", str(repo), "--preset", args.preset, *layers, "--quiet"])
+        wall, rss = timed([*cli, "synth", str(repo), "--preset", args.preset, *layers, "--quiet"])
         print(f"synth: {wall:.1f} s, peak RSS {rss:.0f} MiB", file=sys.stderr)
     config = json.loads((repo / "original" / "config.json").read_text())
     total = config["num_hidden_layers"]
@@ -86,27 +133,37 @@ def main() -> None:
         ensure_space(args.work, source_bytes)
         cp_wall, cp_rss = timed(["cp", "-r", str(repo / "original"), str(copy)])
     shutil.rmtree(copy, ignore_errors=True)
-    rows = [("cp -r original/", cp_wall, cp_rss, None)]
+    rows = [("cp -r original/", cp_wall, cp_rss, None, cp_rss)]
     suffix = ".gguf" if args.target == "gguf" else ""
-    for name, extra, count in (("convert", [], None), ("convert --adapter", ["--adapter", str(adapter)], experts)):
-        out = args.work / f"out-{args.target}{suffix}"
+    out = args.work / f"out-{args.target}{suffix}"
+    on_threads = [sys.executable, "-c", THREADS_ONLY, str(repo), args.target, str(out), str(adapter)]
+    jobs = [("convert", [*cli, "convert", str(repo), "--to", args.target, "-o", str(out), "--force", "--quiet"], None),
+            ("convert --adapter", [*cli, "convert", str(repo), "--to", args.target, "-o", str(out), "--force",
+                                   "--quiet", "--adapter", str(adapter)], experts)]
+    if args.threads_too:
+        jobs.append(("convert --adapter, threads only", on_threads, experts))
+    for name, command, count in jobs:
         ensure_space(args.work, source_bytes)
-        wall, rss = timed([exe, "convert", str(repo), "--to", args.target, "-o", str(out), "--force", "--quiet", *extra])
-        rows.append((f"{name} --to {args.target}", wall, rss, count))
-        print(f"{rows[-1][0]}: {wall:.1f} s, peak RSS {rss:.0f} MiB", file=sys.stderr)
+        wall, rss, pss = timed_tree(command)
+        rows.append((f"{name} --to {args.target}", wall, rss, count, pss))
+        print(f"{rows[-1][0]}: {wall:.1f} s, peak RSS {rss:.0f} MiB, all processes {pss:.0f} MiB", file=sys.stderr)
         shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink()
         out.with_name(out.name + ".manifest.json").unlink(missing_ok=True)
     plain = rows[1][1]
-    print(f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    from oss_convert import encode_workers
+
+    workers = "worker processes, one per core" if encode_workers.available() else "threads"
+    print(f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores ({workers}), "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, Python {platform.python_version()}")
     print(f"Checkpoint: {repo.name} ({total} layers, {config['num_experts']} experts), {source_bytes / 1e9:.2f} GB; "
           f"adapter: rank {RANK}, attention + every expert of {len(touched)} layers ({experts} expert matrices); "
           "page cache warm; times include a final sync\n")
-    print("| job | wall s | x cp | peak RSS MiB | experts re-encoded | experts/s (beyond the plain convert) |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, wall, rss, count in rows:
+    print("| job | wall s | x cp | peak RSS MiB (largest process) | peak PSS MiB (all processes) | experts re-encoded "
+          "| experts/s (beyond the plain convert) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, wall, rss, count, pss in rows:
         rate = f"{count / max(wall - plain, 1e-9):.2f}" if count else "-"
-        print(f"| {name} | {wall:.1f} | {wall / cp_wall:.2f} | {rss:.0f} | {count or '-'} | {rate} |")
+        print(f"| {name} | {wall:.1f} | {wall / cp_wall:.2f} | {rss:.0f} | {pss:.0f} | {count or '-'} | {rate} |")
 
 
 if __name__ == "__main__":

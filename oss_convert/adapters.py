@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from . import quantize
+from . import encode_workers, quantize
 from .dtypes import bf16_to_f32, f32_to_bf16
 from .formats import mxfp4
 from .hashing import file_sha256
@@ -102,9 +102,9 @@ class _ExpertMerge:
     layer's are a GB."""
 
     def __init__(self, base: Mxfp4Pair, adapter: Adapter, name: str, recipe: str, tally: _MergeTally,
-                 release: Callable[[], None]):
+                 release: Callable[[], None], workers: "encode_workers.MergeWorkers | None" = None):
         self.base, self.adapter, self.name, self.recipe, self.tally = base, adapter, name, recipe, tally
-        self._release = release
+        self._release, self._workers = release, workers
         E, rows, groups, _ = base.blocks.shape
         self.shape = (E, rows, groups * mxfp4.BLOCK)
         self.touched = adapter.touched_experts(name, E)
@@ -112,6 +112,8 @@ class _ExpertMerge:
         self._expert_bytes = self._blocks_bytes + rows * groups  # its blocks, then its scales
         self._spill = tempfile.TemporaryFile(prefix="oss-convert-merge-")
         self._spilled: set[int] = set()  # every expert encoded so far
+        self._delta: np.ndarray | None = None  # one expert's delta, reused expert after expert
+        self._jobs: dict = {}  # expert -> its job on the workers, started ahead
         self.blocks = LazyExperts(base.blocks.shape, np.uint8, lambda e: self.encoded(e)[0])
         self.scales = LazyExperts(base.scales.shape, np.uint8, lambda e: self.encoded(e)[1])
 
@@ -122,24 +124,76 @@ class _ExpertMerge:
             data = np.frombuffer(os.pread(self._spill.fileno(), self._expert_bytes, e * self._expert_bytes), np.uint8)
             return (data[:self._blocks_bytes].reshape(self.base.blocks.shape[1:]),
                     data[self._blocks_bytes:].reshape(self.base.scales.shape[1:]))
-        weight = mxfp4.decode(self.base.blocks[e], self.base.scales[e])
-        delta = self.adapter.delta(self.name, self.shape, e)
-        if delta is None:  # exactly zero: the base's bytes
-            blocks, scales = np.asarray(self.base.blocks[e]), np.asarray(self.base.scales[e])
+        if self._workers:
+            blocks, scales = self._merged_by_workers(e)
         else:
-            energies = quantize.sum_of_squares(delta), quantize.sum_of_squares(weight)
-            merged = np.add(weight, delta, out=weight)  # in place: one float32 expert fewer held
-            del delta
-            error = quantize.ErrorTally()
-            blocks, scales = quantize.encode(merged, self.recipe, error)
-            self.tally.add(e, energies, error)
+            with encode_workers.one_blas_thread():
+                delta = self.adapter.delta(self.name, self.shape, e, out=self._delta_buffer(), zero_is_none=False)
+            blocks, scales = self._merged(e, delta)
         os.pwrite(self._spill.fileno(), np.ascontiguousarray(blocks).tobytes() + np.ascontiguousarray(scales).tobytes(),
                   e * self._expert_bytes)
         self._spilled.add(e)
         self._release()
         return blocks, scales
 
+    def _merged(self, e: int, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Expert ``e`` decoded, merged and re-encoded a chunk of rows at a time on the encoder's
+        threads, each chunk's base energy (for the delta's relative norm) summed while in cache."""
+        blocks, scales = self.base.blocks[e], self.base.scales[e]
+        energies: dict[int, tuple[float, float, bool]] = {}
+
+        def merged_rows(rows: slice, out: np.ndarray) -> np.ndarray:
+            weight = mxfp4.decode(blocks[rows], scales[rows], out=out)
+            change = delta[rows]
+            energies[rows.start] = (*quantize.piece_energies(change, weight), bool(change.any()))
+            weight += change
+            return weight
+
+        error = quantize.ErrorTally()
+        encoded = quantize.encode_made(self.shape[1:], merged_rows, self.recipe == "search", error)
+        in_order = [energies[start] for start in sorted(energies)]  # one order, whatever the threads did
+        if not any(changed for *_, changed in in_order):  # the delta is exactly zero: the base's bytes
+            return self._base_bytes(e)
+        self.tally.add(e, (sum(s[0] for s in in_order), sum(s[1] for s in in_order)), error)
+        return encoded
+
+    def _merged_by_workers(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        """The same on the worker processes (``encode_workers``), the next touched expert's delta
+        computed while they encode this one."""
+        job = self._jobs.pop(e) if e in self._jobs else self._start(e)
+        following = [n for n in self.touched if n > e and n not in self._spilled and n not in self._jobs]
+        if following and self._workers.has_free_slot:
+            self._jobs[following[0]] = self._start(following[0])
+        if job is None:  # exactly zero
+            return self._base_bytes(e)
+        blocks, scales, sums = self._workers.finish(job)
+        if not any(s[4] for s in sums):  # the delta is exactly zero: the base's bytes
+            return self._base_bytes(e)
+        error = quantize.ErrorTally()
+        error.add_sums(sum(s[0] for s in sums), sum(s[1] for s in sums), int(np.prod(self.shape[1:])))
+        self.tally.add(e, (sum(s[2] for s in sums), sum(s[3] for s in sums)), error)
+        return blocks, scales
+
+    def _start(self, e: int):
+        def fill(out: np.ndarray) -> bool:
+            return self.adapter.delta(self.name, self.shape, e, out=out, zero_is_none=False) is not None
+
+        return self._workers.start(self.base.blocks[e], self.base.scales[e], fill, self.recipe == "search")
+
+    def _base_bytes(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(self.base.blocks[e]), np.asarray(self.base.scales[e])
+
+    def _delta_buffer(self) -> np.ndarray:
+        if self._delta is None:
+            self._delta = np.empty(self.shape[1:], dtype=np.float32)
+        return self._delta
+
     def close(self) -> None:
+        for job in self._jobs.values():  # started ahead and no longer wanted: free their slots
+            if job is not None:
+                self._workers.finish(job)
+        self._jobs.clear()
+        self._delta = None
         self._spill.close()
 
 
@@ -153,8 +207,12 @@ class MergedSource:
     ``dense_experts``: hand the merged experts out as dense BF16 (for a target that writes them
     so); otherwise an MXFP4 base keeps MXFP4 experts, re-encoded where touched with ``recipe``."""
 
-    def __init__(self, base, adapter: Adapter, *, recipe: str = "search", dense_experts: bool = False):
+    def __init__(self, base, adapter: Adapter, *, recipe: str = "search", dense_experts: bool = False,
+                 workers: bool | None = None):
         self.base, self.adapter, self.recipe = base, adapter, recipe
+        # worker processes for the re-encoding: None = where ``encode_workers.available()`` says so
+        self.workers = workers
+        self._workers: "encode_workers.MergeWorkers | bool | None" = None
         self.path, self.config, self.config_path = base.path, base.config, base.config_path
         self.experts = "bf16" if dense_experts or base.experts == "bf16" else "mxfp4"
         self._shapes = {s.name: s.shape for s in expected_tensors(base.config, "bf16")}
@@ -226,7 +284,13 @@ class MergedSource:
         for merge in self._merges.values():
             merge.close()
         self._merges.clear()
+        self.close_workers()
         self.base.close()
+
+    def close_workers(self) -> None:
+        if self._workers:
+            self._workers.close()
+        self._workers = None
 
     # -- merging -----------------------------------------------------------------------
 
@@ -237,8 +301,17 @@ class MergedSource:
             layer, which = expert_name(name)
             tally = self._tallies.setdefault(name, _MergeTally(self.recipe))
             self._merges[name] = _ExpertMerge(self.base.mxfp4(layer, which), self.adapter, name, self.recipe, tally,
-                                              lambda: self.base.release(name))
+                                              lambda: self.base.release(name), self._merge_workers())
         return self._merges[name]
+
+    def _merge_workers(self) -> "encode_workers.MergeWorkers | None":
+        """The worker processes, started at the first merge of experts large enough to pay for them."""
+        if self._workers is None:
+            largest = max(int(np.prod(self._shapes[f"block.0.mlp.{w}_weight"][1:])) for w in ("mlp1", "mlp2"))
+            use = self.workers if self.workers is not None else \
+                encode_workers.available() and largest >= encode_workers.MIN_VALUES
+            self._workers = encode_workers.MergeWorkers(largest) if use else False
+        return self._workers or None
 
     def _merged_bf16(self, name: str) -> np.ndarray:
         """``name`` merged and rounded to BF16 once; the last one kept, as a target may read a

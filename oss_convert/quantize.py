@@ -257,6 +257,15 @@ def sum_of_squares(values: np.ndarray) -> float:
     return float(sum(_pool().map(piece, starts) if flat.size >= _PARALLEL_VALUES else map(piece, starts)))
 
 
+def piece_energies(change: np.ndarray, weight: np.ndarray) -> tuple[float, float]:
+    """Sums of squares of a piece of a delta (float64: any float32 squared is exact there) and of
+    the decoded MXFP4 weight it changes. Each block of the weight squared and summed in float32 is
+    exact (a code's square has at most 4 significant bits and shares its block's power of 4), so
+    any order gives the same sum, and only the blocks' sums meet in float64."""
+    blocks = weight.reshape(-1, mxfp4.BLOCK)
+    return float(np.square(change, dtype=np.float64).sum()), float(np.einsum("ij,ij->i", blocks, blocks).sum(dtype=np.float64))
+
+
 @dataclass
 class ErrorTally:
     """Squared error and signal energy summed over one or more tensors."""

@@ -145,10 +145,11 @@ _DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS)
 
 def convert(source: str | Path, target_name: str, output: str | Path, *, force: bool = False, scan: bool = True,
             manifest: bool = True, progress: Progress = SILENT, adapter: str | Path | None = None,
-            **options) -> Converted:
+            merge_workers: bool | None = None, **options) -> Converted:
     """Convert ``source`` (an ``original/`` checkpoint, its repo, a cached repo id, or a
     transformers-layout folder) to ``target_name`` at ``output``; with ``adapter`` (a PEFT or
-    mlx-lm LoRA adapter) merged in on the way (``adapters.MergedSource``)."""
+    mlx-lm LoRA adapter) merged in on the way (``adapters.MergedSource``; ``merge_workers``:
+    re-encode on worker processes or not, ``None`` where ``encode_workers.available()``)."""
     from ..formats.hf import open_source
 
     spec = target(target_name)
@@ -170,7 +171,7 @@ def convert(source: str | Path, target_name: str, output: str | Path, *, force: 
         check_side_files(Path(src.repo_root))  # what the target copies or hands to gguf-py, before a byte is written
         if lora is not None:
             src = MergedSource(src, lora, recipe=options.get("recipe") if options.get("recipe") in quantize.RECIPES
-                               else "search", dense_experts=spec.writes_dense_experts)
+                               else "search", dense_experts=spec.writes_dense_experts, workers=merge_workers)
         if src.experts == "bf16" and not spec.dense_experts:
             raise InputError(
                 f"the experts are dense BF16; encode them to MXFP4 first: oss-convert convert {source} "
@@ -187,6 +188,9 @@ def convert(source: str | Path, target_name: str, output: str | Path, *, force: 
                 raise
             # A full disk is not a bug: say where, without a traceback (the partial output is gone).
             raise OssConvertError(f"cannot write {output}: {exc.strerror}; nothing was left behind") from exc
+        finally:
+            if isinstance(src, MergedSource):
+                src.close_workers()  # the merge's worker processes, on success, error or ^C alike
 
 
 def adapter_inputs(adapter) -> list[Path]:

@@ -306,3 +306,27 @@ def test_two_jobs_to_the_same_output_never_clobber_each_other(tmp_path, is_dir):
                 fill(second, "second")
     assert (dest / "data" if is_dir else dest).read_text() == "second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary left behind
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def _failing_merge(*args):
+    raise ValueError("a worker failed")
+
+
+def test_a_merge_whose_worker_fails_leaves_nothing_and_no_worker(monkeypatch, tmp_path):
+    """The merge's worker processes (``encode_workers``) end with the job, also when one fails:
+    no output, no partial file, no process left behind."""
+    import multiprocessing
+
+    from oss_convert import converters, encode_workers
+
+    if not encode_workers.available():
+        pytest.skip("worker processes need Linux and two cores")
+    monkeypatch.setattr(encode_workers, "_merge_rows", _failing_merge)  # forked workers see it too
+    with pytest.raises(ValueError, match="a worker failed"):
+        converters.convert(EXAMPLES / "gpt-oss-tiny", "mlx", tmp_path / "model",
+                           adapter=EXAMPLES / "gpt-oss-tiny-sherlock-lora", merge_workers=True)
+    assert leftovers(tmp_path) == []
+    assert multiprocessing.active_children() == []

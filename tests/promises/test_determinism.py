@@ -41,3 +41,25 @@ def test_same_input_gives_identical_bytes_across_runs_and_thread_counts(case, re
     many = converted_with_threads(case, source, tmp_path / "many" / case.output, threads=8)
     assert one == many  # every output file and the manifest, byte for byte
     assert len(one) >= 2  # the artifact and its manifest at least
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.mark.parametrize("target, recipe", [("mlx", None), ("original", "search"), ("original", "ocp")])
+def test_a_merge_on_worker_processes_writes_the_bytes_threads_write(target, recipe, tmp_path):
+    """A merge re-encodes its experts on worker processes where it pays (Linux, several cores,
+    large experts) and on threads elsewhere: the same files, manifest and merge report either way."""
+    from oss_convert import converters, encode_workers
+
+    if not encode_workers.available():
+        pytest.skip("worker processes need Linux and two cores")
+    base, adapter = EXAMPLES / "gpt-oss-tiny", EXAMPLES / "gpt-oss-tiny-sherlock-lora"
+    options = {"recipe": recipe} if recipe else {}
+    outputs = []
+    for workers in (True, False):
+        out = tmp_path / str(workers) / "model"
+        converters.convert(base, target, out, adapter=adapter, merge_workers=workers, **options)
+        outputs.append(tree_hashes(out.parent))
+    assert outputs[0] == outputs[1]
+    assert any(name.endswith("quantization.json") for name in outputs[0])  # the merge and its report happened
