@@ -404,7 +404,9 @@ class AdaptedModel:
         pair = self.model.mxfp4(layer, which)
         if pair is not None:
             return mxfp4.decode(pair.blocks[e], pair.scales[e])
-        return np.asarray(self.model.f32(f"block.{layer}.mlp.{which}_weight")[e], dtype=np.float32)
+        name = f"block.{layer}.mlp.{which}_weight"
+        one = getattr(self.model, "expert_f32", None)  # readers that read one expert (not the layer)
+        return one(name, e) if one is not None else np.asarray(self.model.f32(name)[e], dtype=np.float32)
 
     def changed_experts(self, layer: int, which: str) -> set[int]:
         """Experts whose summed delta is not exactly zero (the rest of a merge must be the base's bytes)."""

@@ -665,6 +665,28 @@ class GgufModel:
             return np.concatenate([self.dequantize(p) for p in parts], axis=0)
         return self.dequantize(parts[0])
 
+    def expert_f32(self, name: str, expert: int) -> np.ndarray:
+        """``f32(name)[expert]``, dequantizing only that expert's rows of the GGUF tensor(s): a
+        stranger's 120b quant with K-quant experts is 8.5 GB a layer in float32."""
+        parts = self._gguf_names(name)
+        if not name.endswith("mlp1_weight"):
+            return self._expert_rows(parts[0], expert)
+        if len(parts) == 1:  # fused gate_up: gate rows first, then up
+            fused = self._expert_rows(parts[0], expert)
+            gate, up = fused[: fused.shape[0] // 2], fused[fused.shape[0] // 2:]
+        else:
+            gate, up = (self._expert_rows(p, expert) for p in parts)
+        return interleave(gate, up, axis=0)
+
+    def _expert_rows(self, part: str, expert: int) -> np.ndarray:
+        t = self.tensor(part)
+        data = np.asarray(t.data)[expert]  # numpy order [E, out, row bytes or values]
+        try:
+            values = gguf_py().quants.dequantize(data, t.tensor_type)
+        except NotImplementedError as exc:
+            raise InputError(f"gguf-py cannot dequantize type {t.tensor_type.name}", file=self.path, tensor=part) from exc
+        return np.ascontiguousarray(values, dtype=np.float32).reshape(data.shape[0], int(t.shape[0]))
+
     def mxfp4(self, layer: int, which: str) -> Mxfp4Pair | None:
         """Exact OpenAI blocks/scales when the expert tensors are MXFP4, else ``None``."""
         parts = self._gguf_names(f"block.{layer}.mlp.{which}_weight")

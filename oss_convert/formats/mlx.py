@@ -351,19 +351,21 @@ class MlxModel(ShardedReader, VocabRows, FolderTokens):
         entry = self.entries[name]
         return self._file(entry).array(name)
 
-    def _float(self, name: str) -> np.ndarray:
+    def _float(self, name: str, expert: int | None = None) -> np.ndarray:
         data, dtype = self._array(name), self.entries[name].dtype
-        return bf16_to_f32(data) if dtype == "BF16" else data.astype(np.float32)
+        data = data if expert is None else data[expert]
+        return bf16_to_f32(np.ascontiguousarray(data)) if dtype == "BF16" else data.astype(np.float32)
 
-    def _module_f32(self, module: str) -> np.ndarray:
+    def _module_f32(self, module: str, expert: int | None = None) -> np.ndarray:
+        """A module's weight as float32 (dequantized where quantized); ``expert``: only that expert's."""
         q = self.quant[module]
         if q is None:
-            return self._float(module + ".weight")
+            return self._float(module + ".weight", expert)
         import mlx.core as mx
 
         def load(name: str):
             data, dtype = self._array(name), self.entries[name].dtype
-            array = mx.array(np.ascontiguousarray(data))
+            array = mx.array(np.ascontiguousarray(data if expert is None else data[expert]))
             return array.view(mx.bfloat16) if dtype == "BF16" else array
 
         biases = load(module + ".biases") if q.mode == "affine" else None
@@ -394,6 +396,17 @@ class MlxModel(ShardedReader, VocabRows, FolderTokens):
         if name.endswith(("mlp1_weight", "mlp1_bias")):  # gate rows even, linear (up) rows odd
             return interleave(*parts, axis=1)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def expert_f32(self, name: str, expert: int) -> np.ndarray:
+        """``f32(name)[expert]``, reading and dequantizing only that expert (a 120b layer is 8.5 GB
+        in float32); mlx-lm's gate and up interleaved as ``f32`` does."""
+        sources = self._sources(name)
+        if all(self.quant[m] is not None and self.quant[m].is_openai_mxfp4 for m in sources):
+            parts = [mxfp4.decode(from_mlx_words(self._array(m + ".weight")[expert]),
+                                  np.ascontiguousarray(self._array(m + ".scales")[expert])) for m in sources]
+        else:
+            parts = [self._module_f32(m, expert) for m in sources]
+        return interleave(*parts, axis=0) if len(parts) == 2 else parts[0]
 
     def mxfp4(self, layer: int, which: str) -> Mxfp4Pair | None:
         """OpenAI blocks ``[E, O, G, 16]`` / scales ``[E, O, G]``, bit-exact, if stored as MXFP4."""

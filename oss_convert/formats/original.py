@@ -177,6 +177,14 @@ class OriginalCheckpoint(ShardedReader, VocabRows, FolderTokens):
             return mxfp4.decode(pair.blocks, pair.scales)
         return bf16_to_f32(self.raw(name))
 
+    def expert_f32(self, name: str, expert: int) -> np.ndarray:
+        """One expert of ``mlp1``/``mlp2`` as float32, exactly as ``f32(name)[expert]`` but reading
+        only that expert: the runner's unit (a 120b layer is 8.5 GB in float32, an expert 66 MB)."""
+        if self.experts == "mxfp4":
+            pair = self.mxfp4(*expert_name(name))
+            return mxfp4.decode(pair.blocks[expert], pair.scales[expert])
+        return bf16_to_f32(np.ascontiguousarray(self.raw(name)[expert]))
+
     def mxfp4(self, layer: int, which: str) -> Mxfp4Pair | None:
         """``which`` is ``"mlp1"`` or ``"mlp2"``; ``None`` when the experts are dense BF16."""
         if self.experts != "mxfp4":

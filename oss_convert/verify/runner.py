@@ -640,10 +640,11 @@ class _ExpertWeights:
     def __init__(self, model: CanonicalModel, layer: int, which: str):
         self.pair = model.mxfp4(layer, which)
         self.name = f"block.{layer}.mlp.{which}_weight"
-        # A model that makes its dense experts one at a time (a base with an adapter applied) is
-        # asked expert by expert: a whole layer in float32 is gigabytes.
+        # Dense or otherwise quantized experts are read one expert at a time (every reader, and a
+        # base with an adapter applied, has ``expert_f32``): a whole layer in float32 is gigabytes.
         self.one_expert = getattr(model, "expert_f32", None) if self.pair is None else None
         self.dense = None if self.pair is not None or self.one_expert else model.f32(self.name)
+        self.release = lambda: model.release(self.name)
         self.buffer = None
 
     def __call__(self, expert: int) -> np.ndarray:
@@ -653,7 +654,9 @@ class _ExpertWeights:
                 self.buffer = np.empty(scales.shape[:-1] + (scales.shape[-1] * mxfp4.BLOCK,), np.float32)
             return mxfp4.decode(self.pair.blocks[expert], scales, out=self.buffer)
         if self.one_expert is not None:
-            return self.one_expert(self.name, expert)
+            values = self.one_expert(self.name, expert)
+            self.release()  # its mapped pages: a 120b layer of BF16 experts is 6.4 GB of them
+            return values
         return np.ascontiguousarray(self.dense[expert], dtype=np.float32)
 
 
