@@ -130,8 +130,9 @@ class _ExpertMerge:
             with encode_workers.one_blas_thread():
                 delta = self.adapter.delta(self.name, self.shape, e, out=self._delta_buffer(), zero_is_none=False)
             blocks, scales = self._merged(e, delta)
-        os.pwrite(self._spill.fileno(), np.ascontiguousarray(blocks).tobytes() + np.ascontiguousarray(scales).tobytes(),
-                  e * self._expert_bytes)
+        blocks, scales = np.ascontiguousarray(blocks), np.ascontiguousarray(scales)
+        for offset, array in ((0, blocks), (self._blocks_bytes, scales)):  # no bytes copy of either
+            os.pwrite(self._spill.fileno(), memoryview(array.reshape(-1)), e * self._expert_bytes + offset)
         self._spilled.add(e)
         self._release()
         return blocks, scales
