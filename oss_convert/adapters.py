@@ -161,23 +161,24 @@ class _ExpertMerge:
     def _merged_by_workers(self, e: int) -> tuple[np.ndarray, np.ndarray]:
         """The same on the worker processes (``encode_workers``), the next touched expert's delta
         computed while they encode this one."""
-        job = self._jobs.pop(e) if e in self._jobs else self._start(e)
+        job = self._jobs.pop(e).result() if e in self._jobs else self._start(e)
         following = [n for n in self.touched if n > e and n not in self._spilled and n not in self._jobs]
-        if following and self._workers.has_free_slot:
-            self._jobs[following[0]] = self._start(following[0])
-        if job is None:  # exactly zero
-            return self._base_bytes(e)
+        if following:  # its delta made on the parent's helper thread while this one is encoded and written
+            self._jobs[following[0]] = self._workers.ahead(self._start, following[0])
+        else:
+            self.adapter.release(self.name)
         blocks, scales, sums = self._workers.finish(job)
         if not any(s[4] for s in sums):  # the delta is exactly zero: the base's bytes
             return self._base_bytes(e)
+        chunks = np.array([s[:4] for s in sums])  # summed as the threads' path sums its chunks
         error = quantize.ErrorTally()
-        error.add_sums(sum(s[0] for s in sums), sum(s[1] for s in sums), int(np.prod(self.shape[1:])))
+        error.add_sums(float(chunks[:, 0].sum()), float(chunks[:, 1].sum()), int(np.prod(self.shape[1:])))
         self.tally.add(e, (sum(s[2] for s in sums), sum(s[3] for s in sums)), error)
         return blocks, scales
 
     def _start(self, e: int):
-        def fill(out: np.ndarray) -> bool:
-            return self.adapter.delta(self.name, self.shape, e, out=out, zero_is_none=False) is not None
+        def fill(out: np.ndarray) -> float:
+            return self.adapter.delta_unscaled(self.name, self.shape, e, out)
 
         return self._workers.start(self.base.blocks[e], self.base.scales[e], fill, self.recipe == "search")
 
@@ -191,8 +192,8 @@ class _ExpertMerge:
 
     def close(self) -> None:
         for job in self._jobs.values():  # started ahead and no longer wanted: free their slots
-            if job is not None:
-                self._workers.finish(job)
+            self._workers.finish(job.result())
+        self.adapter.release(self.name)
         self._jobs.clear()
         self._delta = None
         self._spill.close()

@@ -23,7 +23,8 @@ import multiprocessing
 import os
 import signal
 import sys
-from concurrent.futures import ProcessPoolExecutor
+import threading
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,17 +102,23 @@ def _start_worker() -> None:
     mxfp4._POOL.clear()
 
 
-def _merge_rows(slot: int, rows: int, cols: int, start: int, stop: int, search: bool) -> tuple[float, ...]:
-    """In a worker: rows ``start:stop`` of the expert in ``slot`` decoded, merged, re-encoded and
-    written back; returns (squared error, merged energy, delta energy, base energy, any change)."""
-    views = _ARENA.views(slot, rows, cols)
-    weight = mxfp4.decode(views.base_blocks[start:stop], views.base_scales[start:stop])
-    change = views.delta[start:stop]
-    energies = quantize.piece_energies(change, weight)
-    weight += change
-    tally = quantize.ErrorTally()
-    views.blocks[start:stop], views.scales[start:stop] = quantize.encode(weight, "search" if search else "ocp", tally)
-    return tally.sq_error, tally.energy, *energies, bool(change.any())
+def _merge_rows(slot: int, rows: int, cols: int, start: int, stop: int, step: int, factor: float,
+                search: bool) -> list[tuple[float, ...]]:
+    """In a worker: rows ``start:stop`` of the expert in ``slot`` decoded, merged (the delta times
+    ``factor``, its scaling where the parent left it), re-encoded and written back, ``step`` rows at
+    a time (the chunks the threads use); per chunk (squared error, merged energy, delta energy,
+    base energy, any change)."""
+    views, sums = _ARENA.views(slot, rows, cols), []
+    for first in range(start, stop, step):
+        part = slice(first, min(first + step, stop))
+        weight = mxfp4.decode(views.base_blocks[part], views.base_scales[part])
+        change = views.delta[part] if factor == 1 else views.delta[part] * np.float32(factor)
+        energies = quantize.piece_energies(change, weight)
+        weight += change
+        tally = quantize.ErrorTally()
+        views.blocks[part], views.scales[part] = quantize.encode(weight, "search" if search else "ocp", tally)
+        sums.append((tally.sq_error, tally.energy, *energies, bool(change.any())))
+    return sums
 
 
 @dataclass
@@ -138,50 +145,61 @@ class MergeWorkers:
         self._free = list(range(self.SLOTS))
         self._running: list[Job] = []  # oldest first
         context = multiprocessing.get_context("fork")
-        self._executor = ProcessPoolExecutor(workers or _cores(), mp_context=context, initializer=_start_worker)
+        self.workers = workers or _cores()
+        self._executor = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker)
+        self._helper = ThreadPoolExecutor(1, thread_name_prefix="merge-ahead")
+        self._lock = threading.RLock()  # the slots, shared by the main thread and the helper
 
-    @property
-    def has_free_slot(self) -> bool:
-        return bool(self._free)
+    def ahead(self, start, *args):
+        """``start(*args)`` (which calls ``self.start``) on the parent's helper thread: the next
+        expert's BLAS product and copies, while the main thread hands this one to its target.
+        Returns its future."""
+        return self._helper.submit(start, *args)
 
-    def start(self, blocks: np.ndarray, scales: np.ndarray, fill_delta, search: bool) -> Job | None:
+    def start(self, blocks: np.ndarray, scales: np.ndarray, fill_delta, search: bool) -> Job:
         """Expert ``blocks``/``scales`` (its base) with the delta ``fill_delta(out)`` writes into the
-        arena (returning False where it is exactly zero: then no job, ``None``), sent to the workers."""
-        if not self._free:
-            self._collect(self._running[0])  # its result is kept; its slot is free again
+        arena (returning the factor still to apply: ``Adapter.delta_unscaled``), sent to the workers:
+        a few tasks a worker, each of whole chunks (a task costs the parent ~0.1 ms to send and
+        collect: one per chunk was 16 ms an expert, more than a 16-core host's encoding of it)."""
+        with self._lock:
+            if not self._free:
+                self._collect(self._running[0])  # its result is kept; its slot is free again
+            slot = self._free.pop(0)
         rows, groups = scales.shape
         cols = groups * mxfp4.BLOCK
-        slot = self._free.pop(0)
         views = self.arena.views(slot, rows, cols)
         with one_blas_thread():
-            filled = fill_delta(views.delta)
-        if not filled:
-            self._free.insert(0, slot)
-            return None
+            factor = fill_delta(views.delta)
         np.copyto(views.base_blocks, blocks)
         np.copyto(views.base_scales, scales)
-        step = max(1, quantize.CHUNK_VALUES // cols)
-        tasks = [self._executor.submit(_merge_rows, slot, rows, cols, start, min(start + step, rows), search)
-                 for start in range(0, rows, step)]
+        step = max(1, quantize.CHUNK_VALUES // cols)  # the threads' chunks: the same sums, in order
+        chunks = -(-rows // step)
+        per_task = max(1, -(-chunks // (2 * self.workers))) * step
+        tasks = [self._executor.submit(_merge_rows, slot, rows, cols, first, min(first + per_task, rows), step,
+                                       factor, search) for first in range(0, rows, per_task)]
         job = Job(slot, (rows, cols), tasks)
-        self._running.append(job)
+        with self._lock:
+            self._running.append(job)
         return job
 
     def finish(self, job: Job) -> tuple[np.ndarray, np.ndarray, list]:
-        """``(blocks, scales, per-task sums in row order)`` of a started job."""
-        self._collect(job)
+        """``(blocks, scales, per-chunk sums in row order)`` of a started job."""
+        with self._lock:
+            self._collect(job)
         return job.result
 
     def _collect(self, job: Job) -> None:
+        """Under ``_lock``: the job's result copied out of its slot, which is free again."""
         if job.result is not None:
             return
-        sums = [task.result() for task in job.tasks]
+        sums = [chunk for task in job.tasks for chunk in task.result()]
         views = self.arena.views(job.slot, *job.shape)
         job.result = views.blocks.copy(), views.scales.copy(), sums
         self._running.remove(job)
         self._free.append(job.slot)
 
     def close(self) -> None:
+        self._helper.shutdown(wait=True, cancel_futures=True)
         self._executor.shutdown(wait=True, cancel_futures=True)
         try:
             self.arena.close()

@@ -77,7 +77,7 @@ class LoraPair:
         out, inner = self.b.shape[-2], self.a.shape[-1]
         return (inner, out) if self.transposed else (out, inner)
 
-    def delta(self, expert: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    def delta(self, expert: int | None = None, out: np.ndarray | None = None, scaled: bool = True) -> np.ndarray:
         """``scaling * b @ a`` in float32, in the order the adapter's own runtime computes it (so
         the float32 result is the same to the bit), for one expert of an expert pair. ``out``: a
         C-contiguous float32 array of ``delta_shape`` to write it into (a merge reuses one, where a
@@ -90,7 +90,8 @@ class LoraPair:
             d = np.matmul(scaling * b, a, out=direct)
         else:
             d = np.matmul(b, a, out=direct)
-            d *= scaling  # in place: the same rounding as (b @ a) * scaling, one product held
+            if scaled:  # else the caller multiplies by ``scaling`` itself, the same rounding, later
+                d *= scaling  # in place: the same rounding as (b @ a) * scaling, one product held
         if not self.transposed:
             return d
         if out is None:
@@ -145,6 +146,27 @@ class Adapter:
             else:
                 total[pair.rows] += part
         return total if not zero_is_none or total.any() else None
+
+    def delta_unscaled(self, name: str, shape: tuple[int, ...], expert: int, out: np.ndarray) -> float:
+        """Expert ``expert``'s delta of ``name`` into ``out`` (every value written, zeros included),
+        returning the factor the caller must still multiply it by (float32 multiply, then add: the
+        rounding ``delta`` gives). Only a single PEFT-ordered pair defers its scaling (a merge's
+        workers apply it to their rows, not the parent to the whole expert); anything else is
+        ``delta`` itself with factor 1."""
+        pairs = self.by_target.get(name, [])
+        if len(pairs) == 1 and pairs[0].rows is None and not pairs[0].scale_first:
+            # The pages stay mapped until ``release(name)``: PEFT's B is rank-major, so every expert's
+            # columns touch all of B's pages (12 MB a 20b layer), re-read each expert if dropped.
+            pairs[0].delta(expert, out, scaled=False)
+            return float(np.float32(pairs[0].scaling))
+        if self.delta(name, shape, expert, out=out, zero_is_none=False) is None:
+            out[...] = 0
+        return 1.0
+
+    def release(self, name: str) -> None:
+        """Drop the mapped pages of ``name``'s factors (after its last ``delta_unscaled``)."""
+        for pair in self.by_target.get(name, []):
+            pair.release()
 
     def touched_experts(self, name: str, num_experts: int) -> tuple[int, ...]:
         """Experts of expert weight ``name`` whose factors are not zero on either side (cheap: no
