@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -114,16 +115,23 @@ class _ExpertMerge:
         self._spilled: set[int] = set()  # every expert encoded so far
         self._delta: np.ndarray | None = None  # one expert's delta, reused expert after expert
         self._jobs: dict = {}  # expert -> its job on the workers, started ahead
-        self.blocks = LazyExperts(base.blocks.shape, np.uint8, lambda e: self.encoded(e)[0])
-        self.scales = LazyExperts(base.scales.shape, np.uint8, lambda e: self.encoded(e)[1])
+        self.blocks = LazyExperts(base.blocks.shape, np.uint8, lambda e: self.part(e, "blocks"))
+        self.scales = LazyExperts(base.scales.shape, np.uint8, lambda e: self.part(e, "scales"))
+
+    def part(self, e: int, which: str) -> np.ndarray:
+        """Expert ``e``'s blocks or scales; a spilled expert's read back alone (a target reads the
+        blocks and the scales apart, MLX each twice: the gate rows, then the up rows)."""
+        if e in self.touched and e in self._spilled:
+            offset, size, shape = (0, self._blocks_bytes, self.base.blocks.shape[1:]) if which == "blocks" else \
+                (self._blocks_bytes, self._expert_bytes - self._blocks_bytes, self.base.scales.shape[1:])
+            return np.frombuffer(os.pread(self._spill.fileno(), size, e * self._expert_bytes + offset), np.uint8).reshape(shape)
+        return self.encoded(e)[0 if which == "blocks" else 1]
 
     def encoded(self, e: int) -> tuple[np.ndarray, np.ndarray]:
         if e not in self.touched:
             return self.base.blocks[e], self.base.scales[e]
         if e in self._spilled:
-            data = np.frombuffer(os.pread(self._spill.fileno(), self._expert_bytes, e * self._expert_bytes), np.uint8)
-            return (data[:self._blocks_bytes].reshape(self.base.blocks.shape[1:]),
-                    data[self._blocks_bytes:].reshape(self.base.scales.shape[1:]))
+            return self.part(e, "blocks"), self.part(e, "scales")
         if self._workers:
             blocks, scales = self._merged_by_workers(e)
         else:
@@ -222,6 +230,10 @@ class MergedSource:
         self._tallies: dict[str, _MergeTally] = {}
         self._records: dict[str, dict] = {}
         self._last_bf16: tuple[str | None, np.ndarray | None] = (None, None)
+        # the adapter's files hashed once, beside the merge (the report is asked for twice, at the end)
+        self._hashing = ThreadPoolExecutor(1, thread_name_prefix="hash-adapter")
+        self._identity = self._hashing.submit(adapter_identity, adapter)
+        self._hashing.shutdown(wait=False)
 
     # -- the Source interface ------------------------------------------------------------
 
@@ -356,7 +368,7 @@ class MergedSource:
                 tensors[name] = record
         for name, tally in sorted(self._tallies.items()):
             tensors[name] = tally.record()
-        return {"adapter": adapter_identity(self.adapter), "recipe": self.recipe, "tensors": tensors}
+        return {"adapter": self._identity.result(), "recipe": self.recipe, "tensors": tensors}
 
     def summary_line(self) -> str:
         report = self.report()["tensors"]
