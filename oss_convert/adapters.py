@@ -149,19 +149,16 @@ class _ExpertMerge:
         """Expert ``e`` decoded, merged and re-encoded a chunk of rows at a time on the encoder's
         threads, each chunk's base energy (for the delta's relative norm) summed while in cache."""
         blocks, scales = self.base.blocks[e], self.base.scales[e]
-        energies: dict[int, tuple[float, float, bool]] = {}
+        energies: dict[int, tuple[float, float]] = {}
 
         def merged_rows(rows: slice, out: np.ndarray) -> np.ndarray:
-            weight = mxfp4.decode(blocks[rows], scales[rows], out=out)
-            change = delta[rows]
-            energies[rows.start] = (*quantize.piece_energies(change, weight), bool(change.any()))
-            weight += change
+            weight, energies[rows.start] = encode_workers.merged_piece(blocks[rows], scales[rows], delta[rows], out)
             return weight
 
         error = quantize.ErrorTally()
         encoded = quantize.encode_made(self.shape[1:], merged_rows, self.recipe == "search", error)
         in_order = [energies[start] for start in sorted(energies)]  # one order, whatever the threads did
-        if not any(changed for *_, changed in in_order):  # the delta is exactly zero: the base's bytes
+        if not any(s[0] for s in in_order):  # the delta is exactly zero: the base's bytes
             return self._base_bytes(e)
         self.tally.add(e, (sum(s[0] for s in in_order), sum(s[1] for s in in_order)), error)
         return encoded
@@ -176,9 +173,9 @@ class _ExpertMerge:
         else:
             self.adapter.release(self.name)
         blocks, scales, sums = self._workers.finish(job)
-        if not any(s[4] for s in sums):  # the delta is exactly zero: the base's bytes
+        if not any(s[2] for s in sums):  # the delta is exactly zero: the base's bytes
             return self._base_bytes(e)
-        chunks = np.array([s[:4] for s in sums])  # summed as the threads' path sums its chunks
+        chunks = np.array(sums)  # summed as the threads' path sums its chunks
         error = quantize.ErrorTally()
         error.add_sums(float(chunks[:, 0].sum()), float(chunks[:, 1].sum()), int(np.prod(self.shape[1:])))
         self.tally.add(e, (sum(s[2] for s in sums), sum(s[3] for s in sums)), error)

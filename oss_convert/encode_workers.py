@@ -107,18 +107,29 @@ def _merge_rows(slot: int, rows: int, cols: int, start: int, stop: int, step: in
     """In a worker: rows ``start:stop`` of the expert in ``slot`` decoded, merged (the delta times
     ``factor``, its scaling where the parent left it), re-encoded and written back, ``step`` rows at
     a time (the chunks the threads use); per chunk (squared error, merged energy, delta energy,
-    base energy, any change)."""
+    base energy)."""
     views, sums = _ARENA.views(slot, rows, cols), []
     for first in range(start, stop, step):
         part = slice(first, min(first + step, stop))
-        weight = mxfp4.decode(views.base_blocks[part], views.base_scales[part])
         change = views.delta[part] if factor == 1 else views.delta[part] * np.float32(factor)
-        energies = quantize.piece_energies(change, weight)
-        weight += change
+        weight, energies = merged_piece(views.base_blocks[part], views.base_scales[part], change)
         tally = quantize.ErrorTally()
         views.blocks[part], views.scales[part] = quantize.encode(weight, "search" if search else "ocp", tally)
-        sums.append((tally.sq_error, tally.energy, *energies, bool(change.any())))
+        sums.append((tally.sq_error, tally.energy, *energies))
     return sums
+
+
+def merged_piece(blocks: np.ndarray, scales: np.ndarray, change: np.ndarray,
+                 out: np.ndarray | None = None) -> tuple[np.ndarray, tuple[float, float]]:
+    """Rows of a base expert (MXFP4 ``blocks``/``scales``) decoded (into ``out``) with their delta
+    added, and (delta energy, base energy) of the piece: the one step of a merge that threads and
+    worker processes share. The delta energy is 0 exactly when every value of it is (a float32
+    squared never underflows in float64; NaN never reaches a merge), so it also says whether the
+    piece changed."""
+    weight = mxfp4.decode(blocks, scales, out=out)
+    energies = quantize.piece_energies(change, weight)
+    weight += change
+    return weight, energies
 
 
 @dataclass
@@ -128,7 +139,7 @@ class Job:
     slot: int
     shape: tuple[int, int]
     tasks: list
-    result: tuple | None = None  # (blocks, scales, per-task sums in row order), once collected
+    result: tuple | None = None  # (blocks, scales, per-chunk sums in row order), once collected
 
 
 class MergeWorkers:

@@ -136,8 +136,11 @@ class Adapter:
             only = pairs[0].delta(expert, out)
             pairs[0].release()
             return only if not zero_is_none or only.any() else None
-        total = np.zeros(shape[-2:] if expert is not None else shape, dtype=np.float32) if out is None else out
-        total[...] = 0
+        if out is None:
+            total = np.zeros(shape[-2:] if expert is not None else shape, dtype=np.float32)
+        else:
+            total = out
+            total[...] = 0
         for pair in pairs:
             part = pair.delta(expert)
             pair.release()
