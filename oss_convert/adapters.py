@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import os
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -30,11 +32,10 @@ from . import encode_workers, quantize
 from .dtypes import bf16_to_f32, f32_to_bf16
 from .formats import mxfp4
 from .hashing import file_sha256
-from .lora import Adapter
+from .lora import Adapter, delta_rows
 from .model import Mxfp4Pair, expected_tensors, expert_name, is_expert_weight, iter_chunks
 
 REPORT_KEY = "adapter_merge"  # its section in OUT/quantization.json and in the manifest
-LIVE_MERGES = 2  # expert weights merged at once: Metal writes a layer's mlp1 and mlp2 expert by expert
 
 
 class LazyExperts:
@@ -100,7 +101,9 @@ class _ExpertMerge:
 
     Each touched expert is encoded once and its blocks and scales go to a temporary file: a
     target may read a weight more than once (MLX's gate rows, then its up rows), and a 120b
-    layer's are a GB."""
+    layer's are a GB. With worker processes every touched expert is sent to them at once
+    (``schedule``) and lands in that file in the background; on threads each is merged when first
+    asked for."""
 
     def __init__(self, base: Mxfp4Pair, adapter: Adapter, name: str, recipe: str, tally: _MergeTally,
                  release: Callable[[], None], workers: "encode_workers.MergeWorkers | None" = None):
@@ -112,95 +115,102 @@ class _ExpertMerge:
         self._blocks_bytes = rows * groups * (mxfp4.BLOCK // 2)
         self._expert_bytes = self._blocks_bytes + rows * groups  # its blocks, then its scales
         self._spill = tempfile.TemporaryFile(prefix="oss-convert-merge-")
-        self._spilled: set[int] = set()  # every expert encoded so far
-        self._delta: np.ndarray | None = None  # one expert's delta, reused expert after expert
-        self._jobs: dict = {}  # expert -> its job on the workers, started ahead
+        self._spilled: set[int] = set()  # on threads: the experts encoded so far
+        self._ready: dict[int, Future] | None = None  # on workers: each touched expert's, once scheduled
+        self._scratch = threading.local()  # on threads: each thread's delta rows
         self.blocks = LazyExperts(base.blocks.shape, np.uint8, lambda e: self.part(e, "blocks"))
         self.scales = LazyExperts(base.scales.shape, np.uint8, lambda e: self.part(e, "scales"))
 
+    def schedule(self) -> None:
+        """Send every touched expert to the workers, in order (nothing to do on threads)."""
+        if self._workers is None or self._ready is not None:
+            return
+        search = self.recipe == "search"
+        self._ready = {e: self._workers.submit(partial(self._load, e), self.shape[1:], search, partial(self._deliver, e))
+                       for e in self.touched}
+
     def part(self, e: int, which: str) -> np.ndarray:
-        """Expert ``e``'s blocks or scales; a spilled expert's read back alone (a target reads the
-        blocks and the scales apart, MLX each twice: the gate rows, then the up rows)."""
-        if e in self.touched and e in self._spilled:
-            offset, size, shape = (0, self._blocks_bytes, self.base.blocks.shape[1:]) if which == "blocks" else \
-                (self._blocks_bytes, self._expert_bytes - self._blocks_bytes, self.base.scales.shape[1:])
-            return np.frombuffer(os.pread(self._spill.fileno(), size, e * self._expert_bytes + offset), np.uint8).reshape(shape)
-        return self.encoded(e)[0 if which == "blocks" else 1]
-
-    def encoded(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        """Expert ``e``'s blocks or scales; a touched expert's read back alone from the file (a
+        target reads the blocks and the scales apart, MLX each twice: the gate rows, then the up
+        rows)."""
         if e not in self.touched:
-            return self.base.blocks[e], self.base.scales[e]
-        if e in self._spilled:
-            return self.part(e, "blocks"), self.part(e, "scales")
-        if self._workers:
-            blocks, scales = self._merged_by_workers(e)
-        else:
-            with encode_workers.one_blas_thread():
-                delta = self.adapter.delta(self.name, self.shape, e, out=self._delta_buffer(), zero_is_none=False)
-            blocks, scales = self._merged(e, delta)
-        blocks, scales = np.ascontiguousarray(blocks), np.ascontiguousarray(scales)
-        for offset, array in ((0, blocks), (self._blocks_bytes, scales)):  # no bytes copy of either
-            os.pwrite(self._spill.fileno(), memoryview(array.reshape(-1)), e * self._expert_bytes + offset)
-        self._spilled.add(e)
-        self._release()
-        return blocks, scales
+            return self.base.blocks[e] if which == "blocks" else self.base.scales[e]
+        self._wait_spilled(e)
+        offset, size, shape = (0, self._blocks_bytes, self.base.blocks.shape[1:]) if which == "blocks" else \
+            (self._blocks_bytes, self._expert_bytes - self._blocks_bytes, self.base.scales.shape[1:])
+        return np.frombuffer(os.pread(self._spill.fileno(), size, e * self._expert_bytes + offset), np.uint8).reshape(shape)
 
-    def _merged(self, e: int, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Expert ``e`` decoded, merged and re-encoded a chunk of rows at a time on the encoder's
-        threads, each chunk's base energy (for the delta's relative norm) summed while in cache."""
+    def _wait_spilled(self, e: int) -> None:
+        if self._workers is not None:
+            self.schedule()
+            self._ready[e].result()
+        elif e not in self._spilled:
+            self._write_spill(e, *self._merged(e))
+            self._spilled.add(e)
+            self._release()
+            if e == self.touched[-1]:
+                self.adapter.release(self.name)
+
+    def _write_spill(self, e: int, blocks: np.ndarray, scales: np.ndarray) -> None:
+        for offset, array in ((0, blocks), (self._blocks_bytes, scales)):  # no bytes copy of either
+            os.pwrite(self._spill.fileno(), memoryview(np.ascontiguousarray(array).reshape(-1)),
+                      e * self._expert_bytes + offset)
+
+    def _merged(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        """On threads: expert ``e`` decoded, merged and re-encoded a chunk of rows at a time on the
+        encoder's threads, each chunk's delta made and its energies summed while in cache."""
         blocks, scales = self.base.blocks[e], self.base.scales[e]
+        terms = self.adapter.expert_terms(self.name, e)
         energies: dict[int, tuple[float, float]] = {}
 
         def merged_rows(rows: slice, out: np.ndarray) -> np.ndarray:
-            weight, energies[rows.start] = encode_workers.merged_piece(blocks[rows], scales[rows], delta[rows], out)
+            change = delta_rows(terms, rows.start, rows.stop, self._delta_rows(out.shape))
+            weight, energies[rows.start] = encode_workers.merged_piece(blocks[rows], scales[rows], change, out)
             return weight
 
         error = quantize.ErrorTally()
-        encoded = quantize.encode_made(self.shape[1:], merged_rows, self.recipe == "search", error)
+        with encode_workers.one_blas_thread():
+            encoded = quantize.encode_made(self.shape[1:], merged_rows, self.recipe == "search", error)
         in_order = [energies[start] for start in sorted(energies)]  # one order, whatever the threads did
         if not any(s[0] for s in in_order):  # the delta is exactly zero: the base's bytes
-            return self._base_bytes(e)
+            return self.base.blocks[e], self.base.scales[e]
         self.tally.add(e, (sum(s[0] for s in in_order), sum(s[1] for s in in_order)), error)
         return encoded
 
-    def _merged_by_workers(self, e: int) -> tuple[np.ndarray, np.ndarray]:
-        """The same on the worker processes (``encode_workers``), the next touched expert's delta
-        computed while they encode this one."""
-        job = self._jobs.pop(e).result() if e in self._jobs else self._start(e)
-        following = [n for n in self.touched if n > e and n not in self._spilled and n not in self._jobs]
-        if following:  # its delta made on the parent's helper thread while this one is encoded and written
-            self._jobs[following[0]] = self._workers.ahead(self._start, following[0])
-        else:
+    def _delta_rows(self, shape: tuple[int, int]) -> np.ndarray:
+        buffer = getattr(self._scratch, "delta", None)
+        if buffer is None or buffer.shape[0] < shape[0] or buffer.shape[1] != shape[1]:
+            buffer = self._scratch.delta = np.empty(shape, dtype=np.float32)
+        return buffer[:shape[0]]
+
+    # -- on the workers' feeder thread ----------------------------------------------------
+
+    def _load(self, e: int, views: "encode_workers.Views") -> list:
+        np.copyto(views.base_blocks, self.base.blocks[e])
+        np.copyto(views.base_scales, self.base.scales[e])
+        self._release()
+        return self.adapter.expert_terms(self.name, e)
+
+    def _deliver(self, e: int, views: "encode_workers.Views", sums: list) -> None:
+        """Expert ``e``'s result (the base's bytes where its delta came out exactly zero) into the
+        file, its sums into the tally."""
+        if e == self.touched[-1]:  # PEFT's B is rank-major: every expert reads all of its pages
             self.adapter.release(self.name)
-        blocks, scales, sums = self._workers.finish(job)
-        if not any(s[2] for s in sums):  # the delta is exactly zero: the base's bytes
-            return self._base_bytes(e)
+        if not any(s[2] for s in sums):
+            self._write_spill(e, views.base_blocks, views.base_scales)
+            return
+        self._write_spill(e, views.blocks, views.scales)
         chunks = np.array(sums)  # summed as the threads' path sums its chunks
         error = quantize.ErrorTally()
         error.add_sums(float(chunks[:, 0].sum()), float(chunks[:, 1].sum()), int(np.prod(self.shape[1:])))
         self.tally.add(e, (sum(s[2] for s in sums), sum(s[3] for s in sums)), error)
-        return blocks, scales
-
-    def _start(self, e: int):
-        def fill(out: np.ndarray) -> float:
-            return self.adapter.delta_unscaled(self.name, self.shape, e, out)
-
-        return self._workers.start(self.base.blocks[e], self.base.scales[e], fill, self.recipe == "search")
-
-    def _base_bytes(self, e: int) -> tuple[np.ndarray, np.ndarray]:
-        return np.asarray(self.base.blocks[e]), np.asarray(self.base.scales[e])
-
-    def _delta_buffer(self) -> np.ndarray:
-        if self._delta is None:
-            self._delta = np.empty(self.shape[1:], dtype=np.float32)
-        return self._delta
 
     def close(self) -> None:
-        for job in self._jobs.values():  # started ahead and no longer wanted: free their slots
-            self._workers.finish(job.result())
+        if self._ready:  # what was not started is dropped; what was is written before the file goes
+            for future in self._ready.values():
+                future.cancel()
+            wait(list(self._ready.values()))
         self.adapter.release(self.name)
-        self._jobs.clear()
-        self._delta = None
         self._spill.close()
 
 
@@ -223,7 +233,7 @@ class MergedSource:
         self.path, self.config, self.config_path = base.path, base.config, base.config_path
         self.experts = "bf16" if dense_experts or base.experts == "bf16" else "mxfp4"
         self._shapes = {s.name: s.shape for s in expected_tensors(base.config, "bf16")}
-        self._merges: dict[str, _ExpertMerge] = {}  # the live ones, at most LIVE_MERGES
+        self._merges: dict[str, _ExpertMerge] = {}  # the live ones: one layer's
         self._tallies: dict[str, _MergeTally] = {}
         self._records: dict[str, dict] = {}
         self._last_bf16: tuple[str | None, np.ndarray | None] = (None, None)
@@ -306,13 +316,21 @@ class MergedSource:
     # -- merging -----------------------------------------------------------------------
 
     def _merge(self, name: str) -> _ExpertMerge:
+        """``name``'s merge; a layer's touched expert weights are made and scheduled together (the
+        workers encode mlp2's experts while the target writes mlp1's), the last layer's dropped
+        (the targets go layer by layer; Metal writes mlp1 and mlp2 expert by expert)."""
         if name not in self._merges:
-            if len(self._merges) >= LIVE_MERGES:  # the targets go layer by layer: drop the oldest
-                self._merges.pop(next(iter(self._merges))).close()
-            layer, which = expert_name(name)
-            tally = self._tallies.setdefault(name, _MergeTally(self.recipe))
-            self._merges[name] = _ExpertMerge(self.base.mxfp4(layer, which), self.adapter, name, self.recipe, tally,
-                                              lambda: self.base.release(name), self._merge_workers())
+            layer, _ = expert_name(name)
+            for old in [n for n in self._merges if expert_name(n)[0] != layer]:
+                self._merges.pop(old).close()
+            for which in ("mlp1", "mlp2"):
+                weight = f"block.{layer}.mlp.{which}_weight"
+                if self.adapter.touches(weight) and weight not in self._merges:
+                    tally = self._tallies.setdefault(weight, _MergeTally(self.recipe))
+                    self._merges[weight] = _ExpertMerge(self.base.mxfp4(layer, which), self.adapter, weight, self.recipe,
+                                                        tally, partial(self.base.release, weight), self._merge_workers())
+            for merge in self._merges.values():
+                merge.schedule()
         return self._merges[name]
 
     def _merge_workers(self) -> "encode_workers.MergeWorkers | None":
@@ -321,7 +339,9 @@ class MergedSource:
             largest = max(int(np.prod(self._shapes[f"block.0.mlp.{w}_weight"][1:])) for w in ("mlp1", "mlp2"))
             use = self.workers if self.workers is not None else \
                 encode_workers.available() and largest >= encode_workers.MIN_VALUES
-            self._workers = encode_workers.MergeWorkers(largest) if use else False
+            factors = max((self.adapter.expert_factor_values(name) for name in self._shapes if is_expert_weight(name)),
+                          default=0)
+            self._workers = encode_workers.MergeWorkers(largest, factors) if use else False
         return self._workers or None
 
     def _merged_bf16(self, name: str) -> np.ndarray:

@@ -100,6 +100,60 @@ class LoraPair:
         return out
 
 
+@dataclass(frozen=True)
+class DeltaTerm:
+    """One pair's factors for one expert, float32: its delta is ``scaling * b @ a`` (``(b @ a).T``
+    where ``transposed``), added to ``rows`` of the target (``None``: all of them)."""
+
+    a: np.ndarray  # [r, in]
+    b: np.ndarray  # [out, r]
+    scaling: float
+    scale_first: bool = False
+    transposed: bool = False
+    rows: slice | None = None
+
+    @property
+    def height(self) -> int:
+        """Rows of its delta."""
+        return self.a.shape[-1] if self.transposed else self.b.shape[0]
+
+    def product_rows(self, first: int, stop: int) -> np.ndarray:
+        """Rows ``first:stop`` of its delta, each value what ``LoraPair.delta`` gives there: the same
+        products, in the same order (a BLAS product of fewer rows computes each value as the whole
+        one does; one row would take the vector kernel, which sums differently, so two are taken)."""
+        wider = stop - first == 1
+        lo = first - 1 if wider and first > 0 else first
+        hi = stop + 1 if wider and first == 0 else stop
+        scaling = np.float32(self.scaling)
+        if self.transposed:
+            b, a = (scaling * self.b if self.scale_first else self.b), self.a[:, lo:hi]
+            d = np.matmul(b, a).T
+        else:
+            b = self.b[lo:hi]
+            d = np.matmul(scaling * b if self.scale_first else b, self.a)
+        if not self.scale_first:
+            d *= scaling
+        return d[first - lo:first - lo + stop - first]
+
+
+def delta_rows(terms: list[DeltaTerm], first: int, stop: int, out: np.ndarray) -> np.ndarray:
+    """Rows ``first:stop`` of the summed delta of ``terms`` (one expert's) into ``out``
+    (``[stop - first, cols]`` float32): the values ``Adapter.delta`` gives for those rows."""
+    if len(terms) == 1 and terms[0].rows is None:
+        out[...] = terms[0].product_rows(first, stop)
+        return out
+    out[...] = 0
+    for term in terms:
+        # the term's own rows i whose target row start + i * step lies in first:stop
+        start, step = (term.rows.start or 0, term.rows.step or 1) if term.rows else (0, 1)
+        lo = max(0, -(-(first - start) // step))
+        hi = min(term.height, -(-(stop - start) // step))
+        if hi > lo:
+            at = start + lo * step - first
+            out[at:at + (hi - lo - 1) * step + 1:step] += term.product_rows(lo, hi)
+    return out
+
+
 @dataclass
 class Adapter:
     """A LoRA adapter read from disk: its pairs on canonical names, and what describes it."""
@@ -150,21 +204,16 @@ class Adapter:
                 total[pair.rows] += part
         return total if not zero_is_none or total.any() else None
 
-    def delta_unscaled(self, name: str, shape: tuple[int, ...], expert: int, out: np.ndarray) -> float:
-        """Expert ``expert``'s delta of ``name`` into ``out`` (every value written, zeros included),
-        returning the factor the caller must still multiply it by (float32 multiply, then add: the
-        rounding ``delta`` gives). Only a single PEFT-ordered pair defers its scaling (a merge's
-        workers apply it to their rows, not the parent to the whole expert); anything else is
-        ``delta`` itself with factor 1."""
-        pairs = self.by_target.get(name, [])
-        if len(pairs) == 1 and pairs[0].rows is None and not pairs[0].scale_first:
-            # The pages stay mapped until ``release(name)``: PEFT's B is rank-major, so every expert's
-            # columns touch all of B's pages (12 MB a 20b layer), re-read each expert if dropped.
-            pairs[0].delta(expert, out, scaled=False)
-            return float(np.float32(pairs[0].scaling))
-        if self.delta(name, shape, expert, out=out, zero_is_none=False) is None:
-            out[...] = 0
-        return 1.0
+    def expert_terms(self, name: str, expert: int) -> list["DeltaTerm"]:
+        """Expert ``expert``'s factors of ``name`` in float32, one ``DeltaTerm`` per pair (in the
+        order ``delta`` sums them): what a merge computes the delta from a chunk of rows at a time
+        (``delta_rows``), where the whole expert's delta would be 66 MB written and read back."""
+        return [DeltaTerm(as_f32(p.a[expert], p.dtype), as_f32(p.b[expert], p.dtype), float(p.scaling),
+                          p.scale_first, p.transposed, p.rows) for p in self.by_target.get(name, [])]
+
+    def expert_factor_values(self, name: str) -> int:
+        """How many float32 values ``expert_terms(name, e)`` holds (the same for every expert)."""
+        return sum(int(np.prod(p.a.shape[-2:])) + int(np.prod(p.b.shape[-2:])) for p in self.by_target.get(name, []))
 
     def release(self, name: str) -> None:
         """Drop the mapped pages of ``name``'s factors (after its last ``delta_unscaled``)."""
