@@ -18,6 +18,7 @@ Support module: imports base modules, ``formats`` and ``quantize``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import threading
@@ -233,7 +234,9 @@ class MergedSource:
         self.path, self.config, self.config_path = base.path, base.config, base.config_path
         self.experts = "bf16" if dense_experts or base.experts == "bf16" else "mxfp4"
         self._shapes = {s.name: s.shape for s in expected_tensors(base.config, "bf16")}
-        self._merges: dict[str, _ExpertMerge] = {}  # the live ones: one layer's
+        self._merges: dict[str, _ExpertMerge] = {}  # the live ones: a layer's, and on workers the next one's
+        self._layer: int | None = None  # the layer whose experts the target is reading
+        self._expert_layers = sorted({expert_name(n)[0] for n in adapter.by_target if is_expert_weight(n)})
         self._tallies: dict[str, _MergeTally] = {}
         self._records: dict[str, dict] = {}
         self._last_bf16: tuple[str | None, np.ndarray | None] = (None, None)
@@ -289,7 +292,8 @@ class MergedSource:
         pair = self.base.mxfp4(layer, which)
         weight = mxfp4.decode(pair.blocks[e], pair.scales[e]) if pair is not None \
             else bf16_to_f32(np.ascontiguousarray(self.base.raw(name)[e]))
-        delta = self.adapter.delta(name, self._shapes[name], e) if self.adapter.touches(name) else None
+        with self._parent_blas():
+            delta = self.adapter.delta(name, self._shapes[name], e) if self.adapter.touches(name) else None
         if delta is not None:
             self._tally_dense(name, e, weight, delta)
             weight = weight + delta
@@ -316,21 +320,25 @@ class MergedSource:
     # -- merging -----------------------------------------------------------------------
 
     def _merge(self, name: str) -> _ExpertMerge:
-        """``name``'s merge; a layer's touched expert weights are made and scheduled together (the
-        workers encode mlp2's experts while the target writes mlp1's), the last layer's dropped
-        (the targets go layer by layer; Metal writes mlp1 and mlp2 expert by expert)."""
-        if name not in self._merges:
-            layer, _ = expert_name(name)
-            for old in [n for n in self._merges if expert_name(n)[0] != layer]:
+        """``name``'s merge. The targets go layer by layer (Metal writes mlp1 and mlp2 expert by
+        expert), so a layer's touched expert weights are made together, earlier layers' dropped,
+        and on worker processes the next touched layer's are made and scheduled too: the workers
+        encode ahead while the target writes this layer."""
+        layer, _ = expert_name(name)
+        if name not in self._merges or layer != self._layer:
+            self._layer = layer
+            later = [n for n in self._expert_layers if n > layer][:1] if self._merge_workers() else []
+            for old in [n for n in self._merges if expert_name(n)[0] not in (layer, *later)]:
                 self._merges.pop(old).close()
-            for which in ("mlp1", "mlp2"):
-                weight = f"block.{layer}.mlp.{which}_weight"
-                if self.adapter.touches(weight) and weight not in self._merges:
-                    tally = self._tallies.setdefault(weight, _MergeTally(self.recipe))
-                    self._merges[weight] = _ExpertMerge(self.base.mxfp4(layer, which), self.adapter, weight, self.recipe,
-                                                        tally, partial(self.base.release, weight), self._merge_workers())
-            for merge in self._merges.values():
-                merge.schedule()
+            for n in (layer, *later):
+                for which in ("mlp1", "mlp2"):
+                    weight = f"block.{n}.mlp.{which}_weight"
+                    if self.adapter.touches(weight) and weight not in self._merges:
+                        tally = self._tallies.setdefault(weight, _MergeTally(self.recipe))
+                        self._merges[weight] = _ExpertMerge(self.base.mxfp4(n, which), self.adapter, weight, self.recipe,
+                                                            tally, partial(self.base.release, weight), self._merge_workers())
+                    if weight in self._merges:
+                        self._merges[weight].schedule()
         return self._merges[name]
 
     def _merge_workers(self) -> "encode_workers.MergeWorkers | None":
@@ -344,13 +352,19 @@ class MergedSource:
             self._workers = encode_workers.MergeWorkers(largest, factors) if use else False
         return self._workers or None
 
+    def _parent_blas(self):
+        """While worker processes hold every core, the parent's products run on one BLAS thread
+        (a multithreaded BLAS's threads would spin beside them)."""
+        return encode_workers.one_blas_thread() if self._workers else contextlib.nullcontext()
+
     def _merged_bf16(self, name: str) -> np.ndarray:
         """``name`` merged and rounded to BF16 once; the last one kept, as a target may read a
         tensor's row ranges one after another (MLX's q, k and v out of qkv)."""
         if self._last_bf16[0] == name:
             return self._last_bf16[1]
         weight = bf16_to_f32(np.asarray(self.base.raw(name)))
-        delta = self.adapter.delta(name, weight.shape)
+        with self._parent_blas():
+            delta = self.adapter.delta(name, weight.shape)
         self.base.release(name)
         if delta is None:
             return self.base.raw(name)
