@@ -163,3 +163,25 @@ def test_inspect_and_refusals(tiny_repo, tiny_mlx, tmp_path):
     out = tmp_path / "out"
     result = run_sub("convert", str(tiny_repo), "--adapter", str(adapter), "--to", "gguf", "-o", str(out))
     assert result.returncode == 2 and "dora" in result.stderr and not out.exists()
+
+
+@pytest.mark.oracle
+def test_mlx_lm_adapter_merges_the_same_on_workers_and_threads(bundled_mlx, tmp_path):
+    """mlx-lm's gate and up pairs (two terms on the even and odd rows of mlp1, scaled first): a
+    merge on worker processes, each making its chunks' delta, writes the bytes, manifest and
+    report a merge on threads writes."""
+    from oss_convert import converters, encode_workers
+
+    from helpers import tree_hashes
+
+    if not encode_workers.available():
+        pytest.skip("worker processes need Linux and two cores")
+    adapter = mlx_lm_adapter(bundled_mlx, tmp_path / "adapter", num_layers=2)
+    outputs = []
+    for workers in (True, False):
+        out = tmp_path / str(workers) / "model"
+        converters.convert(BUNDLED, "original", out, adapter=adapter, merge_workers=workers, recipe="search")
+        outputs.append(tree_hashes(out.parent))
+    assert outputs[0] == outputs[1]
+    report = json.loads((tmp_path / "True" / "model" / "quantization.json").read_text())
+    assert any(t.get("reencoded_experts") for t in report["adapter_merge"]["tensors"].values())
