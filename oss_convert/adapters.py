@@ -161,7 +161,7 @@ class _ExpertMerge:
         """On threads: expert ``e`` decoded, merged and re-encoded a chunk of rows at a time on the
         encoder's threads, each chunk's delta made and its energies summed while in cache."""
         blocks, scales = self.base.blocks[e], self.base.scales[e]
-        terms = self.adapter.expert_terms(self.name, e)
+        terms = self.adapter.terms(self.name, e)
         energies: dict[int, tuple[float, float]] = {}
 
         def merged_rows(rows: slice, out: np.ndarray) -> np.ndarray:
@@ -190,7 +190,7 @@ class _ExpertMerge:
         np.copyto(views.base_blocks, self.base.blocks[e])
         np.copyto(views.base_scales, self.base.scales[e])
         self._release()
-        return self.adapter.expert_terms(self.name, e)
+        return self.adapter.terms(self.name, e)
 
     def _deliver(self, e: int, views: "encode_workers.Views", sums: list) -> None:
         """Expert ``e``'s result (the base's bytes where its delta came out exactly zero) into the
@@ -358,19 +358,32 @@ class MergedSource:
         return encode_workers.one_blas_thread() if self._workers else contextlib.nullcontext()
 
     def _merged_bf16(self, name: str) -> np.ndarray:
-        """``name`` merged and rounded to BF16 once; the last one kept, as a target may read a
-        tensor's row ranges one after another (MLX's q, k and v out of qkv)."""
+        """``name`` merged and rounded to BF16 once, a chunk of rows at a time (each chunk's delta
+        made, added and rounded while in cache: the whole tensor's float32 copies cost as many
+        page faults as the arithmetic); the last one kept, as a target may read a tensor's row
+        ranges one after another (MLX's q, k and v out of qkv)."""
         if self._last_bf16[0] == name:
             return self._last_bf16[1]
-        weight = bf16_to_f32(np.asarray(self.base.raw(name)))
+        raw = self.base.raw(name)
+        terms = self.adapter.terms(name)
+        rows, cols = raw.shape
+        merged = np.empty((rows, cols), dtype=np.uint16)
+        step = max(1, quantize.CHUNK_VALUES // cols)
+        scratch = np.empty((step, cols), dtype=np.float32)
+        delta_energy = base_energy = 0.0
         with self._parent_blas():
-            delta = self.adapter.delta(name, weight.shape)
+            for first in range(0, rows, step):
+                part = slice(first, min(first + step, rows))
+                change = delta_rows(terms, part.start, part.stop, scratch[:part.stop - part.start])
+                weight = bf16_to_f32(np.ascontiguousarray(raw[part]))
+                delta_energy += float(np.square(change, dtype=np.float64).sum())
+                base_energy += float(np.square(weight, dtype=np.float64).sum())
+                merged[part] = f32_to_bf16(np.add(weight, change, out=weight))
+        self.adapter.release(name)
         self.base.release(name)
-        if delta is None:
+        if not delta_energy:  # exactly zero (a float32 squared never underflows in float64): the base's bytes
             return self.base.raw(name)
-        self._records[name] = {"delta_relative_norm": _relative(quantize.sum_of_squares(delta),
-                                                                quantize.sum_of_squares(weight))}
-        merged = f32_to_bf16(np.add(weight, delta, out=weight))
+        self._records[name] = {"delta_relative_norm": _relative(delta_energy, base_energy)}
         self._last_bf16 = (name, merged)
         return merged
 

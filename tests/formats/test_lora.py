@@ -22,7 +22,7 @@ CHUNKS = (1, 2, 3, 7, 45, 10_000)  # rows a chunk: one, a few, a merge's, all
 def assert_rows_equal_whole(adapter: Adapter, name: str, shape: tuple[int, ...], experts: range) -> None:
     for e in experts:
         whole = adapter.delta(name, shape, e, zero_is_none=False)
-        terms = adapter.expert_terms(name, e)
+        terms = adapter.terms(name, e)
         for rows in CHUNKS:
             out = np.full(whole.shape, np.nan, dtype=np.float32)
             for first in range(0, whole.shape[0], rows):
