@@ -85,27 +85,18 @@ class LoraPair:
         out, inner = self.b.shape[-2], self.a.shape[-1]
         return (inner, out) if self.transposed else (out, inner)
 
-    def delta(self, expert: int | None = None, out: np.ndarray | None = None, scaled: bool = True) -> np.ndarray:
+    def delta(self, expert: int | None = None) -> np.ndarray:
         """``scaling * b @ a`` in float32, in the order the adapter's own runtime computes it (so
-        the float32 result is the same to the bit), for one expert of an expert pair. ``out``: a
-        C-contiguous float32 array of ``delta_shape`` to write it into (a merge reuses one, where a
-        fresh 66 MB product costs as many page faults as the product itself)."""
+        the float32 result is the same to the bit), for one expert of an expert pair."""
         a = as_f32(self.a if expert is None else self.a[expert], self.dtype)
         b = as_f32(self.b if expert is None else self.b[expert], self.dtype)
         scaling = np.float32(self.scaling)
-        direct = out if not self.transposed else None
         if self.scale_first:
-            d = np.matmul(scaling * b, a, out=direct)
+            d = np.matmul(scaling * b, a)
         else:
-            d = np.matmul(b, a, out=direct)
-            if scaled:  # else the caller multiplies by ``scaling`` itself, the same rounding, later
-                d *= scaling  # in place: the same rounding as (b @ a) * scaling, one product held
-        if not self.transposed:
-            return d
-        if out is None:
-            return np.ascontiguousarray(d.T)
-        out[...] = d.T
-        return out
+            d = np.matmul(b, a)
+            d *= scaling  # in place: the same rounding as (b @ a) * scaling, one product held
+        return np.ascontiguousarray(d.T) if self.transposed else d
 
 
 @dataclass(frozen=True)
@@ -186,23 +177,18 @@ class Adapter:
         return name in self.by_target
 
     def delta(self, name: str, shape: tuple[int, ...], expert: int | None = None,
-              out: np.ndarray | None = None, zero_is_none: bool = True) -> np.ndarray | None:
+              zero_is_none: bool = True) -> np.ndarray | None:
         """The summed float32 delta of ``name`` (one expert of an expert weight), ``None`` if untouched
-        or (``zero_is_none``) exactly zero; ``out``: a C-contiguous float32 array of its shape to hold it.
-        A merge that reads the delta anyway passes ``zero_is_none=False`` and looks for a nonzero
-        value there, where each piece is in cache (a pass over a 66 MB delta took 10-20 ms)."""
+        or (``zero_is_none``) exactly zero. A merge makes the same values a chunk of rows at a time
+        (``terms``, ``delta_rows``)."""
         pairs = self.by_target.get(name)
         if not pairs:
             return None
         if len(pairs) == 1 and pairs[0].rows is None:  # the common case: no sum to hold beside it
-            only = pairs[0].delta(expert, out)
+            only = pairs[0].delta(expert)
             pairs[0].release()
             return only if not zero_is_none or only.any() else None
-        if out is None:
-            total = np.zeros(shape[-2:] if expert is not None else shape, dtype=np.float32)
-        else:
-            total = out
-            total[...] = 0
+        total = np.zeros(shape[-2:] if expert is not None else shape, dtype=np.float32)
         for pair in pairs:
             part = pair.delta(expert)
             pair.release()
