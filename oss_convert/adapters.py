@@ -37,6 +37,9 @@ from .lora import Adapter, delta_rows
 from .model import Mxfp4Pair, expected_tensors, expert_name, is_expert_weight, iter_chunks
 
 REPORT_KEY = "adapter_merge"  # its section in OUT/quantization.json and in the manifest
+# On worker processes, the re-encoded experts the workers may hold ready (in temporary files)
+# ahead of the target: layers of them, at least the next adapted one.
+SPILL_AHEAD_BYTES = 1 << 30
 
 
 class LazyExperts:
@@ -236,7 +239,9 @@ class MergedSource:
         self._shapes = {s.name: s.shape for s in expected_tensors(base.config, "bf16")}
         self._merges: dict[str, _ExpertMerge] = {}  # the live ones: a layer's, and on workers the next one's
         self._layer: int | None = None  # the layer whose experts the target is reading
-        self._expert_layers = sorted({expert_name(n)[0] for n in adapter.by_target if is_expert_weight(n)})
+        # the layers whose MXFP4 experts are merged (a dense-expert target merges them one at a time)
+        self._expert_layers = [] if self.experts == "bf16" else \
+            sorted({expert_name(n)[0] for n in adapter.by_target if is_expert_weight(n)})
         self._tallies: dict[str, _MergeTally] = {}
         self._records: dict[str, dict] = {}
         self._last_bf16: tuple[str | None, np.ndarray | None] = (None, None)
@@ -260,6 +265,7 @@ class MergedSource:
         return self.base.tensor_bytes
 
     def raw(self, name: str):
+        self._follow(name)
         logical = name.removesuffix(".blocks").removesuffix(".scales")
         if not self.adapter.touches(logical):
             return self.base.raw(name)
@@ -271,6 +277,7 @@ class MergedSource:
         return self._merged_bf16(name)
 
     def chunks(self, name: str, max_bytes: int = 64 << 20) -> Iterator[np.ndarray]:
+        self._follow(name)
         logical = name.removesuffix(".blocks").removesuffix(".scales")
         if not self.adapter.touches(logical):
             yield from self.base.chunks(name, max_bytes)
@@ -279,6 +286,7 @@ class MergedSource:
 
     def mxfp4(self, layer: int, which: str) -> Mxfp4Pair | None:
         name = f"block.{layer}.mlp.{which}_weight"
+        self._follow(name)
         if not self.adapter.touches(name):
             return self.base.mxfp4(layer, which)  # untouched: the base's bytes, whatever the target
         if self.experts == "bf16":
@@ -320,26 +328,52 @@ class MergedSource:
     # -- merging -----------------------------------------------------------------------
 
     def _merge(self, name: str) -> _ExpertMerge:
-        """``name``'s merge. The targets go layer by layer (Metal writes mlp1 and mlp2 expert by
-        expert), so a layer's touched expert weights are made together, earlier layers' dropped,
-        and on worker processes the next touched layer's are made and scheduled too: the workers
-        encode ahead while the target writes this layer."""
-        layer, _ = expert_name(name)
-        if name not in self._merges or layer != self._layer:
-            self._layer = layer
-            later = [n for n in self._expert_layers if n > layer][:1] if self._merge_workers() else []
-            for old in [n for n in self._merges if expert_name(n)[0] not in (layer, *later)]:
-                self._merges.pop(old).close()
-            for n in (layer, *later):
-                for which in ("mlp1", "mlp2"):
-                    weight = f"block.{n}.mlp.{which}_weight"
-                    if self.adapter.touches(weight) and weight not in self._merges:
-                        tally = self._tallies.setdefault(weight, _MergeTally(self.recipe))
-                        self._merges[weight] = _ExpertMerge(self.base.mxfp4(n, which), self.adapter, weight, self.recipe,
-                                                            tally, partial(self.base.release, weight), self._merge_workers())
-                    if weight in self._merges:
-                        self._merges[weight].schedule()
+        """``name``'s merge, made with its layer's (``_follow``)."""
+        if name not in self._merges:  # the target went back to an earlier layer: made again
+            self._make_merges([expert_name(name)[0]])
         return self._merges[name]
+
+    def _follow(self, name: str) -> None:
+        """The target reads ``name``: the live merges follow its expert weights. Targets go layer
+        by layer (Metal writes mlp1 and mlp2 expert by expert, after every dense tensor), so a
+        layer's touched expert weights are made together and earlier layers' dropped. On worker
+        processes the adapted layers ahead are made and scheduled too, as far as
+        ``SPILL_AHEAD_BYTES`` of encoded experts allow (one layer at least), and from the
+        target's first tensor on: the workers encode while the target writes the layers before."""
+        if not self._expert_layers:
+            return
+        layer = expert_name(name)[0] if is_expert_weight(name.removesuffix(".blocks").removesuffix(".scales")) \
+            else None
+        if layer is None:
+            if self._layer is not None or not self._merge_workers():
+                return
+            layer = -1  # the first tensor: the workers start on the first adapted layers
+        if layer == self._layer:
+            return
+        self._layer = layer
+        upcoming = [n for n in self._expert_layers if n >= layer]
+        live = upcoming[:1 + self._layers_ahead()] if self._merge_workers() else upcoming[:1]
+        for old in [n for n in self._merges if expert_name(n)[0] not in live]:
+            self._merges.pop(old).close()
+        self._make_merges(live)
+
+    def _make_merges(self, layers: list[int]) -> None:
+        for n in layers:
+            for which in ("mlp1", "mlp2"):
+                weight = f"block.{n}.mlp.{which}_weight"
+                if self.adapter.touches(weight) and weight not in self._merges:
+                    tally = self._tallies.setdefault(weight, _MergeTally(self.recipe))
+                    self._merges[weight] = _ExpertMerge(self.base.mxfp4(n, which), self.adapter, weight, self.recipe,
+                                                        tally, partial(self.base.release, weight), self._merge_workers())
+                if weight in self._merges:
+                    self._merges[weight].schedule()
+
+    def _layers_ahead(self) -> int:
+        """How many adapted layers beyond the next one the workers may encode ahead of the target."""
+        # an expert's MXFP4 bytes: half a byte a value, and a scale byte every BLOCK values
+        layer_bytes = sum(int(np.prod(self._shapes[f"block.0.mlp.{w}_weight"])) for w in ("mlp1", "mlp2")) * \
+            (mxfp4.BLOCK // 2 + 1) // mxfp4.BLOCK
+        return max(1, SPILL_AHEAD_BYTES // layer_bytes)
 
     def _merge_workers(self) -> "encode_workers.MergeWorkers | None":
         """The worker processes, started at the first merge of experts large enough to pay for them."""

@@ -45,6 +45,7 @@ from .lora import DeltaTerm, delta_rows
 
 MIN_VALUES = 1 << 20  # an expert smaller than this is merged on threads: a task would cost more than it saves
 
+WORKER_NICENESS = 10
 _ARENA: "Arena | None" = None  # set in the parent before the workers fork; theirs is the same pages
 _WORKER: dict = {}  # in a worker: its BLAS limit and its scratch arrays
 
@@ -109,6 +110,9 @@ class Arena:
 
 def _start_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles ^C and ends the workers
+    # The conversion's own threads (the target's writes, the feeder, the source check) are the
+    # critical path while the workers run ahead of them: the workers take the cores they leave.
+    os.nice(WORKER_NICENESS)
     # The parent's thread pools were copied without their threads: never use them here.
     quantize._POOL.clear()
     mxfp4._POOL.clear()
