@@ -213,3 +213,40 @@ def test_the_mlx_path_reads_a_dense_reader_one_expert_at_a_time(tiny_hf, monkeyp
         experts = _DeviceExperts(model, 1, which, quantized=True)
         got = np.concatenate([np.array(experts.f32(g0, g1)) for g0, g1 in experts.groups])
         assert np.array_equal(got, want[which])
+
+
+def test_merge_workers_run_ahead_only_as_far_as_the_spill_allows(models, monkeypatch, tmp_path):
+    """On worker processes the experts of the adapted layers are encoded from the target's first
+    tensor on, ahead of it, into temporary files: as far as ``SPILL_AHEAD_BYTES`` holds (here two
+    layers beyond the next), never the whole model's; the layers behind the target are dropped."""
+    from oss_convert import adapters, encode_workers, formats
+    from oss_convert.formats.hf import open_source
+
+    if not encode_workers.available():
+        pytest.skip("worker processes need Linux and two cores")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from merge_bench import write_adapter
+
+    repo = models("tiny", DEEP)
+    config = json.loads((repo / "original" / "config.json").read_text())
+    write_adapter(config, [1, 2, 4, 5, 6, 9, 13], tmp_path / "adapter")
+    layer_bytes = sum(config["num_experts"] * r * c * 17 // 32 for r, c in
+                      ((2 * config["intermediate_size"], config["hidden_size"]),
+                       (config["hidden_size"], config["intermediate_size"])))
+    monkeypatch.setattr(adapters, "SPILL_AHEAD_BYTES", 2 * layer_bytes)
+    with open_source(repo) as base:
+        src = adapters.MergedSource(base, formats.read_adapter(tmp_path / "adapter", base.config), workers=True)
+        try:
+            def live() -> list[int]:
+                return sorted({int(name.split(".")[1]) for name in src._merges})
+
+            src.raw("embedding.weight")  # the target's first tensor: the workers start
+            assert live() == [1, 2, 4]
+            src.raw("block.3.attn.qkv.weight")  # a dense tensor moves nothing (Metal reads them all first)
+            assert live() == [1, 2, 4]
+            np.asarray(src.mxfp4(5, "mlp1").blocks[0])
+            assert live() == [5, 6, 9]
+            np.asarray(src.mxfp4(0, "mlp2").blocks[0])  # back to the first layer: made again
+            assert live() == [1, 2, 4]
+        finally:
+            src.close()
