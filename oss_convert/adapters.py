@@ -22,7 +22,7 @@ import contextlib
 import os
 import tempfile
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
@@ -247,7 +247,8 @@ class MergedSource:
         self._last_bf16: tuple[str | None, np.ndarray | None] = (None, None)
         # the adapter's files hashed once, beside the merge (the report is asked for twice, at the end)
         self._hashing = ThreadPoolExecutor(1, thread_name_prefix="hash-adapter")
-        self._identity = self._hashing.submit(adapter_identity, adapter)
+        self._stopped = threading.Event()  # the conversion is over: a hash still running stops
+        self._identity = self._hashing.submit(adapter_identity, adapter, self._hashing_goes_on)
         self._hashing.shutdown(wait=False)
 
     # -- the Source interface ------------------------------------------------------------
@@ -317,13 +318,20 @@ class MergedSource:
         for merge in self._merges.values():
             merge.close()
         self._merges.clear()
-        self.close_workers()
+        self.stop()
         self.base.close()
 
-    def close_workers(self) -> None:
+    def stop(self) -> None:
+        """The conversion is over (done, refused or interrupted): the worker processes end and the
+        adapter's hash, if a refusal came before it finished, stops rather than delay the exit."""
+        self._stopped.set()
         if self._workers:
             self._workers.close()
         self._workers = None
+
+    def _hashing_goes_on(self, _count: int) -> None:
+        if self._stopped.is_set():
+            raise CancelledError
 
     # -- merging -----------------------------------------------------------------------
 
@@ -460,9 +468,10 @@ class MergedSource:
             "; everything else copied"
 
 
-def adapter_identity(adapter: Adapter) -> dict:
+def adapter_identity(adapter: Adapter, progress: Callable[[int], None] | None = None) -> dict:
+    """The adapter's format, path and files (size, sha256); ``progress`` as ``file_sha256``'s."""
     return {"format": adapter.format, "path": str(adapter.path),
-            "files": {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)} for f in adapter.files}}
+            "files": {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f, progress)} for f in adapter.files}}
 
 
 class AdaptedModel:

@@ -172,25 +172,32 @@ def convert(source: str | Path, target_name: str, output: str | Path, *, force: 
         if lora is not None:
             src = MergedSource(src, lora, recipe=options.get("recipe") if options.get("recipe") in quantize.RECIPES
                                else "search", dense_experts=spec.writes_dense_experts, workers=merge_workers)
-        if src.experts == "bf16" and not spec.dense_experts:
-            raise InputError(
-                f"the experts are dense BF16; encode them to MXFP4 first: oss-convert convert {source} "
-                f"--to original -o OUT [--recipe ocp|search], then convert OUT --to {spec.name}", file=src.path)
-        # The target is given the template's text, read and parsed before any byte is written;
-        # the manifest records the choice.
-        run_options = {**options, "chat_template": chat.resolve(options["chat_template"])} \
-            if "chat_template" in options else options
         try:
-            recorded = {**options, "adapter": str(adapter)} if adapter is not None else options
-            return _convert_checked(src, spec, output, force, progress, scan, manifest, run_options, recorded)
-        except OSError as exc:
-            if exc.errno not in _DISK_FULL:
-                raise
-            # A full disk is not a bug: say where, without a traceback (the partial output is gone).
-            raise OssConvertError(f"cannot write {output}: {exc.strerror}; nothing was left behind") from exc
+            return _convert_opened(src, spec, source, output, force, progress, scan, manifest, options, adapter)
         finally:
             if isinstance(src, MergedSource):
-                src.close_workers()  # the merge's worker processes, on success, error or ^C alike
+                src.stop()  # the merge's worker processes and adapter hash, on success, refusal or ^C alike
+
+
+def _convert_opened(src: Source, spec: Target, source, output: Path, force: bool, progress: Progress, scan: bool,
+                    manifest: bool, options: dict, adapter) -> Converted:
+    """``convert`` once the source (with the adapter merged in) is open and the output's place checked."""
+    if src.experts == "bf16" and not spec.dense_experts:
+        raise InputError(
+            f"the experts are dense BF16; encode them to MXFP4 first: oss-convert convert {source} "
+            f"--to original -o OUT [--recipe ocp|search], then convert OUT --to {spec.name}", file=src.path)
+    # The target is given the template's text, read and parsed before any byte is written;
+    # the manifest records the choice.
+    run_options = {**options, "chat_template": chat.resolve(options["chat_template"])} \
+        if "chat_template" in options else options
+    try:
+        recorded = {**options, "adapter": str(adapter)} if adapter is not None else options
+        return _convert_checked(src, spec, output, force, progress, scan, manifest, run_options, recorded)
+    except OSError as exc:
+        if exc.errno not in _DISK_FULL:
+            raise
+        # A full disk is not a bug: say where, without a traceback (the partial output is gone).
+        raise OssConvertError(f"cannot write {output}: {exc.strerror}; nothing was left behind") from exc
 
 
 def adapter_inputs(adapter) -> list[Path]:

@@ -330,3 +330,35 @@ def test_a_merge_whose_worker_fails_leaves_nothing_and_no_worker(monkeypatch, tm
                            adapter=EXAMPLES / "gpt-oss-tiny-sherlock-lora", merge_workers=True)
     assert leftovers(tmp_path) == []
     assert multiprocessing.active_children() == []
+
+
+def test_a_refused_merge_does_not_wait_for_the_adapters_hash(dense_repo, monkeypatch, tmp_path):
+    """The adapter's files are hashed on a thread beside the merge; a refusal that comes before
+    the hash is done stops it rather than wait for it (seconds for a GB adapter)."""
+    import json
+    import threading
+
+    from oss_convert import adapters, converters
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from merge_bench import write_adapter
+
+    started = threading.Event()
+
+    def slow_hash(path, progress=None):  # a hash that ends only when stopped (or after 20 s)
+        started.set()
+        for _ in range(20_000):
+            progress(1)
+            time.sleep(0.001)
+        return "0" * 64
+
+    monkeypatch.setattr(adapters, "file_sha256", slow_hash)
+    write_adapter(json.loads((dense_repo / "original" / "config.json").read_text()), [1], tmp_path / "adapter")
+    with pytest.raises(InputError, match="dense BF16"):  # --to mlx needs MXFP4 experts
+        converters.convert(dense_repo, "mlx", tmp_path / "model", adapter=tmp_path / "adapter")
+    assert started.is_set()
+    hashing = [t for t in threading.enumerate() if t.name.startswith("hash-adapter")]
+    for thread in hashing:
+        thread.join(timeout=2)
+    assert not any(t.is_alive() for t in hashing), "the adapter's hash went on after the refusal"
+    assert not (tmp_path / "model").exists()
