@@ -19,6 +19,7 @@ Support module: imports base modules, ``formats`` and ``quantize``.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import tempfile
 import threading
@@ -65,8 +66,15 @@ class LazyExperts:
                 raise IndexError(f"expert {index} of {self.shape[0]}")
             one = self._expert(e)
             return one[rest] if rest else one
-        if isinstance(index, slice):
-            return np.stack([self[(e, *rest)] for e in range(*index.indices(self.shape[0]))])
+        if isinstance(index, slice):  # one expert at a time: each is dropped as the next is made
+            experts = range(*index.indices(self.shape[0]))
+            out = None
+            for i, e in enumerate(experts):
+                one = self[(e, *rest)]
+                if out is None:
+                    out = np.empty((len(experts), *one.shape), dtype=one.dtype)
+                out[i] = one
+            return out if out is not None else np.empty((0, *self.shape[1:]), dtype=self.dtype)[(slice(None), *rest)]
         raise TypeError(f"LazyExperts takes an expert, a slice or a tuple, not {index!r}")
 
     def __array__(self, dtype=None, copy=None):
@@ -103,9 +111,9 @@ class _MergeTally:
 class _ExpertMerge:
     """One expert weight (``block.N.mlp.mlp1_weight`` or ``mlp2``) of an MXFP4 base with its deltas.
 
-    Each touched expert is encoded once and its blocks and scales go to a temporary file: a
-    target may read a weight more than once (MLX's gate rows, then its up rows), and a 120b
-    layer's are a GB. With worker processes every touched expert is sent to them at once
+    Each touched expert is encoded once and its blocks and scales go to a temporary file, which
+    the target reads through a mapping: a target may read a weight more than once (MLX's gate
+    rows, then its up rows), and a 120b layer's are a GB. With worker processes every touched expert is sent to them at once
     (``schedule``) and lands in that file in the background; on threads each is merged when first
     asked for."""
 
@@ -119,6 +127,9 @@ class _ExpertMerge:
         self._blocks_bytes = rows * groups * (mxfp4.BLOCK // 2)
         self._expert_bytes = self._blocks_bytes + rows * groups  # its blocks, then its scales
         self._spill = tempfile.TemporaryFile(prefix="oss-convert-merge-")
+        self._spill.truncate(E * self._expert_bytes)  # sparse until written; mapped whole for reading
+        self._map = mmap.mmap(self._spill.fileno(), E * self._expert_bytes, access=mmap.ACCESS_READ)
+        self._mapped: int | None = None  # the expert whose pages a target was last handed
         self._spilled: set[int] = set()  # on threads: the experts encoded so far
         self._ready: dict[int, Future] | None = None  # on workers: each touched expert's, once scheduled
         self._scratch = threading.local()  # on threads: each thread's delta rows
@@ -134,15 +145,26 @@ class _ExpertMerge:
                        for e in self.touched}
 
     def part(self, e: int, which: str) -> np.ndarray:
-        """Expert ``e``'s blocks or scales; a touched expert's read back alone from the file (a
-        target reads the blocks and the scales apart, MLX each twice: the gate rows, then the up
-        rows)."""
+        """Expert ``e``'s blocks or scales; a touched expert's a read-only view of the file's
+        mapping (a target reads the blocks and the scales apart, MLX each twice: the gate rows,
+        then the up rows; reading a copy of each cost the main thread 2 s of a 20b merge, with
+        the encoding left out). The previous expert's pages are dropped from this process as
+        the next is handed out."""
         if e not in self.touched:
             return self.base.blocks[e] if which == "blocks" else self.base.scales[e]
         self._wait_spilled(e)
+        if self._mapped not in (None, e):
+            self._drop_pages(self._mapped)
+        self._mapped = e
         offset, size, shape = (0, self._blocks_bytes, self.base.blocks.shape[1:]) if which == "blocks" else \
             (self._blocks_bytes, self._expert_bytes - self._blocks_bytes, self.base.scales.shape[1:])
-        return np.frombuffer(os.pread(self._spill.fileno(), size, e * self._expert_bytes + offset), np.uint8).reshape(shape)
+        return np.frombuffer(self._map, np.uint8, size, e * self._expert_bytes + offset).reshape(shape)
+
+    def _drop_pages(self, e: int) -> None:
+        """Unmap expert ``e``'s pages from this process (they stay in the file; a view still held
+        reads them back): touched pages of a mapping count in its memory until dropped."""
+        start = e * self._expert_bytes // mmap.PAGESIZE * mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_DONTNEED, start, min((e + 1) * self._expert_bytes, len(self._map)) - start)
 
     def _wait_spilled(self, e: int) -> None:
         if self._workers is not None:
@@ -215,6 +237,10 @@ class _ExpertMerge:
                 future.cancel()
             wait(list(self._ready.values()))
         self.adapter.release(self.name)
+        try:
+            self._map.close()
+        except BufferError:  # a target still holds a view: unmapped when it is freed
+            pass
         self._spill.close()
 
 

@@ -343,10 +343,7 @@ def test_a_refused_merge_does_not_wait_for_the_adapters_hash(dense_repo, monkeyp
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
     from merge_bench import write_adapter
 
-    started = threading.Event()
-
     def slow_hash(path, progress=None):  # a hash that ends only when stopped (or after 20 s)
-        started.set()
         for _ in range(20_000):
             progress(1)
             time.sleep(0.001)
@@ -356,7 +353,6 @@ def test_a_refused_merge_does_not_wait_for_the_adapters_hash(dense_repo, monkeyp
     write_adapter(json.loads((dense_repo / "original" / "config.json").read_text()), [1], tmp_path / "adapter")
     with pytest.raises(InputError, match="dense BF16"):  # --to mlx needs MXFP4 experts
         converters.convert(dense_repo, "mlx", tmp_path / "model", adapter=tmp_path / "adapter")
-    assert started.is_set()
     hashing = [t for t in threading.enumerate() if t.name.startswith("hash-adapter")]
     for thread in hashing:
         thread.join(timeout=2)
