@@ -11,7 +11,9 @@ Each job runs under ``/usr/bin/time -v`` (wall time, the largest process's peak 
 proportional set size of its whole process tree (worker processes included) is sampled, and
 ends with ``sync``. Prints a markdown table with each time as a ratio to ``cp -r`` measured in
 the same run, the experts re-encoded per second and both memory peaks; ``--threads-too`` adds
-the merge with its re-encoding on threads only. Paste it into bench/RESULTS.md.
+the merge with its re-encoding on threads only; ``--also CHECKOUT`` (repeatable) adds the same
+merge run by another checkout of this package (e.g. ``git worktree add /tmp/old <commit>``), so
+two versions are compared on one machine in one run. Paste it into bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -55,12 +57,16 @@ def tree_pss_mib(root: int) -> float:
     return total / 1024
 
 
-def timed_tree(cmd: list[str]) -> tuple[float, float, float]:
+def timed_tree(cmd: list[str], checkout: Path | None = None) -> tuple[float, float, float]:
     """(wall seconds including the final sync, peak RSS MiB of its largest process, peak PSS MiB
-    of the whole process tree, sampled every 0.2 s)."""
+    of the whole process tree, sampled every 0.2 s); ``checkout``: run it with that checkout's
+    package (first on the path, and the working directory, which ``python -m`` puts first)."""
     subprocess.run(["sync"], check=True)
     start = time.perf_counter()
-    proc = subprocess.Popen(["/usr/bin/time", "-v", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(checkout), os.environ.get("PYTHONPATH", "")])} \
+        if checkout else None
+    proc = subprocess.Popen(["/usr/bin/time", "-v", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=checkout)
     peak = 0.0
     while proc.poll() is None:
         peak = max(peak, tree_pss_mib(proc.pid))
@@ -112,6 +118,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--threads-too", action="store_true",
                         help="also time the merge on threads only (no worker processes), for comparison")
+    parser.add_argument("--also", type=Path, action="append", default=[], metavar="CHECKOUT",
+                        help="also time the merge run by another checkout of this package (its root folder)")
     args = parser.parse_args()
     exe = shutil.which("oss-convert")
     cli = [exe] if exe else [sys.executable, "-m", "oss_convert.cli.main"]  # a checkout on PYTHONPATH
@@ -137,14 +145,19 @@ def main() -> None:
     suffix = ".gguf" if args.target == "gguf" else ""
     out = args.work / f"out-{args.target}{suffix}"
     on_threads = [sys.executable, "-c", THREADS_ONLY, str(repo), args.target, str(out), str(adapter)]
-    jobs = [("convert", [*cli, "convert", str(repo), "--to", args.target, "-o", str(out), "--force", "--quiet"], None),
-            ("convert --adapter", [*cli, "convert", str(repo), "--to", args.target, "-o", str(out), "--force",
-                                   "--quiet", "--adapter", str(adapter)], experts)]
+    merge = ["convert", str(repo), "--to", args.target, "-o", str(out), "--force", "--quiet", "--adapter", str(adapter)]
+    jobs = [("convert", [*cli, "convert", str(repo), "--to", args.target, "-o", str(out), "--force", "--quiet"], None, None),
+            ("convert --adapter", [*cli, *merge], experts, None)]
     if args.threads_too:
-        jobs.append(("convert --adapter, threads only", on_threads, experts))
-    for name, command, count in jobs:
+        jobs.append(("convert --adapter, threads only", on_threads, experts, None))
+    for checkout in args.also:
+        revision = subprocess.run(["git", "-C", str(checkout), "log", "-1", "--format=%h"], capture_output=True,
+                                  text=True).stdout.strip() or checkout.name
+        jobs.append((f"convert --adapter ({revision})", [sys.executable, "-m", "oss_convert.cli.main", *merge], experts,
+                     checkout.resolve()))
+    for name, command, count, checkout in jobs:
         ensure_space(args.work, source_bytes)
-        wall, rss, pss = timed_tree(command)
+        wall, rss, pss = timed_tree(command, checkout)
         rows.append((f"{name} --to {args.target}", wall, rss, count, pss))
         print(f"{rows[-1][0]}: {wall:.1f} s, peak RSS {rss:.0f} MiB, all processes {pss:.0f} MiB", file=sys.stderr)
         shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink()
