@@ -23,7 +23,8 @@ import mmap
 import os
 import tempfile
 import threading
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
+import warnings
+from concurrent.futures import BrokenExecutor, CancelledError, Future, ThreadPoolExecutor, wait
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
@@ -341,16 +342,17 @@ class MergedSource:
         return self.base.scan(progress)
 
     def close(self) -> None:
-        for merge in self._merges.values():
-            merge.close()
-        self._merges.clear()
         self.stop()
         self.base.close()
 
     def stop(self) -> None:
-        """The conversion is over (done, refused or interrupted): the worker processes end and the
-        adapter's hash, if a refusal came before it finished, stops rather than delay the exit."""
+        """The conversion is over (done, refused or interrupted): the live merges' temporary files
+        go, the worker processes end and the adapter's hash, if a refusal came before it
+        finished, stops rather than delay the exit."""
         self._stopped.set()
+        for merge in self._merges.values():
+            merge.close()
+        self._merges.clear()
         if self._workers:
             self._workers.close()
         self._workers = None
@@ -417,8 +419,19 @@ class MergedSource:
                 encode_workers.available() and largest >= encode_workers.MIN_VALUES
             factors = max((self.adapter.expert_factor_values(name) for name in self._shapes if is_expert_weight(name)),
                           default=0)
-            self._workers = encode_workers.MergeWorkers(largest, factors) if use else False
+            self._workers = self._start_workers(largest, factors) if use else False
         return self._workers or None
+
+    @staticmethod
+    def _start_workers(values: int, factor_values: int) -> "encode_workers.MergeWorkers | bool":
+        """The worker processes, or False (threads) where they cannot start: a spawned worker
+        fails when the caller's script imports this without a ``__main__`` guard, and shared
+        memory may be refused. Only the speed differs."""
+        try:
+            return encode_workers.MergeWorkers(values, factor_values)
+        except (OSError, BrokenExecutor) as error:
+            warnings.warn(f"the merge runs on threads: its worker processes could not start ({error})")
+            return False
 
     def _parent_blas(self):
         """While worker processes hold every core, the parent's products run on one BLAS thread

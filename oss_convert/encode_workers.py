@@ -6,25 +6,27 @@ Why processes: numpy releases the GIL inside each pass, but the encoder makes so
 passes per chunk, and handing the GIL between threads costs more than the passes gain: on a
 two-core VM two threads ran 1.2-1.5x one thread, two processes 2.0x (bench/RESULTS.md).
 
-How: an anonymous shared mapping (the arena) is made before the workers are forked, so they see
-its pages with no copy. It has a few slots, each holding one expert on its way: its base blocks
-and scales and the adapter's factors for it (copied in from the checkpoint's and the adapter's
-mappings, whose files a worker may not have), and the encoded blocks and scales the workers
-write. A worker computes its rows' delta itself from the factors (a BLAS product of a chunk of
-rows, as the whole one computes each value), adds it to the decoded rows and encodes them, so
-the parent only copies bytes in and out. A task names a range of rows and returns the sums the
-merge reports; the rows of each chunk are fixed by the shape alone, so the bytes and the sums
-never depend on how many workers there are.
+How: a shared memory segment (the arena) is made before the workers start; each attaches to it
+by name. It has a few slots, each holding one expert on its way: its base blocks and scales and
+the adapter's factors for it (copied in from the checkpoint's and the adapter's mappings, whose
+files a worker may not have), and the encoded blocks and scales the workers write. A worker
+computes its rows' delta itself from the factors (a BLAS product of a chunk of rows, as the
+whole one computes each value), adds it to the decoded rows and encodes them, so the parent only
+copies bytes in and out. A task names a range of rows and returns the sums the merge reports;
+the rows of each chunk are fixed by the shape alone, so the bytes and the sums never depend on
+how many workers there are.
 
 The parent's side is one feeder thread: it loads the experts asked for into free slots, sends
 their tasks, and hands each finished expert to its ``deliver`` in the order asked, so the
 workers always have the next experts queued while the parent's main thread writes the output.
-fork is Linux's: elsewhere (macOS, where fork is unsafe beside the system's frameworks)
-``available()`` says no and the merge runs on threads (``quantize.encode_made``).
+The workers are forked on Linux and spawned elsewhere (``START_METHOD``: on macOS fork is unsafe
+beside the system's frameworks, and threads, which hand the GIL back and forth, ran no faster
+on 16 cores than on 2); a spawned worker imports the package afresh (half a second, once).
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import multiprocessing
 import os
@@ -34,6 +36,7 @@ import threading
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
+from multiprocessing import shared_memory
 from typing import Callable
 
 import numpy as np
@@ -46,13 +49,16 @@ from .lora import DeltaTerm, delta_rows
 MIN_VALUES = 1 << 20  # an expert smaller than this is merged on threads: a task would cost more than it saves
 
 WORKER_NICENESS = 10
-_ARENA: "Arena | None" = None  # set in the parent before the workers fork; theirs is the same pages
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+# fork where it is safe and cheap; a fresh interpreter elsewhere (macOS, Windows)
+START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
+_ARENA: "Arena | None" = None  # the arena: set in the parent before the workers fork, attached to in a spawned one
 _WORKER: dict = {}  # in a worker: its BLAS limit and its scratch arrays
 
 
 def available() -> bool:
-    """Worker processes can be used here: Linux (fork) and more than one core."""
-    return sys.platform.startswith("linux") and _cores() > 1
+    """Worker processes can be used here: more than one core."""
+    return _cores() > 1
 
 
 _BLAS: list = []
@@ -83,13 +89,23 @@ class Views:
 
 
 class Arena:
-    """The shared mapping: ``slots`` experts of at most ``values`` (rows * cols) values each, with
-    at most ``factor_values`` float32 of adapter factors."""
+    """The shared memory: ``slots`` experts of at most ``values`` (rows * cols) values each, with
+    at most ``factor_values`` float32 of adapter factors. For forked workers an anonymous shared
+    mapping, which they inherit (no ``/dev/shm`` size limit applies to it: Docker's is 64 MB);
+    ``named``: a shared memory segment, which spawned workers attach to by ``name``."""
 
-    def __init__(self, values: int, factor_values: int, slots: int):
+    def __init__(self, values: int, factor_values: int, slots: int, *, named: bool = False, name: str | None = None):
         self.values, self.factor_values, self.slots = values, factor_values, slots
         self.slot_bytes = factor_values * 4 + 2 * (values // 2 + values // mxfp4.BLOCK)
-        self.map = mmap.mmap(-1, self.slot_bytes * slots)  # anonymous and MAP_SHARED: the forked workers' too
+        self.owner = name is None
+        self.memory = shared_memory.SharedMemory(name, create=self.owner, size=self.slot_bytes * slots) \
+            if named or name is not None else None
+        self.map = self.memory.buf if self.memory is not None else mmap.mmap(-1, self.slot_bytes * slots)
+
+    def spec(self) -> tuple | None:
+        """What a spawned worker attaches with: ``Arena(values, factor_values, slots, name=name)``;
+        None for an inherited mapping."""
+        return None if self.memory is None else (self.values, self.factor_values, self.slots, self.memory.name)
 
     def views(self, slot: int, rows: int, cols: int) -> Views:
         if rows * cols > self.values:
@@ -105,19 +121,47 @@ class Arena:
                      view(0, np.float32, (self.factor_values,)))
 
     def close(self) -> None:
-        self.map.close()
+        """Unmap it (the segment unlinked by its owner), or leave it mapped until the last view of
+        it (an exception's frame) is freed."""
+        if self.memory is not None and self.owner:
+            self.memory.unlink()
+        try:
+            (self.memory if self.memory is not None else self.map).close()
+        except BufferError:
+            pass
 
 
-def _start_worker() -> None:
+def _start_worker(arena: tuple | None) -> None:
+    global _ARENA
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles ^C and ends the workers
     # The conversion's own threads (the target's writes, the feeder, the source check) are the
     # critical path while the workers run ahead of them: the workers take the cores they leave.
-    os.nice(WORKER_NICENESS)
+    if hasattr(os, "nice"):  # not on Windows
+        os.nice(WORKER_NICENESS)
     # The parent's thread pools were copied without their threads: never use them here.
     quantize._POOL.clear()
     mxfp4._POOL.clear()
     # one BLAS thread a worker: there is a worker on every core
     _WORKER["blas"] = ThreadpoolController().limit(limits=1, user_api="blas")
+    if arena is not None:  # spawned: attach to the parent's segment (a forked worker has its mapping)
+        values, factor_values, slots, name = arena
+        _ARENA = Arena(values, factor_values, slots, name=name)
+    _keep_freed_memory()
+
+
+def _keep_freed_memory() -> None:
+    """glibc's malloc gives blocks over 128 KiB their own mapping and unmaps them when freed, so
+    every numpy temporary of a chunk (1 MiB) costs a fresh mapping's page faults: in a new
+    process that doubled the encoder's time (a forked worker inherits the parent's raised
+    threshold). Keep them on the heap and the heap's freed top mapped."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 128 << 20)
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt): its own behaviour stands
+        pass
 
 
 def _placed_terms(terms: list[DeltaTerm], factors: np.ndarray) -> list[tuple]:
@@ -207,10 +251,15 @@ class MergeWorkers:
         self.workers = workers or _cores()
         # enough experts in flight that the workers never wait for the feeder's copies
         self.slots = slots or max(2, min(6, self.workers // 2))
-        self.arena = _ARENA = Arena(values, factor_values, self.slots)
-        self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
-                                             initializer=_start_worker)
-        self._executor.submit(int).result()  # every worker forked now, from this thread, before the feeder's
+        self.arena = _ARENA = Arena(values, factor_values, self.slots, named=START_METHOD != "fork")
+        self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(START_METHOD),
+                                             initializer=_start_worker, initargs=(self.arena.spec(),))
+        try:
+            self._executor.submit(int).result()  # the workers started now, from this thread, before the feeder's
+        except BaseException:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self.arena.close()
+            raise
         self._queue: deque[_Request] = deque()
         self._wake = threading.Condition()
         self._closed = False
@@ -282,7 +331,4 @@ class MergeWorkers:
             self._wake.notify()
         self._feeder.join()
         self._executor.shutdown(wait=True, cancel_futures=True)
-        try:
-            self.arena.close()
-        except BufferError:  # a view of it is still referenced (an exception's frame): unmapped when freed
-            pass
+        self.arena.close()

@@ -358,3 +358,37 @@ def test_a_refused_merge_does_not_wait_for_the_adapters_hash(dense_repo, monkeyp
         thread.join(timeout=2)
     assert not any(t.is_alive() for t in hashing), "the adapter's hash went on after the refusal"
     assert not (tmp_path / "model").exists()
+
+
+def _no_shared_memory(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+def _failing_start(*args):
+    raise RuntimeError("cannot start")
+
+
+@pytest.mark.parametrize("start, broken", [("fork", "_start_worker"), ("spawn", "shared_memory")])
+def test_a_merge_whose_workers_cannot_start_runs_on_threads(start, broken, monkeypatch, tmp_path):
+    """Where the worker processes cannot start (a worker that fails as it starts, as a spawned
+    one does in a script without a ``__main__`` guard; shared memory refused), the merge says so
+    and runs on threads: the same bytes, no process or shared memory left behind."""
+    import multiprocessing
+
+    from oss_convert import converters, encode_workers
+
+    if not encode_workers.available():
+        pytest.skip("worker processes need two cores")
+    base, adapter = EXAMPLES / "gpt-oss-tiny", EXAMPLES / "gpt-oss-tiny-sherlock-lora"
+    converters.convert(base, "mlx", tmp_path / "threads" / "model", adapter=adapter, merge_workers=False)
+    monkeypatch.setattr(encode_workers, "START_METHOD", start)
+    if broken == "shared_memory":
+        monkeypatch.setattr(encode_workers.shared_memory, "SharedMemory", _no_shared_memory)
+    else:
+        monkeypatch.setattr(encode_workers, "_start_worker", _failing_start)  # forked workers see it too
+    shm = set(Path("/dev/shm").iterdir()) if Path("/dev/shm").is_dir() else set()
+    with pytest.warns(UserWarning, match="runs on threads"):
+        converters.convert(base, "mlx", tmp_path / "workers" / "model", adapter=adapter, merge_workers=True)
+    assert tree_hashes(tmp_path / "workers") == tree_hashes(tmp_path / "threads")
+    assert (set(Path("/dev/shm").iterdir()) if Path("/dev/shm").is_dir() else set()) == shm
+    assert multiprocessing.active_children() == []

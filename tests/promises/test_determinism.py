@@ -46,14 +46,17 @@ def test_same_input_gives_identical_bytes_across_runs_and_thread_counts(case, re
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-@pytest.mark.parametrize("target, recipe", [("mlx", None), ("original", "search"), ("original", "ocp")])
-def test_a_merge_on_worker_processes_writes_the_bytes_threads_write(target, recipe, tmp_path):
-    """A merge re-encodes its experts on worker processes where it pays (Linux, several cores,
-    large experts) and on threads elsewhere: the same files, manifest and merge report either way."""
+@pytest.mark.parametrize("target, recipe, start", [("mlx", None, "fork"), ("original", "search", "fork"),
+                                                   ("original", "ocp", "fork"), ("mlx", None, "spawn")])
+def test_a_merge_on_worker_processes_writes_the_bytes_threads_write(target, recipe, start, monkeypatch, tmp_path):
+    """A merge re-encodes its experts on worker processes where it pays (several cores, large
+    experts; forked on Linux, spawned elsewhere) and on threads otherwise: the same files,
+    manifest and merge report either way."""
     from oss_convert import converters, encode_workers
 
     if not encode_workers.available():
-        pytest.skip("worker processes need Linux and two cores")
+        pytest.skip("worker processes need two cores")
+    monkeypatch.setattr(encode_workers, "START_METHOD", start)
     base, adapter = EXAMPLES / "gpt-oss-tiny", EXAMPLES / "gpt-oss-tiny-sherlock-lora"
     options = {"recipe": recipe} if recipe else {}
     outputs = []
