@@ -114,9 +114,9 @@ class _ExpertMerge:
 
     Each touched expert is encoded once and its blocks and scales go to a temporary file, which
     the target reads through a mapping: a target may read a weight more than once (MLX's gate
-    rows, then its up rows), and a 120b layer's are a GB. With worker processes every touched expert is sent to them at once
-    (``schedule``) and lands in that file in the background; on threads each is merged when first
-    asked for."""
+    rows, then its up rows), and a 120b layer's are a GB. With worker processes every touched
+    expert is sent to them at once (``schedule``) and lands in that file in the background; on
+    threads each is merged when first asked for."""
 
     def __init__(self, base: Mxfp4Pair, adapter: Adapter, name: str, recipe: str, tally: _MergeTally,
                  release: Callable[[], None], workers: "encode_workers.MergeWorkers | None" = None):
