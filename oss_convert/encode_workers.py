@@ -74,7 +74,8 @@ def one_blas_thread():
 
 
 def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cores, 61) if sys.platform == "win32" else cores  # a process pool's limit there
 
 
 @dataclass(frozen=True)
