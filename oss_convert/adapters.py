@@ -165,7 +165,7 @@ class _ExpertMerge:
         """Unmap expert ``e``'s pages from this process (they stay in the file; a view still held
         reads them back): touched pages of a mapping count in its memory until dropped."""
         start = e * self._expert_bytes // mmap.PAGESIZE * mmap.PAGESIZE
-        self._map.madvise(mmap.MADV_DONTNEED, start, min((e + 1) * self._expert_bytes, len(self._map)) - start)
+        self._map.madvise(mmap.MADV_DONTNEED, start, (e + 1) * self._expert_bytes - start)
 
     def _wait_spilled(self, e: int) -> None:
         if self._workers is not None:
@@ -457,8 +457,8 @@ class MergedSource:
                 part = slice(first, min(first + step, rows))
                 change = delta_rows(terms, part.start, part.stop, scratch[:part.stop - part.start])
                 weight = bf16_to_f32(np.ascontiguousarray(raw[part]))
-                delta_energy += float(np.square(change, dtype=np.float64).sum())
-                base_energy += float(np.square(weight, dtype=np.float64).sum())
+                delta_energy += quantize.sum_of_squares(change)
+                base_energy += quantize.sum_of_squares(weight)
                 merged[part] = f32_to_bf16(np.add(weight, change, out=weight))
         self.adapter.release(name)
         self.base.release(name)
