@@ -50,7 +50,7 @@ MIN_VALUES = 1 << 20  # an expert smaller than this is merged on threads: a task
 
 WORKER_NICENESS = 10
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-# fork where it is safe and cheap; a fresh interpreter elsewhere (macOS, Windows)
+# fork where it is safe and cheap; a fresh interpreter elsewhere (macOS)
 START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
 _ARENA: "Arena | None" = None  # the arena: set in the parent before the workers fork, attached to in a spawned one
 _WORKER: dict = {}  # in a worker: its BLAS limit and its scratch arrays

@@ -368,11 +368,37 @@ def _failing_start(*args):
     raise RuntimeError("cannot start")
 
 
-@pytest.mark.parametrize("start, broken", [("fork", "_start_worker"), ("spawn", "shared_memory")])
+class _PoolThatCannotStart:
+    """A process pool whose workers die as they start: what a spawned worker in a script without
+    a ``__main__`` guard does (a spawned child runs the real module, which no patch reaches)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def submit(self, *args):
+        from concurrent.futures import Future
+        from concurrent.futures.process import BrokenProcessPool
+
+        future = Future()
+        future.set_exception(BrokenProcessPool("a child process terminated abruptly"))
+        return future
+
+    def shutdown(self, *args, **kwargs):
+        pass
+
+
+def _python_segments() -> set[Path]:
+    """Python's named shared memory segments (``psm_*``) on this machine."""
+    shm = Path("/dev/shm")
+    return set(shm.glob("psm_*")) if shm.is_dir() else set()
+
+
+@pytest.mark.parametrize("start, broken", [("fork", "_start_worker"), ("spawn", "pool"),
+                                           ("spawn", "shared_memory")])
 def test_a_merge_whose_workers_cannot_start_runs_on_threads(start, broken, monkeypatch, tmp_path):
-    """Where the worker processes cannot start (a worker that fails as it starts, as a spawned
-    one does in a script without a ``__main__`` guard; shared memory refused), the merge says so
-    and runs on threads: the same bytes, no process or shared memory left behind."""
+    """Where the worker processes cannot start (a worker that fails as it starts; a spawned pool
+    that breaks once its shared memory exists; shared memory refused), the merge says so and runs
+    on threads: the same bytes, no process or shared memory segment left behind."""
     import multiprocessing
 
     from oss_convert import converters, encode_workers
@@ -384,11 +410,13 @@ def test_a_merge_whose_workers_cannot_start_runs_on_threads(start, broken, monke
     monkeypatch.setattr(encode_workers, "START_METHOD", start)
     if broken == "shared_memory":
         monkeypatch.setattr(encode_workers.shared_memory, "SharedMemory", _no_shared_memory)
+    elif broken == "pool":
+        monkeypatch.setattr(encode_workers, "ProcessPoolExecutor", _PoolThatCannotStart)
     else:
         monkeypatch.setattr(encode_workers, "_start_worker", _failing_start)  # forked workers see it too
-    shm = set(Path("/dev/shm").iterdir()) if Path("/dev/shm").is_dir() else set()
+    segments = _python_segments()
     with pytest.warns(UserWarning, match="runs on threads"):
         converters.convert(base, "mlx", tmp_path / "workers" / "model", adapter=adapter, merge_workers=True)
     assert tree_hashes(tmp_path / "workers") == tree_hashes(tmp_path / "threads")
-    assert (set(Path("/dev/shm").iterdir()) if Path("/dev/shm").is_dir() else set()) == shm
+    assert _python_segments() == segments
     assert multiprocessing.active_children() == []
