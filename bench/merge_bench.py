@@ -109,6 +109,18 @@ def write_adapter(config: dict, layers: list[int], out: Path, seed: int = 0) -> 
     return 2 * E * len(layers)
 
 
+def checkout_revision(checkout: Path) -> str:
+    """The commit of a checkout, or its folder's name where it is no git work tree of its own (a
+    copied folder inside another repository would otherwise take that repository's commit)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(checkout), *args], capture_output=True, text=True).stdout.strip()
+
+    top = git("rev-parse", "--show-toplevel")
+    if not top or Path(top).resolve() != checkout.resolve():
+        return checkout.name
+    return git("log", "-1", "--format=%h")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="20b")
@@ -151,8 +163,7 @@ def main() -> None:
     if args.threads_too:
         jobs.append(("convert --adapter, threads only", on_threads, experts, None))
     for checkout in args.also:
-        revision = subprocess.run(["git", "-C", str(checkout), "log", "-1", "--format=%h"], capture_output=True,
-                                  text=True).stdout.strip() or checkout.name
+        revision = checkout_revision(checkout)
         jobs.append((f"convert --adapter ({revision})", [sys.executable, "-m", "oss_convert.cli.main", *merge], experts,
                      checkout.resolve()))
     for name, command, count, checkout in jobs:
