@@ -586,4 +586,5 @@ class AdaptedModel:
         return getattr(self.model, name)
 
     def close(self) -> None:
+        self.adapter.close()
         self.model.close()

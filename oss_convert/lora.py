@@ -174,6 +174,15 @@ class Adapter:
     # whole base weights the adapter carries (PEFT saves a targeted lm_head's): canonical name ->
     # (raw, dtype, key); they must equal the base's, or the adapter was made for another base
     saved_weights: dict = field(default_factory=dict)
+    # what closes the files the pairs' views map (their pages stay valid while a view is held)
+    closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def close(self) -> None:
+        """Close the adapter's open files (a conversion's end; without it they waited for the
+        garbage collector, a ResourceWarning under ``python -X dev``)."""
+        for close in self.closers:
+            close()
+        self.closers = []
 
     @cached_property
     def by_target(self) -> dict[str, list[LoraPair]]:

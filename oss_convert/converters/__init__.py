@@ -162,21 +162,23 @@ def convert(source: str | Path, target_name: str, output: str | Path, *, force: 
     with open_source(source) as src:
         lora = formats.read_adapter(adapter, src.config, lambda name, rows: src.f32_rows(name, rows)) \
             if adapter is not None else None
-        inputs = source_inputs(src, options) + (adapter_inputs(lora) if lora is not None else [])
-        published = [output, manifest_path(output)] if manifest else [output]
-        refuse_unsafe_output(published, inputs, force=force, shard_folders=[src.path])
-        # inside the shard folder (or the adapter's): a file there becomes part of that input. The
-        # repo root may hold outputs, as the Hub repos hold metal/ beside original/.
-        refuse_inside(published, [src.path] + ([Path(lora.path)] if lora is not None else []))
-        check_side_files(Path(src.repo_root))  # what the target copies or hands to gguf-py, before a byte is written
-        if lora is not None:
-            src = MergedSource(src, lora, recipe=options.get("recipe") if options.get("recipe") in quantize.RECIPES
-                               else "search", dense_experts=spec.writes_dense_experts, workers=merge_workers)
         try:
+            inputs = source_inputs(src, options) + (adapter_inputs(lora) if lora is not None else [])
+            published = [output, manifest_path(output)] if manifest else [output]
+            refuse_unsafe_output(published, inputs, force=force, shard_folders=[src.path])
+            # inside the shard folder (or the adapter's): a file there becomes part of that input. The
+            # repo root may hold outputs, as the Hub repos hold metal/ beside original/.
+            refuse_inside(published, [src.path] + ([Path(lora.path)] if lora is not None else []))
+            check_side_files(Path(src.repo_root))  # what the target copies or hands to gguf-py, before a byte is written
+            if lora is not None:
+                src = MergedSource(src, lora, recipe=options.get("recipe") if options.get("recipe") in quantize.RECIPES
+                                   else "search", dense_experts=spec.writes_dense_experts, workers=merge_workers)
             return _convert_opened(src, spec, source, output, force, progress, scan, manifest, options, adapter)
         finally:
             if isinstance(src, MergedSource):
                 src.stop()  # the merge's worker processes and adapter hash, on success, refusal or ^C alike
+            if lora is not None:
+                lora.close()
 
 
 def _convert_opened(src: Source, spec: Target, source, output: Path, force: bool, progress: Progress, scan: bool,

@@ -10,6 +10,7 @@ Imports: support and base modules, ``formats``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -36,18 +37,24 @@ def convert_adapter(adapter_path: str | Path, target: str, output: str | Path, *
         raise OutputExistsError(f"{output} exists; pass --force to replace it")
     with open_source(base) as src:
         lora = formats.read_adapter(adapter_path, src.config, lambda name, rows: src.f32_rows(name, rows))
-        inputs = [Path(lora.path), *lora.files, src.path, src.config_path, *(f.path for f in src.files)]
-        folder = target == "mlx"  # mlx-lm's adapter is a folder, its manifest inside it
-        outputs = [output] if folder or not manifest else [output, manifest_path(output)]
-        refuse_unsafe_output([output, manifest_path(output)], inputs, force=force)
-        with progress.task(f"adapter to {target}", len(lora.pairs), "pairs") as advance:
-            with atomic_outputs(outputs, force=force, is_dir=folder) as temps:
-                written = _write(target, lora, src.config, temps[0], output.name)
-                advance(len(lora.pairs))
-                if manifest:
-                    where = manifest_path(temps[0]) if folder else temps[1]
-                    where.write_text(json.dumps(_manifest(lora, src, target, written), indent=2) + "\n")
+        with contextlib.closing(lora):
+            _write_checked(lora, src, target, output, force, manifest, progress)
     return output
+
+
+def _write_checked(lora, src, target: str, output: Path, force: bool, manifest: bool, progress) -> None:
+    """``convert_adapter`` once the adapter is read: refusals first, then the atomic write."""
+    inputs = [Path(lora.path), *lora.files, src.path, src.config_path, *(f.path for f in src.files)]
+    folder = target == "mlx"  # mlx-lm's adapter is a folder, its manifest inside it
+    outputs = [output] if folder or not manifest else [output, manifest_path(output)]
+    refuse_unsafe_output([output, manifest_path(output)], inputs, force=force)
+    with progress.task(f"adapter to {target}", len(lora.pairs), "pairs") as advance:
+        with atomic_outputs(outputs, force=force, is_dir=folder) as temps:
+            written = _write(target, lora, src.config, temps[0], output.name)
+            advance(len(lora.pairs))
+            if manifest:
+                where = manifest_path(temps[0]) if folder else temps[1]
+                where.write_text(json.dumps(_manifest(lora, src, target, written), indent=2) + "\n")
 
 
 def _write(target: str, lora, config, out: Path, name: str) -> dict[str, Path]:

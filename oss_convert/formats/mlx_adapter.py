@@ -63,6 +63,19 @@ def read(path: str | Path, base: ModelConfig | None = None) -> Adapter:
     params = config["lora_parameters"]
     rank, scale = int(params["rank"]), float(params["scale"])
     weights = SafetensorsFile(folder / WEIGHTS_FILE)
+    try:
+        adapter = _adapter(folder, config, weights, rank, scale, base)
+        adapter.check_finite()
+    except BaseException:  # a refused adapter's file closes now, not at the next garbage collection
+        weights.close()
+        raise
+    adapter.closers.append(weights.close)
+    return adapter
+
+
+def _adapter(folder: Path, config: dict, weights: SafetensorsFile, rank: int, scale: float,
+             base: ModelConfig | None) -> Adapter:
+    """``read`` once the weights file is open: its pairs on canonical names, each key checked."""
     check_rank(rank, file=weights.path, key="lora_parameters.rank")
     found: dict[str, dict[str, str]] = {}
     for key, entry in weights.entries.items():
@@ -74,10 +87,8 @@ def read(path: str | Path, base: ModelConfig | None = None) -> Adapter:
         found.setdefault(match["module"], {})[match["side"]] = key
     pairs = [_pair(weights, module, sides, rank, scale, base) for module, sides in sorted(found.items())]
     info = {"num_layers": config.get("num_layers"), "rank": rank, "scale": scale,
-            "keys": (params.get("keys") or None)}
-    adapter = Adapter("mlx-lm", folder, [folder / CONFIG_FILE, folder / WEIGHTS_FILE], pairs, info)
-    adapter.check_finite()
-    return adapter
+            "keys": (config["lora_parameters"].get("keys") or None)}
+    return Adapter("mlx-lm", folder, [folder / CONFIG_FILE, folder / WEIGHTS_FILE], pairs, info)
 
 
 def _pair(weights: SafetensorsFile, module: str, sides: dict, rank: int, scale: float,

@@ -98,6 +98,18 @@ def read(path: str | Path, base: ModelConfig | None = None) -> Adapter:
     folder = folder_of(Path(path))
     config = read_config(folder)
     weights = SafetensorsFile(folder / WEIGHTS_FILE)
+    try:
+        adapter = _adapter(folder, config, weights, base)
+        adapter.check_finite()
+    except BaseException:  # a refused adapter's file closes now, not at the next garbage collection
+        weights.close()
+        raise
+    adapter.closers.append(weights.close)
+    return adapter
+
+
+def _adapter(folder: Path, config: dict, weights: SafetensorsFile, base) -> Adapter:
+    """``read`` once the weights file is open: its pairs on canonical names, each key checked."""
     factors = _factors(weights)
     pairs: list[LoraPair] = []
     experts: dict[int, dict[str, tuple]] = {}
@@ -123,9 +135,7 @@ def read(path: str | Path, base: ModelConfig | None = None) -> Adapter:
             "use_rslora": bool(config.get("use_rslora"))}
     saved = {SAVED_BASE_WEIGHTS[k.removeprefix(PREFIX)]: (weights.array(k), weights.entries[k].dtype, k)
              for k in weights.entries if k.removeprefix(PREFIX) in SAVED_BASE_WEIGHTS}
-    adapter = Adapter("peft", folder, [folder / CONFIG_FILE, folder / WEIGHTS_FILE], pairs, info, saved)
-    adapter.check_finite()
-    return adapter
+    return Adapter("peft", folder, [folder / CONFIG_FILE, folder / WEIGHTS_FILE], pairs, info, saved)
 
 
 # PEFT saves the whole weight of a targeted lm_head / embedding beside its factors

@@ -63,3 +63,48 @@ def test_delta_rows_of_every_pair_layout(kind):
     }[kind]
     adapter = Adapter("peft", Path("."), [], pairs)
     assert_rows_equal_whole(adapter, name, (E, rows, cols), range(E))
+
+
+def _adapter_files_left_open(run) -> list[str]:
+    """The ResourceWarnings of files ``run`` left for the garbage collector to close (named by
+    their descriptor: the readers open them with ``os.open``)."""
+    import gc
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        run()
+        gc.collect()
+    return [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+def test_a_merge_and_a_refused_adapter_close_the_adapters_file(tmp_path):
+    from oss_convert import converters
+    from oss_convert.converters.adapter import convert_adapter
+    from oss_convert.errors import InputError
+    from oss_convert.formats.safetensors import SafetensorsFile
+
+    base, adapter = EXAMPLES / "gpt-oss-tiny", EXAMPLES / "gpt-oss-tiny-sherlock-lora"
+    assert not _adapter_files_left_open(lambda: converters.convert(
+        base, "hf-bf16", tmp_path / "merged", adapter=adapter, merge_workers=False))
+    assert not _adapter_files_left_open(lambda: convert_adapter(
+        adapter, "gguf", tmp_path / "lora.gguf", base=base))
+
+    from safetensors.numpy import save_file
+
+    broken = tmp_path / "nan-lora"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_bytes((adapter / "adapter_config.json").read_bytes())
+    weights = SafetensorsFile(adapter / "adapter_model.safetensors")
+    tensors = {name: np.array(weights.array(name)) for name in weights.entries}
+    weights.close()
+    key = next(k for k in sorted(tensors) if k.endswith("lora_A.weight"))
+    tensors[key] = tensors[key].astype(np.float32)
+    tensors[key].flat[0] = np.nan
+    save_file(tensors, str(broken / "adapter_model.safetensors"))
+
+    def refused():
+        with pytest.raises(InputError, match="NaN"):
+            converters.convert(base, "hf-bf16", tmp_path / "refused", adapter=broken, merge_workers=False)
+
+    assert not _adapter_files_left_open(refused)
