@@ -109,6 +109,18 @@ def write_adapter(config: dict, layers: list[int], out: Path, seed: int = 0) -> 
     return 2 * E * len(layers)
 
 
+def package_digest(checkout: Path | None = None) -> str:
+    """A short sha256 of the ``oss_convert`` sources a job runs: names the code measured where
+    the git metadata beside it may be stale (a copied tree)."""
+    import hashlib
+
+    root = (checkout or Path(__file__).resolve().parents[1]) / "oss_convert"
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def checkout_revision(checkout: Path) -> str:
     """The commit of a checkout, or its folder's name where it is no git work tree of its own (a
     copied folder inside another repository would otherwise take that repository's commit)."""
@@ -176,9 +188,10 @@ def main() -> None:
     plain = rows[1][1]
     from oss_convert import encode_workers
 
-    workers = "worker processes, one per core" if encode_workers.available() else "threads"
+    workers = f"{encode_workers.worker_count()} worker processes" if encode_workers.available() else "threads"
     print(f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores ({workers}), "
-          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, Python {platform.python_version()}")
+          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, Python {platform.python_version()}; "
+          f"package sources {package_digest()}" + "".join(f", {c.name}'s {package_digest(c)}" for c in args.also))
     print(f"Checkpoint: {repo.name} ({total} layers, {config['num_experts']} experts), {source_bytes / 1e9:.2f} GB; "
           f"adapter: rank {RANK}, attention + every expert of {len(touched)} layers ({experts} expert matrices); "
           "page cache warm; times include a final sync\n")
