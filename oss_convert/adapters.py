@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import shutil
 import tempfile
 import threading
 import warnings
@@ -33,6 +34,7 @@ import numpy as np
 
 from . import encode_workers, quantize
 from .dtypes import bf16_to_f32, f32_to_bf16
+from .errors import OssConvertError
 from .formats import mxfp4
 from .hashing import file_sha256
 from .lora import Adapter, delta_rows
@@ -42,6 +44,7 @@ REPORT_KEY = "adapter_merge"  # its section in OUT/quantization.json and in the 
 # On worker processes, the re-encoded experts the workers may hold ready (in temporary files)
 # ahead of the target: layers of them, at least the next adapted one.
 SPILL_AHEAD_BYTES = 1 << 30
+SPILL_MARGIN_BYTES = 256 << 20  # left free in the temporary folder beside the spill
 
 
 class LazyExperts:
@@ -179,9 +182,13 @@ class _ExpertMerge:
                 self.adapter.release(self.name)
 
     def _write_spill(self, e: int, blocks: np.ndarray, scales: np.ndarray) -> None:
-        for offset, array in ((0, blocks), (self._blocks_bytes, scales)):  # no bytes copy of either
-            os.pwrite(self._spill.fileno(), memoryview(np.ascontiguousarray(array).reshape(-1)),
-                      e * self._expert_bytes + offset)
+        try:
+            for offset, array in ((0, blocks), (self._blocks_bytes, scales)):  # no bytes copy of either
+                os.pwrite(self._spill.fileno(), memoryview(np.ascontiguousarray(array).reshape(-1)),
+                          e * self._expert_bytes + offset)
+        except OSError as error:  # not the output's disk: say which one (a tmpfs /tmp is RAM-sized)
+            raise OssConvertError(f"cannot write the merge's temporary file in {tempfile.gettempdir()} (TMPDIR): "
+                                  f"{error.strerror}; nothing was left behind") from error
 
     def _merged(self, e: int) -> tuple[np.ndarray, np.ndarray]:
         """On threads: expert ``e`` decoded, merged and re-encoded a chunk of rows at a time on the
@@ -269,6 +276,8 @@ class MergedSource:
         # the layers whose MXFP4 experts are merged (a dense-expert target merges them one at a time)
         self._expert_layers = [] if self.experts == "bf16" else \
             sorted({expert_name(n)[0] for n in adapter.by_target if is_expert_weight(n)})
+        # how many adapted layers of re-encoded experts the temporary folder holds (refused if not one)
+        self._spill_layers = self._spill_room() if self._expert_layers else 0
         self._tallies: dict[str, _MergeTally] = {}
         self._records: dict[str, dict] = {}
         self._last_bf16: tuple[str | None, np.ndarray | None] = (None, None)
@@ -405,11 +414,27 @@ class MergedSource:
                     self._merges[weight].schedule()
 
     def _layers_ahead(self) -> int:
-        """How many adapted layers beyond the next one the workers may encode ahead of the target."""
-        # an expert's MXFP4 bytes: half a byte a value, and a scale byte every BLOCK values
-        layer_bytes = sum(int(np.prod(self._shapes[f"block.0.mlp.{w}_weight"])) for w in ("mlp1", "mlp2")) * \
+        """How many adapted layers beyond the next one the workers may encode ahead of the target:
+        ``SPILL_AHEAD_BYTES`` of them, one at least, as far as the temporary folder has room."""
+        return min(max(1, SPILL_AHEAD_BYTES // self._spill_layer_bytes()), self._spill_layers - 1)
+
+    def _spill_layer_bytes(self) -> int:
+        """An adapted layer's re-encoded experts in the spill: MXFP4's half byte a value, and a scale
+        byte every BLOCK values."""
+        return sum(int(np.prod(self._shapes[f"block.0.mlp.{w}_weight"])) for w in ("mlp1", "mlp2")) * \
             (mxfp4.BLOCK // 2 + 1) // mxfp4.BLOCK
-        return max(1, SPILL_AHEAD_BYTES // layer_bytes)
+
+    def _spill_room(self) -> int:
+        """Adapted layers of spill that fit the temporary folder's free space (at most as many as
+        the workers would keep); refused where not one does, before anything is written."""
+        folder, layer_bytes = tempfile.gettempdir(), self._spill_layer_bytes()
+        free = shutil.disk_usage(folder).free
+        layers = (free - SPILL_MARGIN_BYTES) // layer_bytes
+        if layers < 1:
+            raise OssConvertError(f"the merge keeps each adapted layer's re-encoded experts in a temporary file, "
+                                  f"{layer_bytes / 1e9:.2f} GB a layer, and {folder} has {free / 1e9:.2f} GB free: "
+                                  "set TMPDIR to a folder with room")
+        return int(min(layers, 1 + max(1, SPILL_AHEAD_BYTES // layer_bytes)))
 
     def _merge_workers(self) -> "encode_workers.MergeWorkers | None":
         """The worker processes, started at the first merge of experts large enough to pay for them."""

@@ -25,6 +25,7 @@ from oss_convert.formats.safetensors import SafetensorsFile
 
 from helpers import (
     cut,
+    digests,
     edit_header,
     listing,
     poke,
@@ -555,3 +556,71 @@ def test_gguf_tensor_placement_that_llama_cpp_refuses(case, offset, message, tin
         result = run_sub(*args)
         assert result.returncode == 2 and message in result.stderr and bad.name in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+# -- the merge's temporary files --------------------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def _free_space(free: int):
+    """``shutil.disk_usage`` of a temporary folder with ``free`` bytes left."""
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    return lambda folder: usage(1 << 40, (1 << 40) - free, free)
+
+
+def test_a_merge_without_room_for_its_temporary_files_is_refused_before_writing(monkeypatch, capsys, tmp_path):
+    from oss_convert import adapters
+
+    base, adapter = EXAMPLES / "gpt-oss-tiny", EXAMPLES / "gpt-oss-tiny-sherlock-lora"
+    before = digests(base), digests(adapter)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(adapters.tempfile, "tempdir", None)  # TMPDIR read again
+    monkeypatch.setattr(adapters.shutil, "disk_usage", _free_space(adapters.SPILL_MARGIN_BYTES))
+    out = tmp_path / "merged"
+    code, _, err = run_cli(monkeypatch, capsys, "convert", str(base), "--adapter", str(adapter), "--to", "mlx",
+                           "-o", str(out), "--quiet")
+    assert code == 2 and "TMPDIR" in err and str(tmp_path) in err and "GB a layer" in err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+    assert (digests(base), digests(adapter)) == before
+
+
+def test_the_workers_run_ahead_only_as_far_as_the_temporary_folder_holds(monkeypatch):
+    from oss_convert import adapters, formats
+
+    base = OriginalCheckpoint(EXAMPLES / "gpt-oss-tiny")
+    lora = formats.read_adapter(EXAMPLES / "gpt-oss-tiny-sherlock-lora", base.config)
+    try:
+        merged = adapters.MergedSource(base, lora, workers=False)
+        layer = merged._spill_layer_bytes()
+        merged.stop()
+        # (the window in layers, the layers the folder holds) -> the layers the workers may run ahead
+        for window, room, ahead in ((1000, 1, 0), (1000, 2, 1), (1000, 5, 4), (2, 5, 2), (2, 1, 0)):
+            monkeypatch.setattr(adapters, "SPILL_AHEAD_BYTES", window * layer)
+            monkeypatch.setattr(adapters.shutil, "disk_usage",
+                                _free_space(adapters.SPILL_MARGIN_BYTES + room * layer + layer // 2))
+            merged = adapters.MergedSource(base, lora, workers=False)
+            assert merged._layers_ahead() == ahead, (window, room)
+            merged.stop()
+    finally:
+        lora.close()
+        base.close()
+
+
+def test_a_full_temporary_folder_mid_merge_names_it(monkeypatch, capsys, tmp_path):
+    import errno
+    import os
+
+    from oss_convert import adapters
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(adapters.os, "pwrite", full)  # only the spill writes with pwrite
+    out = tmp_path / "merged"
+    code, _, err = run_cli(monkeypatch, capsys, "convert", str(EXAMPLES / "gpt-oss-tiny"), "--adapter",
+                           str(EXAMPLES / "gpt-oss-tiny-sherlock-lora"), "--to", "mlx", "-o", str(out), "--quiet")
+    assert code == 2 and "temporary file" in err and "TMPDIR" in err and "No space left" in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
