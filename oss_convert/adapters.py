@@ -212,10 +212,7 @@ class _ExpertMerge:
         return encoded
 
     def _delta_rows(self, shape: tuple[int, int]) -> np.ndarray:
-        buffer = getattr(self._scratch, "delta", None)
-        if buffer is None or buffer.shape[0] < shape[0] or buffer.shape[1] != shape[1]:
-            buffer = self._scratch.delta = np.empty(shape, dtype=np.float32)
-        return buffer[:shape[0]]
+        return _thread_rows(self._scratch, shape)
 
     # -- on the workers' feeder thread ----------------------------------------------------
 
@@ -252,6 +249,15 @@ class _ExpertMerge:
         self._spill.close()
 
 
+def _thread_rows(scratch: threading.local, shape: tuple[int, int]) -> np.ndarray:
+    """The calling thread's float32 scratch rows of ``shape`` (kept for its next chunk: a fresh
+    array's page faults cost about as much as the chunk's arithmetic)."""
+    buffer = getattr(scratch, "rows", None)
+    if buffer is None or buffer.shape[0] < shape[0] or buffer.shape[1] != shape[1]:
+        buffer = scratch.rows = np.empty(shape, dtype=np.float32)
+    return buffer[:shape[0]]
+
+
 def _relative(delta_energy: float, base_energy: float) -> float:
     return float(np.sqrt(delta_energy / base_energy)) if base_energy else 0.0
 
@@ -281,6 +287,7 @@ class MergedSource:
         self._tallies: dict[str, _MergeTally] = {}
         self._records: dict[str, dict] = {}
         self._last_bf16: tuple[str | None, np.ndarray | None] = (None, None)
+        self._scratch = threading.local()  # each thread's delta rows of a BF16 tensor's merge
         # the adapter's files hashed once, beside the merge (the report is asked for twice, at the end)
         self._hashing = ThreadPoolExecutor(1, thread_name_prefix="hash-adapter")
         self._stopped = threading.Event()  # the conversion is over: a hash still running stops
@@ -475,16 +482,21 @@ class MergedSource:
         rows, cols = raw.shape
         merged = np.empty((rows, cols), dtype=np.uint16)
         step = max(1, quantize.CHUNK_VALUES // cols)
-        scratch = np.empty((step, cols), dtype=np.float32)
-        delta_energy = base_energy = 0.0
-        with self._parent_blas():
-            for first in range(0, rows, step):
-                part = slice(first, min(first + step, rows))
-                change = delta_rows(terms, part.start, part.stop, scratch[:part.stop - part.start])
-                weight = bf16_to_f32(np.ascontiguousarray(raw[part]))
-                delta_energy += quantize.sum_of_squares(change)
-                base_energy += quantize.sum_of_squares(weight)
-                merged[part] = f32_to_bf16(np.add(weight, change, out=weight))
+
+        def merge_rows(first: int) -> tuple[float, float]:
+            part = slice(first, min(first + step, rows))
+            change = delta_rows(terms, part.start, part.stop, _thread_rows(self._scratch, (part.stop - first, cols)))
+            weight = bf16_to_f32(np.ascontiguousarray(raw[part]))
+            energies = quantize.sum_of_squares(change), quantize.sum_of_squares(weight)
+            merged[part] = f32_to_bf16(np.add(weight, change, out=weight))
+            return energies
+
+        # The chunks on the encoder's threads, each product on one BLAS thread: on the target's
+        # critical path, and the merge's workers yield these cores (encode_workers._run_when_idle).
+        with encode_workers.one_blas_thread():
+            sums = quantize.map_in_order(merge_rows, range(0, rows, step), rows * cols)
+        delta_energy = sum(delta for delta, _ in sums)  # in the chunks' order: the same sums as one thread's
+        base_energy = sum(base for _, base in sums)
         self.adapter.release(name)
         self.base.release(name)
         if not delta_energy:  # exactly zero (a float32 squared never underflows in float64): the base's bytes

@@ -111,6 +111,12 @@ _PARALLEL_VALUES = 1 << 20
 _POOL: list[ThreadPoolExecutor] = []
 
 
+def map_in_order(function: Callable, items, values: int) -> list:
+    """``function`` of each item, in order; on the encoder's threads where the work covers at
+    least ``_PARALLEL_VALUES`` values (numpy releases the GIL), else on this one."""
+    return list(_pool().map(function, items) if values >= _PARALLEL_VALUES else map(function, items))
+
+
 def _pool() -> ThreadPoolExecutor:
     if not _POOL:
         _POOL.append(ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1)), thread_name_prefix="mxfp4-encode"))
