@@ -162,6 +162,19 @@ def delta_rows(terms: list[DeltaTerm], first: int, stop: int, out: np.ndarray) -
     return out
 
 
+def owning_file(read: Callable[[], "Adapter"], close: Callable[[], None]) -> "Adapter":
+    """The adapter ``read()`` makes from an open file, its values checked finite; it closes the
+    file with the conversion (``Adapter.close``), and a refusal closes it at once."""
+    try:
+        adapter = read()
+        adapter.check_finite()
+    except BaseException:  # a refused adapter's file closes now, not at the next garbage collection
+        close()
+        raise
+    adapter.closers.append(close)
+    return adapter
+
+
 @dataclass
 class Adapter:
     """A LoRA adapter read from disk: its pairs on canonical names, and what describes it."""

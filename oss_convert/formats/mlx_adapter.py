@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..lora import FLOAT_DTYPES, Adapter, LoraPair, check_rank
+from ..lora import FLOAT_DTYPES, Adapter, LoraPair, check_rank, owning_file
 from ..model import ModelConfig, TensorSpec
 from .base import Format, folder_of, json_folder_with, read_json_object
 from .safetensors import SafetensorsFile
@@ -63,14 +63,7 @@ def read(path: str | Path, base: ModelConfig | None = None) -> Adapter:
     params = config["lora_parameters"]
     rank, scale = int(params["rank"]), float(params["scale"])
     weights = SafetensorsFile(folder / WEIGHTS_FILE)
-    try:
-        adapter = _adapter(folder, config, weights, rank, scale, base)
-        adapter.check_finite()
-    except BaseException:  # a refused adapter's file closes now, not at the next garbage collection
-        weights.close()
-        raise
-    adapter.closers.append(weights.close)
-    return adapter
+    return owning_file(lambda: _adapter(folder, config, weights, rank, scale, base), weights.close)
 
 
 def _adapter(folder: Path, config: dict, weights: SafetensorsFile, rank: int, scale: float,

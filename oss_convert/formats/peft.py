@@ -32,7 +32,7 @@ import re
 from pathlib import Path
 
 from ..errors import InputError
-from ..lora import FLOAT_DTYPES, Adapter, LoraPair, check_rank
+from ..lora import FLOAT_DTYPES, Adapter, LoraPair, check_rank, owning_file
 from ..model import ModelConfig
 from .base import Format, folder_of, json_folder_with, read_json_object
 from .safetensors import SafetensorsFile
@@ -98,14 +98,7 @@ def read(path: str | Path, base: ModelConfig | None = None) -> Adapter:
     folder = folder_of(Path(path))
     config = read_config(folder)
     weights = SafetensorsFile(folder / WEIGHTS_FILE)
-    try:
-        adapter = _adapter(folder, config, weights, base)
-        adapter.check_finite()
-    except BaseException:  # a refused adapter's file closes now, not at the next garbage collection
-        weights.close()
-        raise
-    adapter.closers.append(weights.close)
-    return adapter
+    return owning_file(lambda: _adapter(folder, config, weights, base), weights.close)
 
 
 def _adapter(folder: Path, config: dict, weights: SafetensorsFile, base) -> Adapter:
