@@ -161,8 +161,8 @@ def _start_worker(arena: tuple | None) -> None:
 
 
 def _run_when_idle() -> None:
-    """Give every core the conversion wants to the conversion (``CORES_LEFT_TO_THE_CONVERSION``):
-    at nice 10 its threads still lost a third of their speed to the workers."""
+    """Let this worker run only where the conversion leaves a core idle: at nice 10 the
+    conversion's threads still lost a third of their speed to the workers."""
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         return

@@ -96,11 +96,7 @@ def encode_made(shape: tuple[int, int], make: Callable[[slice, np.ndarray], np.n
         if tally is not None:
             sums[i] = error, np.square(values, dtype=np.float64).sum()
 
-    if rows * cols >= _PARALLEL_VALUES:  # numpy releases the GIL: the row chunks run on every core
-        list(_pool().map(chunk, range(len(starts))))
-    else:
-        for i in range(len(starts)):
-            chunk(i)
+    map_in_order(chunk, range(len(starts)), rows * cols)  # the row chunks on every core
     if tally is not None:
         tally.add_sums(float(sums[:, 0].sum()), float(sums[:, 1].sum()), rows * cols)
     return blocks, scales
@@ -114,12 +110,21 @@ _POOL: list[ThreadPoolExecutor] = []
 def map_in_order(function: Callable, items, values: int) -> list:
     """``function`` of each item, in order; on the encoder's threads where the work covers at
     least ``_PARALLEL_VALUES`` values (numpy releases the GIL), else on this one."""
-    return list(_pool().map(function, items) if values >= _PARALLEL_VALUES else map(function, items))
+    return list(_pool().map(function, items) if _parallel(values) else map(function, items))
+
+
+def _parallel(values: int) -> bool:
+    """Work of ``values`` values goes to the pool: large enough, and not asked for by one of the
+    pool's own threads (which would wait for threads that may all be waiting likewise)."""
+    return values >= _PARALLEL_VALUES and not threading.current_thread().name.startswith(_POOL_THREADS)
+
+
+_POOL_THREADS = "mxfp4-encode"
 
 
 def _pool() -> ThreadPoolExecutor:
     if not _POOL:
-        _POOL.append(ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1)), thread_name_prefix="mxfp4-encode"))
+        _POOL.append(ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1)), thread_name_prefix=_POOL_THREADS))
     return _POOL[0]
 
 
@@ -260,7 +265,7 @@ def sum_of_squares(values: np.ndarray) -> float:
         return float(np.square(flat[start:start + TALLY_VALUES], dtype=np.float64).sum())
 
     starts = range(0, flat.size, TALLY_VALUES)
-    return float(sum(_pool().map(piece, starts) if flat.size >= _PARALLEL_VALUES else map(piece, starts)))
+    return float(sum(map_in_order(piece, starts, flat.size)))
 
 
 def piece_energies(change: np.ndarray, weight: np.ndarray) -> tuple[float, float]:

@@ -224,3 +224,24 @@ def test_the_search_is_the_definition_on_merged_weights():
         merged = (weight + rng.standard_normal(weight.shape).astype(np.float32) * np.float32(size)).astype(np.float32)
         got, want = quantize.encode(merged, "search"), _search_by_definition(merged)
         assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0]), size
+
+
+def test_the_encoders_pool_is_never_asked_for_work_by_its_own_threads():
+    """Work that the pool's threads hand out again (a large sum inside a chunk) runs where it is:
+    with every pool thread waiting on the pool, nothing would ever finish."""
+    import threading
+
+    from oss_convert import quantize
+
+    values = np.arange(quantize._PARALLEL_VALUES * 2, dtype=np.float32) / 1e6
+    expected = float(np.square(values, dtype=np.float64).sum())
+    results: list = []
+
+    def many_sums() -> None:
+        results.extend(quantize.map_in_order(lambda _: quantize.sum_of_squares(values), range(64), 1 << 40))
+
+    worker = threading.Thread(target=many_sums, daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "the encoder's pool waited on itself"
+    assert len(results) == 64 and all(r == pytest.approx(expected, rel=1e-12) for r in results)
