@@ -282,7 +282,8 @@ class MergedSource:
         # the layers whose MXFP4 experts are merged (a dense-expert target merges them one at a time)
         self._expert_layers = [] if self.experts == "bf16" else \
             sorted({expert_name(n)[0] for n in adapter.by_target if is_expert_weight(n)})
-        # how many adapted layers of re-encoded experts the temporary folder holds (refused if not one)
+        # how many adapted layers of re-encoded experts the spill may hold: the next one and those
+        # ahead of it, as far as SPILL_AHEAD_BYTES and the temporary folder allow (refused if not one)
         self._spill_layers = self._spill_room() if self._expert_layers else 0
         self._tallies: dict[str, _MergeTally] = {}
         self._records: dict[str, dict] = {}
@@ -423,7 +424,7 @@ class MergedSource:
     def _layers_ahead(self) -> int:
         """How many adapted layers beyond the next one the workers may encode ahead of the target:
         ``SPILL_AHEAD_BYTES`` of them, one at least, as far as the temporary folder has room."""
-        return min(max(1, SPILL_AHEAD_BYTES // self._spill_layer_bytes()), self._spill_layers - 1)
+        return self._spill_layers - 1  # the layers the spill may hold, the next one's included
 
     def _spill_layer_bytes(self) -> int:
         """An adapted layer's re-encoded experts in the spill: MXFP4's half byte a value, and a scale
