@@ -11,6 +11,7 @@ measures everything else: attention, RoPE, window, sinks, experts.
 
 from __future__ import annotations
 
+import zlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -196,15 +197,23 @@ def transformers_model(folder: Path, **kwargs):
 def peft_adapter(base_hf: Path, out: Path, *, seed: int = 0, b_scale: float = 0.05, **config) -> Path:
     """A LoRA adapter written by PEFT itself (``save_pretrained``) for the transformers folder
     ``base_hf``: ``LoraConfig(**config)`` with every factor random (a trained adapter has B != 0;
-    B is scaled by ``b_scale`` so the deltas are the size of a fine-tune's, not of the weights)."""
+    B is scaled by ``b_scale`` so the deltas are the size of a fine-tune's, not of the weights).
+
+    Each factor is drawn as PEFT's ``init_lora_weights=False`` draws it (uniform within
+    1/sqrt(fan-in)), but from a generator seeded by ``seed`` and the factor's name: PEFT's own
+    draws follow the order it wraps the modules in, which changed in peft 0.22 (target_modules
+    sorted), and with it every adapter and every measured bound of the tests."""
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
-    torch.manual_seed(seed)
     model = peft.get_peft_model(transformers_model(base_hf), peft.LoraConfig(init_lora_weights=False, **config))
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(b_scale)
+            if "lora_A" in name or "lora_B" in name:
+                draw = torch.Generator().manual_seed(seed * 2**32 + zlib.crc32(name.encode()))
+                bound = param.shape[-1] ** -0.5
+                param.copy_(torch.empty(param.shape).uniform_(-bound, bound, generator=draw))
+                if "lora_B" in name:
+                    param.mul_(b_scale)
     model.save_pretrained(out)
     return out
 
