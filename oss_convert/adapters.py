@@ -42,8 +42,14 @@ from .model import Mxfp4Pair, expected_tensors, expert_name, is_expert_weight, i
 
 REPORT_KEY = "adapter_merge"  # its section in OUT/quantization.json and in the manifest
 # On worker processes, the re-encoded experts the workers may hold ready (in temporary files)
-# ahead of the target: layers of them, at least the next adapted one.
-SPILL_AHEAD_BYTES = 1 << 30
+# ahead of the target: layers of them, at least the next adapted one. 4 GiB lets the workers start
+# on a 20b adapter's layers while the target still writes the unadapted ones before them (10 layers
+# ahead; 1 GiB, two layers, kept them waiting: a full 20b merge 2.01-2.10x `cp -r` on 16 cores,
+# 1.77-1.95x with 4 GiB, 8 GiB no better; bench/RESULTS.md).
+SPILL_AHEAD_BYTES = 4 << 30
+# ... and at most this share of the machine's memory: the temporary folder may be RAM-backed (tmpfs),
+# and a file read back within seconds is in the page cache anyway
+SPILL_MEMORY_SHARE = 16
 SPILL_MARGIN_BYTES = 256 << 20  # left free in the temporary folder beside the spill
 
 
@@ -262,6 +268,25 @@ def _relative(delta_energy: float, base_energy: float) -> float:
     return float(np.sqrt(delta_energy / base_energy)) if base_energy else 0.0
 
 
+def _spill_window() -> int:
+    """The bytes of re-encoded experts the workers may hold ahead of the target: ``SPILL_AHEAD_BYTES``,
+    or ``1/SPILL_MEMORY_SHARE`` of the physical memory where that is less."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): the window as it is
+        return SPILL_AHEAD_BYTES
+    return min(SPILL_AHEAD_BYTES, memory // SPILL_MEMORY_SHARE)
+
+
+def _same_disk(folder: Path, output: Path) -> bool:
+    """Whether ``output`` (not written yet: its nearest existing folder tells) is on ``folder``'s
+    file system."""
+    existing = output.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return os.stat(existing).st_dev == os.stat(folder).st_dev
+
+
 class MergedSource:
     """``base`` (a ``Source``) with ``adapter`` merged in (see the module docstring).
 
@@ -269,8 +294,9 @@ class MergedSource:
     so); otherwise an MXFP4 base keeps MXFP4 experts, re-encoded where touched with ``recipe``."""
 
     def __init__(self, base, adapter: Adapter, *, recipe: str = "search", dense_experts: bool = False,
-                 workers: bool | None = None):
+                 workers: bool | None = None, output: Path | None = None):
         self.base, self.adapter, self.recipe = base, adapter, recipe
+        self.output = output  # where the target writes: the spill leaves it room on a shared disk
         # worker processes for the re-encoding: None = where ``encode_workers.available()`` says so
         self.workers = workers
         self._workers: "encode_workers.MergeWorkers | bool | None" = None
@@ -283,7 +309,7 @@ class MergedSource:
         self._expert_layers = [] if self.experts == "bf16" else \
             sorted({expert_name(n)[0] for n in adapter.by_target if is_expert_weight(n)})
         # how many adapted layers of re-encoded experts the spill may hold: the next one and those
-        # ahead of it, as far as SPILL_AHEAD_BYTES and the temporary folder allow (refused if not one)
+        # ahead of it, as far as _spill_window and the temporary folder allow (refused if not one)
         self._spill_layers = self._spill_room() if self._expert_layers else 0
         self._tallies: dict[str, _MergeTally] = {}
         self._records: dict[str, dict] = {}
@@ -390,8 +416,8 @@ class MergedSource:
         """The target reads ``name``: the live merges follow its expert weights. Targets go layer
         by layer (Metal writes mlp1 and mlp2 expert by expert, after every dense tensor), so a
         layer's touched expert weights are made together and earlier layers' dropped. On worker
-        processes the adapted layers ahead are made and scheduled too, as far as
-        ``SPILL_AHEAD_BYTES`` of encoded experts allow (one layer at least), and from the
+        processes the adapted layers ahead are made and scheduled too, as far as the spill
+        allows (``_layers_ahead``), and from the
         target's first tensor on: the workers encode while the target writes the layers before."""
         if not self._expert_layers:
             return
@@ -423,7 +449,7 @@ class MergedSource:
 
     def _layers_ahead(self) -> int:
         """How many adapted layers beyond the next one the workers may encode ahead of the target:
-        ``SPILL_AHEAD_BYTES`` of them, one at least, as far as the temporary folder has room."""
+        ``_spill_window()`` of them, one at least, as far as the temporary folder has room."""
         return self._spill_layers - 1  # the layers the spill may hold, the next one's included
 
     def _spill_layer_bytes(self) -> int:
@@ -434,15 +460,19 @@ class MergedSource:
 
     def _spill_room(self) -> int:
         """Adapted layers of spill that fit the temporary folder's free space (at most as many as
-        the workers would keep); refused where not one does, before anything is written."""
+        the workers would keep); refused where not one does, before anything is written. Where the
+        output is written on the same disk, the spill leaves it the base's size (what the target
+        writes, about): fewer layers ahead, rather than a disk filled by the spill mid-merge."""
         folder, layer_bytes = tempfile.gettempdir(), self._spill_layer_bytes()
         free = shutil.disk_usage(folder).free
-        layers = (free - SPILL_MARGIN_BYTES) // layer_bytes
-        if layers < 1:
+        room = free - SPILL_MARGIN_BYTES
+        if room < layer_bytes:
             raise OssConvertError(f"the merge keeps each adapted layer's re-encoded experts in a temporary file, "
                                   f"{layer_bytes / 1e9:.2f} GB a layer, and {folder} has {free / 1e9:.2f} GB free: "
                                   "set TMPDIR to a folder with room")
-        return int(min(layers, 1 + max(1, SPILL_AHEAD_BYTES // layer_bytes)))
+        if self.output is not None and _same_disk(Path(folder), self.output):
+            room -= self.base.tensor_bytes
+        return int(min(max(1, room // layer_bytes), 1 + max(1, _spill_window() // layer_bytes)))
 
     def _merge_workers(self) -> "encode_workers.MergeWorkers | None":
         """The worker processes, started at the first merge of experts large enough to pay for them."""

@@ -172,7 +172,8 @@ def convert(source: str | Path, target_name: str, output: str | Path, *, force: 
             check_side_files(Path(src.repo_root))  # what the target copies or hands to gguf-py, before a byte is written
             if lora is not None:
                 src = MergedSource(src, lora, recipe=options.get("recipe") if options.get("recipe") in quantize.RECIPES
-                                   else "search", dense_experts=spec.writes_dense_experts, workers=merge_workers)
+                                   else "search", dense_experts=spec.writes_dense_experts, workers=merge_workers,
+                                   output=output)
             return _convert_opened(src, spec, source, output, force, progress, scan, manifest, options, adapter)
         finally:
             if isinstance(src, MergedSource):

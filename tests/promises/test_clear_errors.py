@@ -8,6 +8,7 @@ nothing left behind; broken and fuzzed GGUF, model.bin and safetensors headers g
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import struct
@@ -463,7 +464,6 @@ def test_a_config_no_gpt_oss_can_have_is_refused(key, bad_repo, tmp_path):
 def test_a_fifo_in_place_of_a_file_is_refused_not_waited_on(where, bad_repo, tmp_path):
     """A FIFO named like a shard, the config or the tokenizer: an open would block forever; it
     is refused as not a regular file, naming it."""
-    import os
     import subprocess
     import sys
 
@@ -604,14 +604,53 @@ def test_the_workers_run_ahead_only_as_far_as_the_temporary_folder_holds(monkeyp
             merged = adapters.MergedSource(base, lora, workers=False)
             assert merged._layers_ahead() == ahead, (window, room)
             merged.stop()
+        # a machine with less memory: the window is a share of it (3.5 layers here), not 1000 layers
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        monkeypatch.setattr(adapters, "SPILL_AHEAD_BYTES", 1000 * layer)
+        monkeypatch.setattr(adapters, "SPILL_MEMORY_SHARE", memory // (3 * layer + layer // 2))
+        monkeypatch.setattr(adapters.shutil, "disk_usage", _free_space(adapters.SPILL_MARGIN_BYTES + 10 * layer))
+        merged = adapters.MergedSource(base, lora, workers=False)
+        assert merged._layers_ahead() == 3
+        merged.stop()
     finally:
         lora.close()
         base.close()
 
 
+def test_the_spill_leaves_room_for_an_output_written_on_the_same_disk(monkeypatch, tmp_path):
+    """The output will take about the base's size: on the temporary folder's disk the workers run
+    ahead only as far as the rest holds (one layer at least: not refused, the output may be
+    smaller); elsewhere, or with no output named, the whole free space counts."""
+    from oss_convert import adapters, formats
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(adapters.tempfile, "tempdir", None)  # TMPDIR read again
+    base = OriginalCheckpoint(EXAMPLES / "gpt-oss-tiny")
+    lora = formats.read_adapter(EXAMPLES / "gpt-oss-tiny-sherlock-lora", base.config)
+    try:
+        merged = adapters.MergedSource(base, lora, workers=False)
+        layer, output_bytes = merged._spill_layer_bytes(), base.tensor_bytes
+        merged.stop()
+        assert output_bytes > 2 * layer
+        monkeypatch.setattr(adapters, "SPILL_AHEAD_BYTES", 1000 * layer)
+        same_disk = tmp_path / "not-yet" / "merged"
+        other_disk = Path("/proc/merged")  # a file system of its own on Linux
+        for output, room, ahead in ((same_disk, 3, 2), (same_disk, -1, 0), (None, 3, None), (other_disk, 3, None)):
+            free = adapters.SPILL_MARGIN_BYTES + output_bytes + room * layer + layer // 2
+            monkeypatch.setattr(adapters.shutil, "disk_usage", _free_space(free))
+            merged = adapters.MergedSource(base, lora, workers=False, output=output)
+            everything = (free - adapters.SPILL_MARGIN_BYTES) // layer - 1
+            assert merged._layers_ahead() == (everything if ahead is None else ahead), (output, room)
+            merged.stop()
+    finally:
+        lora.close()
+        base.close()
+    assert adapters._same_disk(tmp_path, same_disk) and not adapters._same_disk(tmp_path, other_disk)
+    assert not same_disk.parent.exists()
+
+
 def test_a_full_temporary_folder_mid_merge_names_it(monkeypatch, capsys, tmp_path):
     import errno
-    import os
 
     from oss_convert import adapters
 
