@@ -204,7 +204,7 @@ class _ExpertMerge:
         energies: dict[int, tuple[float, float]] = {}
 
         def merged_rows(rows: slice, out: np.ndarray) -> np.ndarray:
-            change = delta_rows(terms, rows.start, rows.stop, self._delta_rows(out.shape))
+            change = delta_rows(terms, rows.start, rows.stop, _thread_rows(self._scratch, out.shape))
             weight, energies[rows.start] = encode_workers.merged_piece(blocks[rows], scales[rows], change, out)
             return weight
 
@@ -216,9 +216,6 @@ class _ExpertMerge:
             return self.base.blocks[e], self.base.scales[e]
         self.tally.add(e, (sum(s[0] for s in in_order), sum(s[1] for s in in_order)), error)
         return encoded
-
-    def _delta_rows(self, shape: tuple[int, int]) -> np.ndarray:
-        return _thread_rows(self._scratch, shape)
 
     # -- on the workers' feeder thread ----------------------------------------------------
 
